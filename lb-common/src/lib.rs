@@ -1,0 +1,202 @@
+//! Types shared by the eBPF datapath and userspace.
+//!
+//! Every struct here is a map key or value: `#[repr(C)]`, sizes that are a
+//! multiple of their alignment and explicit `_pad` fields, so that no byte
+//! of a key is left to chance (a garbage padding byte makes a lookup miss).
+//! Addresses are always 16 bytes; IPv4 uses the IPv4-mapped form
+//! `::ffff:a.b.c.d`, so one map serves both families.
+#![no_std]
+
+/// Size of each Maglev lookup table. A prime; a service with up to ~40
+/// backends stays within about 1 % of a perfect balance.
+pub const MAGLEV_M: u32 = 4093;
+/// Two ring generations per service slot: the reconciler writes the idle one
+/// and then flips the service entry, so a lookup never sees a half-built ring.
+pub const RINGS_PER_SERVICE: u32 = 2;
+/// Default number of service slots (maps are sized at load time).
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+/// Default number of backends over all services.
+pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
+/// Default connection-tracking capacity (flows, per direction).
+pub const DEFAULT_MAX_FLOWS: u32 = 262144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names, shared so userspace finds what the datapath declares.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const REVNAT: &str = "REVNAT";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+}
+
+/// Program names (the function names in lb-ebpf).
+pub mod progs {
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
+}
+
+/// SERVICES key: a frontend. `port` is in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// SERVICES value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Service slot: index into SERVICE_STATS.
+    pub slot: u32,
+    /// Which ring (slot * RINGS_PER_SERVICE + generation) is live.
+    pub ring: u32,
+    /// Number of backends that may take new flows; 0 means none.
+    pub backend_count: u32,
+    pub flags: u32,
+}
+
+/// Backend states (Backend::state).
+pub const BACKEND_ACTIVE: u8 = 0;
+/// Takes no new flows; its established flows continue.
+pub const BACKEND_DRAINING: u8 = 1;
+
+/// BACKENDS value, keyed by a backend id (u32) that is never reused while
+/// the maps live, so a stale conntrack entry can never reach a new backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub state: u8,
+    pub _pad: u8,
+    /// The slot of the service this backend belongs to.
+    pub service_slot: u32,
+}
+
+/// A flow as seen on the wire. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// CONNTRACK value, keyed by the client's flow (client -> frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub backend_id: u32,
+    pub service_slot: u32,
+    /// bpf_ktime_get_ns of the last packet seen in this direction.
+    pub last_seen_ns: u64,
+}
+
+/// REVNAT value, keyed by the backend's reply flow (backend -> client):
+/// what the reply's source must be rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevNatEntry {
+    pub frontend_addr: [u8; 16],
+    /// Network byte order.
+    pub frontend_port: u16,
+    pub _pad: u16,
+    pub service_slot: u32,
+    pub backend_id: u32,
+    pub _pad2: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU counters for a service or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficStats {
+    /// Client -> frontend packets translated to a backend.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that picked a backend (conntrack misses).
+    pub new_flows: u64,
+    /// Backend -> client packets translated back.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Packets for the frontend that found no backend.
+    pub no_backend: u64,
+}
+
+/// Indexes into GLOBAL_STATS (a per-CPU array of u64).
+pub mod global {
+    /// Packets seen by the program.
+    pub const SEEN: u32 = 0;
+    /// Packets for a frontend or a reply that were translated.
+    pub const TRANSLATED: u32 = 1;
+    /// Translated and redirected by the datapath itself.
+    pub const REDIRECTED: u32 = 2;
+    /// Translated and handed to the kernel stack to route.
+    pub const PASSED_TO_STACK: u32 = 3;
+    /// IP fragments: never translated (a non-first fragment has no ports).
+    pub const FRAGMENTS: u32 = 4;
+    /// Headers that were truncated or malformed.
+    pub const MALFORMED: u32 = 5;
+    /// A helper failed while rewriting; the packet was dropped.
+    pub const REWRITE_ERRORS: u32 = 6;
+    /// Conntrack entries whose backend was gone, so the flow re-picked.
+    pub const CT_STALE: u32 = 7;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "seen",
+        "translated",
+        "redirected",
+        "passed_to_stack",
+        "fragments",
+        "malformed",
+        "rewrite_errors",
+        "ct_stale",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding
+    // (checked by the size assertions below).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RevNatEntry {}
+    unsafe impl aya::Pod for TrafficStats {}
+}
+
+// No implicit padding anywhere: each size is the sum of its fields.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
+
+/// The IPv4-mapped IPv6 form of an IPv4 address.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Whether a 16-byte address is IPv4-mapped.
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+}

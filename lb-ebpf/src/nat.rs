@@ -1,0 +1,80 @@
+//! Address and port rewriting with checksum fix-ups.
+//!
+//! The kernel's csum_replace helpers are used rather than our own
+//! arithmetic because they know the skb's checksum state: a CHECKSUM_PARTIAL
+//! skb (locally generated, e.g. from a container over a veth) must have only
+//! its pseudo-header part adjusted, and a CHECKSUM_COMPLETE one needs
+//! skb->csum kept in step.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
+use lb_common::PROTO_UDP;
+
+use crate::parse::Packet;
+
+/// Which side of the packet to rewrite.
+#[derive(Clone, Copy)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+#[inline(always)]
+fn l4_flags(p: &Packet) -> u64 {
+    // A UDP checksum of 0 means "none" over IPv4: leave it at 0, and never
+    // produce 0 from a real sum.
+    if p.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    }
+}
+
+/// Rewrites one address and port of `p` to `addr`/`port` (port in network
+/// byte order), keeping the IP and L4 checksums valid.
+// A separate BPF function: its stack frame is not live while the
+// caller's large locals are, which keeps the program within 512 bytes.
+#[inline(never)]
+pub fn rewrite(ctx: &TcContext, p: &Packet, side: Side, addr: &[u8; 16], port: u16) -> Result<(), ()> {
+    let (old_addr, old_port) = match side {
+        Side::Source => (&p.src, p.sport),
+        Side::Destination => (&p.dst, p.dport),
+    };
+    let csum_off = p.csum_off();
+    let flags = l4_flags(p);
+    if p.v6 {
+        let addr_off = p.l3_off + if matches!(side, Side::Source) { 8 } else { 24 };
+        let mut from = *old_addr;
+        let mut to = *addr;
+        // SAFETY: both buffers are 16 bytes on the stack, the sizes passed.
+        let diff = unsafe {
+            bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0)
+        };
+        if diff < 0 {
+            return Err(());
+        }
+        ctx.store(addr_off, addr, 0).map_err(|_| ())?;
+        // IPv6 has no header checksum; only the L4 pseudo-header changes.
+        ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_PSEUDO_HDR as u64)
+            .map_err(|_| ())?;
+    } else {
+        let addr_off = p.l3_off + if matches!(side, Side::Source) { 12 } else { 16 };
+        let from = u32::from_ne_bytes([old_addr[12], old_addr[13], old_addr[14], old_addr[15]]);
+        let to = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+        ctx.store(addr_off, &to, 0).map_err(|_| ())?;
+        ctx.l3_csum_replace(p.l3_off + 10, from as u64, to as u64, 4)
+            .map_err(|_| ())?;
+        ctx.l4_csum_replace(csum_off, from as u64, to as u64, flags | BPF_F_PSEUDO_HDR as u64 | 4)
+            .map_err(|_| ())?;
+    }
+    if old_port != port {
+        let port_off = p.l4_off + if matches!(side, Side::Source) { 0 } else { 2 };
+        ctx.store(port_off, &port, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, flags | 2)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! lbd: the load balancer daemon.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use lb_userspace::daemon::{self, Options};
+use lb_userspace::datapath::{remove_pins, Limits};
+
+/// Keeps the kernel datapath's maps equal to the desired state.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Static services (TOML). Reloaded on SIGHUP and when the file changes.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where maps and links are pinned (bpffs is mounted if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pin_dir: PathBuf,
+    /// Control socket for lbctl.
+    #[arg(long, default_value = lb_userspace::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Attach only to these interfaces (repeatable). By default every
+    /// interface but loopback, following interfaces as they come and go.
+    #[arg(long = "iface")]
+    interfaces: Vec<String>,
+    /// On exit, leave the datapath attached and its maps pinned.
+    #[arg(long)]
+    keep_datapath: bool,
+    /// Remove everything pinned under --pin-dir (detaching the datapath) and exit.
+    #[arg(long)]
+    cleanup: bool,
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Connection-tracking capacity, in flows.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
+    max_flows: u32,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if args.cleanup {
+        remove_pins(&args.pin_dir);
+        return Ok(());
+    }
+    daemon::run(Options {
+        config: args.config,
+        pin_dir: args.pin_dir,
+        socket: args.socket,
+        interfaces: args.interfaces,
+        keep_datapath: args.keep_datapath,
+        limits: Limits {
+            max_services: args.max_services,
+            max_backends: args.max_backends,
+            max_flows: args.max_flows,
+        },
+    })
+    .await
+}

@@ -1,0 +1,780 @@
+//! The static TOML configuration.
+//!
+//! ```toml
+//! [[service]]
+//! name = "web"
+//! frontend = "10.73.0.10:80/tcp"
+//! backends = ["10.72.1.2:8080", { addr = "10.72.3.2:8080", weight = 2 }]
+//! ```
+//!
+//! Every error names the file and the line, because the person reading it
+//! is usually looking at a config that was fine a minute ago.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
+
+/// Largest accepted backend weight. Keeps weight arithmetic far from
+/// overflow and is already far finer than a Maglev table can express.
+pub const MAX_WEIGHT: u32 = 65535;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    path: PathBuf,
+    line: Option<usize>,
+    reason: String,
+}
+
+impl ConfigError {
+    fn new(path: &Path, line: Option<usize>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.to_path_buf(),
+            line,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// 1-based; `None` when the problem is not tied to a line (e.g. the file
+    /// could not be read).
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.path.display(), line, self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    frontend: Spanned<String>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+enum RawBackend {
+    Short(String),
+    Table {
+        addr: Spanned<String>,
+        weight: Option<Spanned<i64>>,
+    },
+}
+
+// Hand-written rather than `#[serde(untagged)]`: an untagged enum reports
+// every mistake as "did not match any variant", which hides the real one.
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+
+        impl<'de> Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""ip:port" or { addr = "ip:port", weight = N }"#)
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Short(v.to_owned()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawBackend, A::Error> {
+                const FIELDS: &[&str] = &["addr", "weight"];
+                let mut addr = None;
+                let mut weight = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "addr" => addr = Some(map.next_value()?),
+                        "weight" => weight = Some(map.next_value()?),
+                        other => return Err(de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                let addr = addr.ok_or_else(|| de::Error::missing_field("addr"))?;
+                Ok(RawBackend::Table { addr, weight })
+            }
+        }
+
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}
+
+/// 1-based line of a byte offset. Counts bytes so an offset that is not on a
+/// character boundary cannot panic.
+fn line_at(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Reads and parses the config file at `path`.
+pub fn load(path: &Path) -> Result<DesiredState, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+    parse(path, &text)
+}
+
+/// Parses config `text`; `path` is only used in errors and in each service's
+/// `source`.
+pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_at(text, s.start));
+        ConfigError::new(path, line, e.message().trim_end())
+    })?;
+
+    let fail = |span: Range<usize>, reason: String| {
+        ConfigError::new(path, Some(line_at(text, span.start)), reason)
+    };
+    let source = format!("config:{}", path.display());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut frontends: HashMap<Frontend, (String, usize)> = HashMap::new();
+    let mut services = Vec::with_capacity(raw.service.len());
+
+    for svc in raw.service {
+        let name_line = line_at(text, svc.name.span().start);
+        let name = svc.name.into_inner();
+        if name.trim().is_empty() {
+            return Err(ConfigError::new(
+                path,
+                Some(name_line),
+                "service name is empty",
+            ));
+        }
+        if let Some(first) = names.insert(name.clone(), name_line) {
+            return Err(ConfigError::new(
+                path,
+                Some(name_line),
+                format!("duplicate service name {name:?} (first defined on line {first})"),
+            ));
+        }
+
+        let frontend_span = svc.frontend.span();
+        let frontend_line = line_at(text, frontend_span.start);
+        let frontend_text = svc.frontend.get_ref();
+        let frontend = parse_frontend(frontend_text).map_err(|reason| {
+            fail(
+                frontend_span.clone(),
+                format!("frontend {frontend_text:?}: {reason}"),
+            )
+        })?;
+        if let Some((other, line)) = frontends.get(&frontend) {
+            return Err(ConfigError::new(
+                path,
+                Some(frontend_line),
+                format!("frontend {frontend} is already used by service {other:?} (line {line})"),
+            ));
+        }
+        frontends.insert(frontend, (name.clone(), frontend_line));
+
+        let mut backends: Vec<BackendSpec> = Vec::with_capacity(svc.backends.len());
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        for entry in svc.backends {
+            let entry_span = entry.span();
+            let (addr_text, addr_span, weight) = match entry.into_inner() {
+                RawBackend::Short(addr) => (addr, entry_span, None),
+                RawBackend::Table { addr, weight } => {
+                    let span = addr.span();
+                    (addr.into_inner(), span, weight)
+                }
+            };
+            let (addr, port) = parse_socket(&addr_text).map_err(|reason| {
+                fail(
+                    addr_span.clone(),
+                    format!("backend {addr_text:?}: {reason}"),
+                )
+            })?;
+            let weight = match weight {
+                None => 1,
+                Some(w) => {
+                    let value = *w.get_ref();
+                    u32::try_from(value)
+                        .ok()
+                        .filter(|&v| v <= MAX_WEIGHT)
+                        .ok_or_else(|| {
+                            fail(
+                                w.span(),
+                                format!(
+                                    "backend {addr_text:?}: weight {value} is out of range (0 to {MAX_WEIGHT})"
+                                ),
+                            )
+                        })?
+                }
+            };
+            if addr.is_ipv4() != frontend.addr.is_ipv4() {
+                let (b, f) = if addr.is_ipv4() {
+                    ("IPv4", "IPv6")
+                } else {
+                    ("IPv6", "IPv4")
+                };
+                return Err(fail(
+                    addr_span,
+                    format!(
+                        "backend {addr_text:?}: {b} backend behind {f} frontend {frontend} is not supported (address families must match)"
+                    ),
+                ));
+            }
+            let socket = SocketAddr::new(addr, port);
+            let line = line_at(text, addr_span.start);
+            if let Some(first) = seen.insert(socket, line) {
+                return Err(ConfigError::new(
+                    path,
+                    Some(line),
+                    format!("backend {socket} is listed twice in service {name:?} (first on line {first})"),
+                ));
+            }
+            backends.push(BackendSpec { addr, port, weight });
+        }
+
+        services.push(ServiceSpec {
+            name,
+            frontend,
+            backends,
+            source: source.clone(),
+        });
+    }
+
+    Ok(DesiredState { services })
+}
+
+/// Parses "ip:port/proto" or "[ipv6]:port/proto".
+fn parse_frontend(s: &str) -> Result<Frontend, String> {
+    let Some((addr, proto)) = s.rsplit_once('/') else {
+        return Err("missing protocol suffix (/tcp or /udp)".into());
+    };
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => return Err(format!("unknown protocol {other:?} (expected tcp or udp)")),
+    };
+    let (addr, port) = parse_socket(addr)?;
+    Ok(Frontend { addr, port, proto })
+}
+
+/// Parses "ip:port" or "[ipv6]:port" into a usable unicast address and a
+/// non-zero port.
+///
+/// IPv4-mapped IPv6 addresses are folded to IPv4: the datapath stores IPv4 in
+/// mapped form, so `[::ffff:10.0.0.1]:80` and `10.0.0.1:80` are the same
+/// frontend and must collide here rather than in the kernel map.
+fn parse_socket(s: &str) -> Result<(IpAddr, u16), String> {
+    let sa: SocketAddr = match s.parse() {
+        Ok(sa) => sa,
+        Err(_) => return Err(explain_bad_socket(s)),
+    };
+    let addr = sa.ip().to_canonical();
+    if sa.port() == 0 {
+        return Err("port 0 is not allowed".into());
+    }
+    if addr.is_unspecified() {
+        return Err(format!("address {addr} is unspecified"));
+    }
+    if addr.is_multicast() {
+        return Err(format!("address {addr} is multicast"));
+    }
+    Ok((addr, sa.port()))
+}
+
+fn explain_bad_socket(s: &str) -> String {
+    const EXPECTED: &str = "expected ip:port or [ipv6]:port";
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return match ip {
+            IpAddr::V6(_) if !s.starts_with('[') => {
+                format!("missing port, or IPv6 address without brackets ({EXPECTED})")
+            }
+            _ => format!("missing port ({EXPECTED})"),
+        };
+    }
+    if let Some((host, port)) = s.rsplit_once(':') {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.parse::<IpAddr>().is_ok() {
+            return format!("invalid port {port:?} (expected 1 to 65535)");
+        }
+    }
+    format!("invalid address ({EXPECTED})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const PATH: &str = "/etc/lbd.toml";
+
+    fn ok(text: &str) -> DesiredState {
+        parse(Path::new(PATH), text).unwrap_or_else(|e| panic!("unexpected error: {e}"))
+    }
+
+    /// Asserts the error's line and that its reason contains `needle`.
+    #[track_caller]
+    fn err(text: &str, line: usize, needle: &str) -> ConfigError {
+        let e = parse(Path::new(PATH), text).expect_err("config should be rejected");
+        assert_eq!(e.line(), Some(line), "wrong line for: {e}");
+        assert!(
+            e.reason().contains(needle),
+            "{e:?} does not mention {needle:?}"
+        );
+        assert_eq!(e.path(), Path::new(PATH));
+        assert_eq!(e.to_string(), format!("{PATH}:{line}: {}", e.reason()));
+        e
+    }
+
+    fn v4(s: &str) -> IpAddr {
+        IpAddr::V4(s.parse::<Ipv4Addr>().unwrap())
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        IpAddr::V6(s.parse::<Ipv6Addr>().unwrap())
+    }
+
+    #[test]
+    fn empty_configs_are_valid() {
+        assert_eq!(ok(""), DesiredState::default());
+        assert_eq!(ok("# nothing yet\n\n"), DesiredState::default());
+        assert_eq!(ok("service = []\n"), DesiredState::default());
+    }
+
+    #[test]
+    fn ipv4_tcp_with_weights() {
+        let state = ok(r#"
+# the web tier
+[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+backends = ["10.72.1.2:8080", "10.72.2.2:8080", { addr = "10.72.3.2:8080", weight = 2 }]
+"#);
+        assert_eq!(state.services.len(), 1);
+        let svc = &state.services[0];
+        assert_eq!(svc.name, "web");
+        assert_eq!(
+            svc.frontend,
+            Frontend {
+                addr: v4("10.73.0.10"),
+                port: 80,
+                proto: Proto::Tcp
+            }
+        );
+        assert_eq!(svc.source, "config:/etc/lbd.toml");
+        let got: Vec<_> = svc
+            .backends
+            .iter()
+            .map(|b| (b.socket_addr().to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.72.1.2:8080".to_string(), 1),
+                ("10.72.2.2:8080".to_string(), 1),
+                ("10.72.3.2:8080".to_string(), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_udp_multiple_services() {
+        let state = ok(r#"
+[[service]]
+name = "dns6"
+frontend = "[fd00:73::10]:53/udp"
+backends = [
+  "[fd00:72:1::2]:5353",
+  { addr = "[fd00:72:2::2]:5353", weight = 0 },
+  { addr = "[fd00:72:3::2]:5353" },
+]
+
+[[service]]
+name = "dns6-tcp"
+frontend = "[fd00:73::10]:53/tcp"
+
+[[service]]
+name = "dns4"
+frontend = "10.73.0.10:53/udp"
+backends = []
+"#);
+        let [dns6, dns6_tcp, dns4] = &state.services[..] else {
+            panic!("expected three services: {state:?}");
+        };
+        assert_eq!(dns6.frontend.addr, v6("fd00:73::10"));
+        assert_eq!(dns6.frontend.proto, Proto::Udp);
+        assert_eq!(dns6.frontend.port, 53);
+        assert_eq!(
+            dns6.backends,
+            [
+                BackendSpec {
+                    addr: v6("fd00:72:1::2"),
+                    port: 5353,
+                    weight: 1
+                },
+                BackendSpec {
+                    addr: v6("fd00:72:2::2"),
+                    port: 5353,
+                    weight: 0
+                },
+                BackendSpec {
+                    addr: v6("fd00:72:3::2"),
+                    port: 5353,
+                    weight: 1
+                },
+            ]
+        );
+        assert_eq!(dns6_tcp.frontend.proto, Proto::Tcp);
+        assert!(dns6_tcp.backends.is_empty());
+        assert_eq!(dns4.frontend.addr, v4("10.73.0.10"));
+        assert!(dns4.backends.is_empty());
+    }
+
+    #[test]
+    fn backends_as_array_of_tables() {
+        let state = ok(r#"
+[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+
+[[service.backends]]
+addr = "10.72.1.2:8080"
+weight = 65535
+"#);
+        assert_eq!(state.services[0].backends[0].weight, MAX_WEIGHT);
+
+        // Errors inside such a table point at the offending key, not the header.
+        err(
+            r#"
+[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+
+[[service.backends]]
+addr = "10.72.1.2:8080"
+weight = 65536
+"#,
+            8,
+            "weight 65536 is out of range",
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4() {
+        let state = ok(r#"
+[[service]]
+name = "web"
+frontend = "[::ffff:10.73.0.10]:80/tcp"
+backends = ["10.72.1.2:8080"]
+"#);
+        assert_eq!(state.services[0].frontend.addr, v4("10.73.0.10"));
+
+        err(
+            r#"
+[[service]]
+name = "a"
+frontend = "10.73.0.10:80/tcp"
+[[service]]
+name = "b"
+frontend = "[::ffff:10.73.0.10]:80/tcp"
+"#,
+            7,
+            r#"already used by service "a" (line 4)"#,
+        );
+    }
+
+    #[test]
+    fn source_names_the_path() {
+        let state = parse(
+            Path::new("/srv/lb/other.toml"),
+            "[[service]]\nname = \"x\"\nfrontend = \"10.0.0.1:1/tcp\"\n",
+        )
+        .unwrap();
+        assert_eq!(state.services[0].source, "config:/srv/lb/other.toml");
+    }
+
+    #[test]
+    fn syntax_error_reports_line() {
+        let e = err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\n",
+            3,
+            "string",
+        );
+        // Only the message: the file:line prefix already locates it.
+        assert!(!e.reason().contains('\n'), "{:?}", e.reason());
+        err("[[service]]\nname = \"web\"\n\nfrontend = = 1\n", 4, "");
+    }
+
+    #[test]
+    fn unknown_keys() {
+        err(
+            "\n[[services]]\nname = \"web\"\n",
+            2,
+            "unknown field `services`",
+        );
+        err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nport = 80\n",
+            4,
+            "unknown field `port`",
+        );
+        err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\n\nbackends = [\n  \"10.72.1.2:80\",\n  { addr = \"10.72.1.3:80\", wieght = 2 },\n]\n",
+            7,
+            "unknown field `wieght`",
+        );
+    }
+
+    #[test]
+    fn wrong_types() {
+        err("[[service]]\nname = 7\n", 2, "expected a string");
+        err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [42]\n",
+            4,
+            "ip:port",
+        );
+        err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [{ weight = 2 }]\n",
+            4,
+            "missing field `addr`",
+        );
+        err("\n\n[service]\nname = \"web\"\n", 3, "expected a sequence");
+    }
+
+    #[test]
+    fn missing_name_or_frontend() {
+        err(
+            "\n[[service]]\nfrontend = \"10.73.0.10:80/tcp\"\n",
+            2,
+            "missing field `name`",
+        );
+        err(
+            "[[service]]\nname = \"a\"\nfrontend = \"10.73.0.10:80/tcp\"\n\n[[service]]\nname = \"b\"\n",
+            5,
+            "missing field `frontend`",
+        );
+    }
+
+    #[test]
+    fn empty_name() {
+        err(
+            "[[service]]\n\nname = \"\"\nfrontend = \"10.73.0.10:80/tcp\"\n",
+            3,
+            "service name is empty",
+        );
+        err(
+            "[[service]]\nname = \"  \"\nfrontend = \"10.73.0.10:80/tcp\"\n",
+            2,
+            "service name is empty",
+        );
+    }
+
+    #[test]
+    fn duplicate_service_name() {
+        err(
+            r#"[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+
+[[service]]
+name = "web"
+frontend = "10.73.0.10:443/tcp"
+"#,
+            6,
+            r#"duplicate service name "web" (first defined on line 2)"#,
+        );
+    }
+
+    #[test]
+    fn duplicate_frontend() {
+        let text = r#"[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+
+[[service]]
+name = "web2"
+frontend = "10.73.0.10:80/tcp"
+"#;
+        let e = err(
+            text,
+            7,
+            "frontend 10.73.0.10:80/tcp is already used by service \"web\" (line 3)",
+        );
+        assert_eq!(
+            e.to_string(),
+            "/etc/lbd.toml:7: frontend 10.73.0.10:80/tcp is already used by service \"web\" (line 3)"
+        );
+        // Same address and port with another protocol is a different frontend.
+        ok(&text.replace("80/tcp\"\n\n", "80/udp\"\n\n"));
+        ok(&text.replace(":80/tcp\"\n\n", ":81/tcp\"\n\n"));
+        err(
+            "[[service]]\nname = \"a\"\nfrontend = \"[fd00:73::10]:80/tcp\"\n[[service]]\nname = \"b\"\nfrontend = \"[fd00:73:0::10]:80/tcp\"\n",
+            6,
+            "already used",
+        );
+    }
+
+    #[test]
+    fn bad_frontend() {
+        let svc = |fe: &str| format!("[[service]]\nname = \"web\"\n\nfrontend = \"{fe}\"\n");
+        let e = err(
+            &svc("10.73.0.10:80"),
+            4,
+            "missing protocol suffix (/tcp or /udp)",
+        );
+        assert_eq!(
+            e.to_string(),
+            "/etc/lbd.toml:4: frontend \"10.73.0.10:80\": missing protocol suffix (/tcp or /udp)"
+        );
+        err(&svc("10.73.0.10:80/sctp"), 4, "unknown protocol \"sctp\"");
+        err(&svc("10.73.0.10:80/"), 4, "unknown protocol \"\"");
+        err(&svc("10.73.0.10:0/tcp"), 4, "port 0 is not allowed");
+        err(&svc("10.73.0.10/tcp"), 4, "missing port");
+        err(&svc("10.73.0.10:99999/tcp"), 4, "invalid port \"99999\"");
+        err(&svc("10.73.0.10:http/tcp"), 4, "invalid port \"http\"");
+        err(&svc("10.73.0.300:80/tcp"), 4, "invalid address");
+        err(&svc("web.example:80/tcp"), 4, "invalid address");
+        err(&svc("fd00:73::10:80/tcp"), 4, "without brackets");
+        err(&svc("[fd00:73::10]/tcp"), 4, "missing port");
+        err(&svc("[fd00:73::10]:0/udp"), 4, "port 0");
+        err(&svc("0.0.0.0:80/tcp"), 4, "unspecified");
+        err(&svc("[::]:80/tcp"), 4, "unspecified");
+        err(&svc("239.1.1.1:80/udp"), 4, "multicast");
+    }
+
+    #[test]
+    fn bad_backend_address() {
+        let svc = |b: &str| {
+            format!("[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [\n  \"10.72.1.2:80\",\n  {b},\n]\n")
+        };
+        err(
+            &svc("\"10.72.1.3\""),
+            6,
+            "backend \"10.72.1.3\": missing port",
+        );
+        err(&svc("\"10.72.1.3:0\""), 6, "port 0 is not allowed");
+        err(&svc("\"10.72.1.3:80/tcp\""), 6, "invalid port");
+        err(&svc("\"backend-3:80\""), 6, "invalid address");
+        err(&svc("{ addr = \"10.72.1.3:0\", weight = 1 }"), 6, "port 0");
+        err(
+            &svc("{ addr = \"10.72.1\", weight = 1 }"),
+            6,
+            "invalid address",
+        );
+    }
+
+    #[test]
+    fn backend_family_must_match_frontend() {
+        let e = err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [\n  \"10.72.1.2:80\",\n  \"[fd00:72::2]:80\",\n]\n",
+            6,
+            "IPv6 backend behind IPv4 frontend 10.73.0.10:80/tcp is not supported",
+        );
+        assert!(e.reason().starts_with("backend \"[fd00:72::2]:80\""));
+        err(
+            "[[service]]\nname = \"web6\"\nfrontend = \"[fd00:73::10]:80/tcp\"\nbackends = [{ addr = \"10.72.1.2:80\", weight = 3 }]\n",
+            4,
+            "IPv4 backend behind IPv6 frontend [fd00:73::10]:80/tcp is not supported",
+        );
+    }
+
+    #[test]
+    fn duplicate_backend() {
+        err(
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [\n  \"10.72.1.2:80\",\n  \"10.72.1.3:80\",\n  { addr = \"10.72.1.2:80\", weight = 5 },\n]\n",
+            7,
+            "backend 10.72.1.2:80 is listed twice in service \"web\" (first on line 5)",
+        );
+        err(
+            "[[service]]\nname = \"web6\"\nfrontend = \"[fd00:73::10]:80/tcp\"\nbackends = [\"[fd00:72::2]:80\", \"[fd00:72:0::2]:80\"]\n",
+            4,
+            "listed twice",
+        );
+        // The same backend in two services is fine; so is another port.
+        ok("[[service]]\nname = \"a\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [\"10.72.1.2:80\", \"10.72.1.2:81\"]\n[[service]]\nname = \"b\"\nfrontend = \"10.73.0.11:80/tcp\"\nbackends = [\"10.72.1.2:80\"]\n");
+    }
+
+    #[test]
+    fn weight_limits() {
+        let svc = |w: &str| {
+            format!("[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\nbackends = [\n  {{ addr = \"10.72.1.2:80\", weight = {w} }},\n]\n")
+        };
+        assert_eq!(ok(&svc("0")).services[0].backends[0].weight, 0);
+        assert_eq!(ok(&svc("65535")).services[0].backends[0].weight, 65535);
+        let e = err(
+            &svc("65536"),
+            5,
+            "weight 65536 is out of range (0 to 65535)",
+        );
+        assert!(e.reason().starts_with("backend \"10.72.1.2:80\""));
+        err(&svc("-1"), 5, "weight -1 is out of range");
+        err(&svc("1.5"), 5, "expected i64");
+        err(&svc("\"2\""), 5, "expected i64");
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_io_errors() {
+        let dir = std::env::temp_dir().join(format!("lbd-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lbd.toml");
+        std::fs::write(
+            &file,
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\n",
+        )
+        .unwrap();
+        let state = load(&file).unwrap();
+        assert_eq!(
+            state.services[0].source,
+            format!("config:{}", file.display())
+        );
+
+        std::fs::write(
+            &file,
+            "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80\"\n",
+        )
+        .unwrap();
+        let e = load(&file).unwrap_err();
+        assert_eq!(e.path(), file);
+        assert_eq!(e.line(), Some(3));
+
+        let missing = dir.join("absent.toml");
+        let e = load(&missing).unwrap_err();
+        assert_eq!(e.line(), None);
+        assert_eq!(e.path(), missing);
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: cannot read: ", missing.display())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,86 @@
+//! The control socket between lbd and lbctl: one JSON request per line, one
+//! JSON response per line. The socket is mode 0600, so only root can use it.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::status::Status;
+
+pub const DEFAULT_SOCKET: &str = "/run/lbd.sock";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Error(String),
+}
+
+/// A request on its way to the daemon's main loop, with where to answer.
+pub type Call = (Request, oneshot::Sender<Response>);
+
+/// Accepts connections on `path` and forwards each request to `calls`.
+pub async fn serve(path: &Path, calls: mpsc::Sender<Call>) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, calls).await {
+                log::debug!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                calls.send((request, tx)).await.map_err(|_| anyhow!("daemon stopping"))?;
+                rx.await.map_err(|_| anyhow!("daemon stopping"))?
+            }
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// One request from a client (lbctl), blocking.
+pub fn request(path: &Path, request: &Request) -> Result<Response> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .with_context(|| format!("connecting to lbd at {} (is lbd running?)", path.display()))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    serde_json::from_str(&answer).context("reading lbd's answer")
+}

@@ -1,0 +1,270 @@
+//! Loading the eBPF object, its maps and its attachments.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use lb_common::{
+    maps, progs, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
+    MAGLEV_M, RINGS_PER_SERVICE,
+};
+
+/// The datapath object, built by build.rs from the lb-ebpf crate.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Capacities of the maps, fixed when the maps are created.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_flows: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_services: lb_common::DEFAULT_MAX_SERVICES,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            max_flows: lb_common::DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// Typed handles on every map. Owned by the reconciler: it is their only writer.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub rings: Array<MapData, u32>,
+    pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    pub revnat: HashMap<MapData, FlowKey, RevNatEntry>,
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    pub backend_stats: PerCpuHashMap<MapData, u32, TrafficStats>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+    pub limits: Limits,
+}
+
+/// The loaded program and where it is attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    links: BTreeMap<String, Attachment>,
+}
+
+enum Attachment {
+    Owned(SchedClassifierLink),
+    Pinned(PinnedLink),
+}
+
+const MAP_NAMES: [&str; 8] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::RINGS,
+    maps::CONNTRACK,
+    maps::REVNAT,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+    maps::GLOBAL_STATS,
+];
+
+impl Datapath {
+    /// Loads the object. With a pin directory, every map is pinned there by
+    /// name, and maps already pinned there (from an earlier lbd) are reused,
+    /// so conntrack survives a restart.
+    pub fn load(pin_dir: Option<&Path>, limits: Limits) -> Result<(Datapath, Maps)> {
+        let ring_entries = limits
+            .max_services
+            .checked_mul(RINGS_PER_SERVICE * MAGLEV_M)
+            .ok_or_else(|| anyhow!("too many services for the ring map"))?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::SERVICES, limits.max_services)
+            .map_max_entries(maps::SERVICE_STATS, limits.max_services)
+            .map_max_entries(maps::RINGS, ring_entries)
+            .map_max_entries(maps::BACKENDS, limits.max_backends)
+            .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
+            .map_max_entries(maps::CONNTRACK, limits.max_flows)
+            .map_max_entries(maps::REVNAT, limits.max_flows);
+        if let Some(dir) = pin_dir {
+            prepare_pin_dir(dir)?;
+            for name in MAP_NAMES {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (maps pinned by an incompatible build? run `lbd --cleanup`)")?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(progs::TC_INGRESS)
+            .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
+            .try_into()?;
+        prog.load().context("the kernel rejected the datapath program")?;
+        let maps = Maps {
+            services: take(&mut ebpf, maps::SERVICES)?,
+            backends: take(&mut ebpf, maps::BACKENDS)?,
+            rings: take(&mut ebpf, maps::RINGS)?,
+            conntrack: take(&mut ebpf, maps::CONNTRACK)?,
+            revnat: take(&mut ebpf, maps::REVNAT)?,
+            service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
+            global_stats: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            limits,
+        };
+        let datapath = Datapath {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            links: BTreeMap::new(),
+        };
+        Ok((datapath, maps))
+    }
+
+    pub fn program(&mut self) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(progs::TC_INGRESS)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches to `ifname`'s ingress. A link pinned for this interface by an
+    /// earlier lbd is taken over atomically (the new program replaces the old
+    /// one in place), so there is no moment without a datapath.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        if self.links.contains_key(ifname) {
+            return Ok(());
+        }
+        let pin = self.link_pin(ifname);
+        let prog = self.program()?;
+        let id = match pin.as_deref().map(PinnedLink::from_pin) {
+            Some(Ok(old)) => {
+                let link: SchedClassifierLink = FdLink::from(old).try_into()?;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("replacing the program on {ifname}"))?
+            }
+            _ => {
+                // Only needed for the netlink attach of kernels before 6.6.
+                if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                    log::debug!("clsact on {ifname}: {e}");
+                }
+                prog.attach(ifname, TcAttachType::Ingress)
+                    .with_context(|| format!("attaching to {ifname}"))?
+            }
+        };
+        let link = prog.take_link(id)?;
+        let attachment = match pin {
+            Some(path) => {
+                let _ = std::fs::remove_file(&path);
+                let fd: FdLink = link
+                    .try_into()
+                    .context("this kernel attaches TC through netlink; links cannot be pinned")?;
+                Attachment::Pinned(fd.pin(&path)?)
+            }
+            None => Attachment::Owned(link),
+        };
+        self.links.insert(ifname.to_string(), attachment);
+        Ok(())
+    }
+
+    /// Detaches from `ifname` (its pin, if any, is removed).
+    pub fn detach(&mut self, ifname: &str) {
+        match self.links.remove(ifname) {
+            Some(Attachment::Pinned(p)) => {
+                // Unpinning drops the last reference and so detaches.
+                if let Err(e) = p.unpin() {
+                    log::warn!("unpinning the link of {ifname}: {e}");
+                }
+            }
+            Some(Attachment::Owned(_)) | None => {}
+        }
+    }
+
+    /// Forgets an interface that no longer exists (its link went with it).
+    pub fn forget(&mut self, ifname: &str) {
+        if let Some(Attachment::Pinned(p)) = self.links.remove(ifname) {
+            let _ = p.unpin();
+        }
+    }
+
+    pub fn attached(&self) -> Vec<String> {
+        self.links.keys().cloned().collect()
+    }
+
+    /// Detaches everywhere and removes every pin.
+    pub fn shutdown(mut self) {
+        let names: Vec<String> = self.links.keys().cloned().collect();
+        for name in names {
+            self.detach(&name);
+        }
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
+        }
+    }
+
+    /// Leaves the program attached through its pinned links and the maps
+    /// pinned, for the next lbd to adopt.
+    pub fn keep(self) {
+        for (_, attachment) in self.links {
+            if let Attachment::Owned(link) = attachment {
+                // Nowhere to keep an unpinned link: it goes with the process.
+                drop(link);
+            }
+        }
+    }
+
+    fn link_pin(&self, ifname: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("ingress_{ifname}")))
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Creates the pin directory, mounting bpffs on its parent first when the
+/// parent is not on one (fresh hosts, or inside `ip netns exec`, which
+/// remounts /sys).
+fn prepare_pin_dir(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if !is_bpffs(parent)? {
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting bpffs on {}", parent.display()))?;
+        log::info!("mounted bpffs on {}", parent.display());
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Removes everything under a pin directory (maps, links) and the directory.
+pub fn remove_pins(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! lbd's building blocks: sources of desired state (config), the reconciler
+//! that writes the datapath's maps, and the daemon that ties them together.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod interfaces;
+pub mod maglev;
+pub mod model;
+pub mod reconciler;
+pub mod status;

@@ -1,0 +1,303 @@
+//! The only writer of the service, backend and ring maps: it makes them
+//! equal to a desired state, changing only what differs.
+//!
+//! Order of writes matters because the datapath reads concurrently:
+//! a new ring is written to the service's idle generation before the service
+//! entry flips to it; a backend is written before any ring names it and
+//! removed only after no ring does.
+
+use std::collections::{BTreeMap, HashMap as StdHashMap};
+use std::net::IpAddr;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::PerCpuValues;
+use lb_common::{
+    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DRAINING, MAGLEV_M,
+    RINGS_PER_SERVICE,
+};
+
+use crate::datapath::Maps;
+use crate::maglev;
+use crate::model::{BackendSpec, DesiredState, Frontend, ServiceSpec};
+
+/// What the reconciler has written for one service.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub spec: ServiceSpec,
+    pub slot: u32,
+    pub generation: u32,
+    /// Backend id for each backend of `spec`, in the same order.
+    pub backend_ids: Vec<u32>,
+}
+
+pub struct Reconciler {
+    maps: Maps,
+    services: BTreeMap<Frontend, Applied>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    next_backend_id: u32,
+}
+
+/// Counts of what an `apply` changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: addr16(f.addr),
+        port: f.port.to_be(),
+        proto: f.proto.number(),
+        _pad: 0,
+    }
+}
+
+pub fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => lb_common::v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+impl Reconciler {
+    /// Takes over `maps`. Whatever an earlier lbd left in them is cleared
+    /// except conntrack, which is what keeps established flows alive across a
+    /// restart: backend ids continue after the highest one still referenced.
+    pub fn new(mut maps: Maps) -> Result<Self> {
+        let max_ct_backend = maps
+            .conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, v)| v.backend_id)
+            .max()
+            .unwrap_or(0);
+        let max_known = maps.backends.keys().filter_map(|r| r.ok()).max().unwrap_or(0);
+        let stale_services: Vec<ServiceKey> = maps.services.keys().filter_map(|r| r.ok()).collect();
+        for key in stale_services {
+            let _ = maps.services.remove(&key);
+        }
+        let stale_backends: Vec<u32> = maps.backends.keys().filter_map(|r| r.ok()).collect();
+        for id in stale_backends {
+            let _ = maps.backends.remove(&id);
+            let _ = maps.backend_stats.remove(&id);
+        }
+        Ok(Reconciler {
+            maps,
+            services: BTreeMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            next_backend_id: max_ct_backend.max(max_known) + 1,
+        })
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn applied(&self) -> impl Iterator<Item = &Applied> {
+        self.services.values()
+    }
+
+    /// Makes the maps equal to `desired`.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes> {
+        let mut changes = Changes::default();
+        let wanted: StdHashMap<Frontend, &ServiceSpec> =
+            desired.services.iter().map(|s| (s.frontend, s)).collect();
+        if wanted.len() != desired.services.len() {
+            bail!("two services share a frontend");
+        }
+        let gone: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|f| !wanted.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in gone {
+            self.remove_service(&frontend)?;
+            changes.removed += 1;
+        }
+        for spec in &desired.services {
+            match self.services.get(&spec.frontend) {
+                Some(applied) if applied.spec == *spec => {}
+                Some(_) => {
+                    self.update_service(spec)?;
+                    changes.updated += 1;
+                }
+                None => {
+                    self.add_service(spec)?;
+                    changes.added += 1;
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.next_slot < self.maps.limits.max_services => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => bail!(
+                "service {}: all {} service slots are in use (raise --max-services)",
+                spec.name,
+                self.maps.limits.max_services
+            ),
+        };
+        // A reused slot must not carry its previous owner's counters.
+        let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
+        self.maps.service_stats.set(slot, zero, 0)?;
+        let mut applied = Applied {
+            spec: spec.clone(),
+            slot,
+            generation: 0,
+            backend_ids: Vec::new(),
+        };
+        applied.backend_ids = self.write_backends(spec, slot, &[], &[])?;
+        self.write_ring_and_service(&mut applied, true)?;
+        self.services.insert(spec.frontend, applied);
+        Ok(())
+    }
+
+    fn update_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let mut applied = self
+            .services
+            .remove(&spec.frontend)
+            .ok_or_else(|| anyhow!("no such service"))?;
+        let old_backends = applied.spec.backends.clone();
+        let old_ids = applied.backend_ids.clone();
+        let result = self.write_backends(spec, applied.slot, &old_backends, &old_ids);
+        let ids = match result {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.services.insert(spec.frontend, applied);
+                return Err(e);
+            }
+        };
+        applied.spec = spec.clone();
+        applied.backend_ids = ids;
+        // Flip to a ring without the removed backends before removing them.
+        let flipped = self.write_ring_and_service(&mut applied, false);
+        let kept: Vec<u32> = applied.backend_ids.clone();
+        self.services.insert(spec.frontend, applied);
+        flipped?;
+        for id in old_ids.into_iter().filter(|id| !kept.contains(id)) {
+            self.remove_backend(id);
+        }
+        Ok(())
+    }
+
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
+        let Some(applied) = self.services.remove(frontend) else {
+            return Ok(());
+        };
+        self.maps
+            .services
+            .remove(&service_key(frontend))
+            .with_context(|| format!("removing service {}", applied.spec.name))?;
+        for id in applied.backend_ids {
+            self.remove_backend(id);
+        }
+        self.free_slots.push(applied.slot);
+        Ok(())
+    }
+
+    fn remove_backend(&mut self, id: u32) {
+        let _ = self.maps.backends.remove(&id);
+        let _ = self.maps.backend_stats.remove(&id);
+    }
+
+    /// Writes BACKENDS entries for `spec`, reusing the ids of backends that
+    /// were already there (so their flows and counters continue).
+    fn write_backends(
+        &mut self,
+        spec: &ServiceSpec,
+        slot: u32,
+        old: &[BackendSpec],
+        old_ids: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let existing = old
+                .iter()
+                .position(|o| o.addr == b.addr && o.port == b.port)
+                .map(|i| (old_ids[i], old[i]));
+            let id = match existing {
+                Some((id, o)) if o == *b => {
+                    ids.push(id);
+                    continue;
+                }
+                Some((id, _)) => id,
+                None => {
+                    let id = self.next_backend_id;
+                    self.next_backend_id = self
+                        .next_backend_id
+                        .checked_add(1)
+                        .ok_or_else(|| anyhow!("backend ids exhausted; restart lbd"))?;
+                    let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
+                    self.maps
+                        .backend_stats
+                        .insert(id, zero, 0)
+                        .context("the backend statistics map is full (raise --max-backends)")?;
+                    id
+                }
+            };
+            let value = Backend {
+                addr: addr16(b.addr),
+                port: b.port.to_be(),
+                state: if b.weight == 0 { BACKEND_DRAINING } else { BACKEND_ACTIVE },
+                _pad: 0,
+                service_slot: slot,
+            };
+            self.maps
+                .backends
+                .insert(id, value, 0)
+                .context("the backend map is full (raise --max-backends)")?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Builds the Maglev table, writes it to the idle generation and points
+    /// the service entry at it.
+    fn write_ring_and_service(&mut self, applied: &mut Applied, first: bool) -> Result<()> {
+        let generation = if first { 0 } else { (applied.generation + 1) % RINGS_PER_SERVICE };
+        let ring = applied.slot * RINGS_PER_SERVICE + generation;
+        let active: Vec<(u64, u32, u32)> = applied
+            .spec
+            .backends
+            .iter()
+            .zip(&applied.backend_ids)
+            .filter(|(b, _)| b.weight > 0)
+            .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
+            .collect();
+        let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
+        let table = maglev::build_table(&keys, MAGLEV_M);
+        if !table.is_empty() {
+            let base = ring * MAGLEV_M;
+            for (i, idx) in table.iter().enumerate() {
+                self.maps.rings.set(base + i as u32, active[*idx as usize].2, 0)?;
+            }
+        }
+        let value = ServiceValue {
+            slot: applied.slot,
+            ring,
+            backend_count: if table.is_empty() { 0 } else { active.len() as u32 },
+            flags: 0,
+        };
+        self.maps
+            .services
+            .insert(service_key(&applied.spec.frontend), value, 0)
+            .with_context(|| format!("writing service {}", applied.spec.name))?;
+        applied.generation = generation;
+        Ok(())
+    }
+}
+
+pub fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| anyhow!("reading the possible CPUs: {e}"))
+}

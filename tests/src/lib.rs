@@ -1,0 +1,4 @@
+pub mod echo;
+pub mod netns;
+pub mod process;
+pub mod topology;

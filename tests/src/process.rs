@@ -1,0 +1,89 @@
+//! Child processes that never outlive the test, and bounded polling.
+
+use std::process::{Child, Command, ExitStatus};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const GRACE: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Owns a child process; stops and reaps it on drop so a failing test leaves
+/// no server running (and nothing holding its namespace alive).
+#[derive(Debug)]
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        Self(child)
+    }
+
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+        Ok(Self(child))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+
+    /// The exit status if the process has already ended, without blocking.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM, then SIGKILL if the process is still there after 2 s.
+    /// Calling it again returns the same status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.stop()
+            .unwrap_or_else(|e| panic!("reaping child {}: {e}", self.pid()))
+    }
+
+    fn stop(&mut self) -> std::io::Result<ExitStatus> {
+        // Once reaped, the pid may belong to someone else: never signal it.
+        if let Some(status) = self.0.try_wait()? {
+            return Ok(status);
+        }
+        let pid = Pid::from_raw(self.0.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            sleep(POLL);
+        }
+        self.0.kill()?;
+        self.0.wait()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // A panic here could abort a test that is already unwinding.
+        let _ = self.stop();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true, failing after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        sleep(POLL);
+    }
+}

@@ -1,0 +1,443 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: an input packet and the map
+//! state (written by the real reconciler) give an exact action and exact
+//! output bytes. Expected packets are built independently with etherparse,
+//! which computes every checksum from scratch.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::PacketBuilder;
+use lb_common::global;
+use lb_userspace::datapath::{Datapath, Limits};
+use lb_userspace::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
+use lb_userspace::reconciler::Reconciler;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT4: [u8; 4] = [10, 71, 0, 2];
+const VIP4: [u8; 4] = [10, 73, 0, 10];
+const CLIENT6: &str = "fd00:71::2";
+const VIP6: &str = "fd00:73::10";
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<Ipv6Addr>().unwrap().octets()
+}
+
+fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> ServiceSpec {
+    let fe: std::net::SocketAddr = frontend.parse().unwrap();
+    ServiceSpec {
+        name: name.into(),
+        frontend: Frontend {
+            addr: fe.ip(),
+            port: fe.port(),
+            proto,
+        },
+        backends: backends
+            .iter()
+            .map(|b| {
+                let b: std::net::SocketAddr = b.parse().unwrap();
+                BackendSpec {
+                    addr: b.ip(),
+                    port: b.port(),
+                    weight: 1,
+                }
+            })
+            .collect(),
+        source: "test".into(),
+    }
+}
+
+fn desired() -> DesiredState {
+    DesiredState {
+        services: vec![
+            service(
+                "web",
+                "10.73.0.10:80",
+                Proto::Tcp,
+                &["10.72.1.2:8080", "10.72.2.2:8080", "10.72.3.2:8080"],
+            ),
+            service("dns", "10.73.0.10:53", Proto::Udp, &["10.72.1.2:5353"]),
+            service(
+                "web6",
+                "[fd00:73::10]:80",
+                Proto::Tcp,
+                &["[fd00:72:1::2]:8080"],
+            ),
+            service(
+                "dns6",
+                "[fd00:73::10]:53",
+                Proto::Udp,
+                &["[fd00:72:1::2]:5353"],
+            ),
+            service("empty", "10.73.0.11:80", Proto::Tcp, &[]),
+        ],
+    }
+}
+
+/// A loaded datapath with the fixture services applied. It lives in a fresh
+/// network namespace of its own, where the FIB knows no routes, so a
+/// translated packet always goes back to the stack (TC_ACT_OK) and the
+/// output bytes do not depend on the host's routing.
+struct Fixture {
+    datapath: Datapath,
+    reconciler: Reconciler,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let limits = Limits {
+            max_services: 16,
+            max_backends: 64,
+            max_flows: 1024,
+        };
+        let (datapath, maps) = Datapath::load(None, limits).expect("load the datapath");
+        let mut reconciler = Reconciler::new(maps).unwrap();
+        reconciler.apply(&desired()).unwrap();
+        Fixture {
+            datapath,
+            reconciler,
+        }
+    }
+
+    fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        let prog = self.datapath.program().unwrap();
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn global(&self, index: u32) -> u64 {
+        lb_userspace::status::datapath_counters(&self.reconciler)[global::NAMES[index as usize]]
+    }
+}
+
+/// Runs `f` on a thread in a new network namespace.
+fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        f();
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn()
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn()
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// The IPv4 destination of an Ethernet + IPv4 frame.
+fn dst4(frame: &[u8]) -> [u8; 4] {
+    frame[30..34].try_into().unwrap()
+}
+
+fn backends4() -> Vec<[u8; 4]> {
+    vec![[10, 72, 1, 2], [10, 72, 2, 2], [10, 72, 3, 2]]
+}
+
+#[test]
+fn tcp_v4_forward_and_reply() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let input = tcp4(CLIENT4, VIP4, 40000, 80, b"hello");
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, TC_ACT_OK);
+        let backend = dst4(&out);
+        assert!(backends4().contains(&backend), "picked {backend:?}");
+        assert_eq!(out, tcp4(CLIENT4, backend, 40000, 8080, b"hello"));
+
+        // The same flow stays on its backend.
+        for _ in 0..5 {
+            let (_, again) = fx.run(&input);
+            assert_eq!(dst4(&again), backend);
+        }
+
+        // The backend's reply comes back from the frontend.
+        let reply = tcp4(backend, CLIENT4, 8080, 40000, b"world");
+        let (action, out) = fx.run(&reply);
+        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(out, tcp4(VIP4, CLIENT4, 80, 40000, b"world"));
+        assert_eq!(fx.global(global::TRANSLATED), 7);
+    });
+}
+
+#[test]
+fn flows_spread_over_backends() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let mut seen = std::collections::HashMap::new();
+        for port in 0..300u16 {
+            let (_, out) = fx.run(&tcp4(CLIENT4, VIP4, 20000 + port, 80, b""));
+            *seen.entry(dst4(&out)).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        for (b, n) in &seen {
+            assert!((60..=140).contains(n), "backend {b:?} got {n} of 300");
+        }
+    });
+}
+
+#[test]
+fn udp_v4_forward_reply_and_zero_checksum() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let (action, out) = fx.run(&udp4(CLIENT4, VIP4, 5000, 53, b"query"));
+        assert_eq!(action, TC_ACT_OK);
+        let mut expected = udp4(CLIENT4, [10, 72, 1, 2], 5000, 5353, b"query");
+        assert_eq!(out, expected);
+
+        let (_, out) = fx.run(&udp4([10, 72, 1, 2], CLIENT4, 5353, 5000, b"answer"));
+        assert_eq!(out, udp4(VIP4, CLIENT4, 53, 5000, b"answer"));
+
+        // A UDP checksum of zero ("none") must stay zero.
+        let mut input = udp4(CLIENT4, VIP4, 5001, 53, b"query");
+        input[40] = 0;
+        input[41] = 0;
+        let (_, out) = fx.run(&input);
+        expected = udp4(CLIENT4, [10, 72, 1, 2], 5001, 5353, b"query");
+        expected[40] = 0;
+        expected[41] = 0;
+        assert_eq!(out, expected);
+    });
+}
+
+#[test]
+fn tcp_and_udp_v6() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let backend = v6("fd00:72:1::2");
+        let (action, out) = fx.run(&tcp6(v6(CLIENT6), v6(VIP6), 40000, 80, b"hello"));
+        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(out, tcp6(v6(CLIENT6), backend, 40000, 8080, b"hello"));
+        let (_, out) = fx.run(&tcp6(backend, v6(CLIENT6), 8080, 40000, b"world"));
+        assert_eq!(out, tcp6(v6(VIP6), v6(CLIENT6), 80, 40000, b"world"));
+
+        let (_, out) = fx.run(&udp6(v6(CLIENT6), v6(VIP6), 5000, 53, b"q"));
+        assert_eq!(out, udp6(v6(CLIENT6), backend, 5000, 5353, b"q"));
+        let (_, out) = fx.run(&udp6(backend, v6(CLIENT6), 5353, 5000, b"a"));
+        assert_eq!(out, udp6(v6(VIP6), v6(CLIENT6), 53, 5000, b"a"));
+    });
+}
+
+#[test]
+fn packets_not_for_a_service_pass_untouched() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let cases = [
+            // Frontend address, other port.
+            tcp4(CLIENT4, VIP4, 40000, 81, b"x"),
+            // Frontend port, other address.
+            tcp4(CLIENT4, [10, 73, 0, 99], 40000, 80, b"x"),
+            // Frontend address and port, other protocol.
+            udp4(CLIENT4, VIP4, 40000, 80, b"x"),
+            // A backend talking to the client outside any tracked flow.
+            tcp4([10, 72, 1, 2], CLIENT4, 8080, 41234, b"x"),
+        ];
+        for input in cases {
+            let (action, out) = fx.run(&input);
+            assert_eq!(action, TC_ACT_OK);
+            assert_eq!(out, input);
+        }
+        // ARP is not IP at all.
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&MAC_A);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0u8; 28]);
+        let (action, out) = fx.run(&arp);
+        assert_eq!((action, out), (TC_ACT_OK, arp));
+        assert_eq!(fx.global(global::TRANSLATED), 0);
+    });
+}
+
+#[test]
+fn truncated_and_malformed_headers_pass_untouched() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let full = tcp4(CLIENT4, VIP4, 40000, 80, b"");
+        // Cut at the end of the IPv4 header and inside the TCP header
+        // (BPF_PROG_TEST_RUN itself refuses an IPv4 frame without a whole
+        // IPv4 header).
+        for len in [34, 36, 40, 50] {
+            let mut cut = full[..len].to_vec();
+            if len >= 34 {
+                // Keep the IPv4 total length consistent with what is left,
+                // so only the L4 header is short.
+                let tot = (len - 14) as u16;
+                cut[16..18].copy_from_slice(&tot.to_be_bytes());
+            }
+            let (action, out) = fx.run(&cut);
+            assert_eq!(action, TC_ACT_OK, "len {len}");
+            assert_eq!(out, cut, "len {len}");
+        }
+        // Total length claims more than arrived.
+        let mut lying = full.clone();
+        lying[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        let (action, out) = fx.run(&lying);
+        assert_eq!((action, out), (TC_ACT_OK, lying));
+        // IHL below 5.
+        let mut bad_ihl = full.clone();
+        bad_ihl[14] = 0x44;
+        let (action, out) = fx.run(&bad_ihl);
+        assert_eq!((action, out), (TC_ACT_OK, bad_ihl));
+        assert!(fx.global(global::MALFORMED) >= 5);
+        assert_eq!(fx.global(global::TRANSLATED), 0);
+    });
+}
+
+#[test]
+fn ipv4_options_are_skipped() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let build = |src: [u8; 4], dst: [u8; 4], dport: u16| {
+            let mut ip =
+                etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, src, dst).unwrap();
+            // Four NOP options: IHL 6.
+            ip.options = [1u8, 1, 1, 1][..].try_into().unwrap();
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+                .tcp(40000, dport, 1000, 65535)
+                .syn()
+                .write(&mut out, b"opt")
+                .unwrap();
+            out
+        };
+        let input = build(CLIENT4, VIP4, 80);
+        assert_eq!(input[14], 0x46);
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, TC_ACT_OK);
+        let backend = dst4(&out);
+        assert!(backends4().contains(&backend));
+        assert_eq!(out, build(CLIENT4, backend, 8080));
+    });
+}
+
+#[test]
+fn ipv6_extension_header_is_skipped() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        // A hop-by-hop header (8 bytes, PadN) between IPv6 and TCP. The TCP
+        // checksum does not cover it, so inserting it keeps the packet valid.
+        let with_hbh = |mut frame: Vec<u8>| {
+            let hbh = [6u8, 0, 1, 4, 0, 0, 0, 0];
+            let plen = u16::from_be_bytes([frame[18], frame[19]]) + 8;
+            frame[18..20].copy_from_slice(&plen.to_be_bytes());
+            frame[20] = 0;
+            frame.splice(54..54, hbh);
+            frame
+        };
+        let backend = v6("fd00:72:1::2");
+        let input = with_hbh(tcp6(v6(CLIENT6), v6(VIP6), 40000, 80, b"ext"));
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(
+            out,
+            with_hbh(tcp6(v6(CLIENT6), backend, 40000, 8080, b"ext"))
+        );
+    });
+}
+
+#[test]
+fn fragments_are_never_translated() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        // First fragment (MF set) and a later fragment (offset 8).
+        for flags in [[0x20u8, 0x00], [0x00, 0x01]] {
+            let mut frag = udp4(CLIENT4, VIP4, 5000, 53, b"fragment");
+            frag[20..22].copy_from_slice(&flags);
+            let (action, out) = fx.run(&frag);
+            assert_eq!((action, out), (TC_ACT_OK, frag));
+        }
+        // An IPv6 fragment header.
+        let mut frame = udp6(v6(CLIENT6), v6(VIP6), 5000, 53, b"fragment");
+        let plen = u16::from_be_bytes([frame[18], frame[19]]) + 8;
+        frame[18..20].copy_from_slice(&plen.to_be_bytes());
+        frame[20] = 44;
+        frame.splice(54..54, [17u8, 0, 0, 1, 0, 0, 0, 1]);
+        let (action, out) = fx.run(&frame);
+        assert_eq!((action, out), (TC_ACT_OK, frame));
+        assert_eq!(fx.global(global::FRAGMENTS), 3);
+        assert_eq!(fx.global(global::TRANSLATED), 0);
+    });
+}
+
+#[test]
+fn service_without_backends_drops() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let (action, _) = fx.run(&tcp4(CLIENT4, [10, 73, 0, 11], 40000, 80, b""));
+        assert_eq!(action, TC_ACT_SHOT);
+    });
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_backends_change() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let flows: Vec<Vec<u8>> = (0..50u16)
+            .map(|p| tcp4(CLIENT4, VIP4, 30000 + p, 80, b""))
+            .collect();
+        let before: Vec<[u8; 4]> = flows.iter().map(|f| dst4(&fx.run(f).1)).collect();
+        let mut state = desired();
+        state.services[0].backends.push(BackendSpec {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 72, 4, 2)),
+            port: 8080,
+            weight: 1,
+        });
+        fx.reconciler.apply(&state).unwrap();
+        let after: Vec<[u8; 4]> = flows.iter().map(|f| dst4(&fx.run(f).1)).collect();
+        assert_eq!(before, after);
+        // New flows do reach the new backend.
+        let reached = (0..200u16)
+            .map(|p| dst4(&fx.run(&tcp4(CLIENT4, VIP4, 50000 + p, 80, b"")).1))
+            .any(|d| d == [10, 72, 4, 2]);
+        assert!(reached);
+    });
+}

@@ -1,0 +1,79 @@
+//! Workspace tasks, run as `cargo xtask <command>` from anywhere in the repo.
+
+mod cargo;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask")]
+#[command(about = "Build, test and demo tasks for the load balancer workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing apt packages, rust-src for the eBPF toolchain and bpf-linker
+    Setup,
+    /// Set up, then build the release binaries (lbd, lbctl, ...) into target/release
+    Build,
+    /// Build, then run every test serially; arguments after `--` go to the test binaries
+    Test {
+        /// e.g. a test name filter or --nocapture
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run lb-demo against examples/demo.toml; arguments after `--` go to lb-demo
+    Demo {
+        /// Extra lb-demo options
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => {
+            setup::run()?;
+        }
+        Task::Build => build(&setup::run()?)?,
+        Task::Test { args } => {
+            let env = setup::run()?;
+            build(&env)?;
+            // The e2e tests share network namespaces and kernel state, so they
+            // must not run concurrently.
+            cargo::run(
+                cargo::cargo(&env)
+                    .args(["test", "--release"])
+                    .args(cargo::WORKSPACE)
+                    .args(["--", "--test-threads=1"])
+                    .args(args),
+            )?;
+        }
+        Task::Demo { args } => {
+            let env = setup::run()?;
+            build(&env)?;
+            cargo::run(
+                cargo::command(cargo::workspace_root().join("target/release/lb-demo"), &env)
+                    .args(["--lbd", "target/release/lbd"])
+                    .args(["--lbctl", "target/release/lbctl"])
+                    .args(["--config", "examples/demo.toml"])
+                    .args(args),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds every binary of the workspace, lb-demo included.
+fn build(env: &cargo::Env) -> Result<()> {
+    cargo::run(
+        cargo::cargo(env)
+            .args(["build", "--release"])
+            .args(cargo::WORKSPACE)
+            .arg("--bins"),
+    )
+}

@@ -1,0 +1,194 @@
+//! Makes sure the machine can build the eBPF datapath and run the tests.
+//! Every check is cheap so that a run on a ready machine takes a second or so.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Result};
+
+use crate::cargo::{self, output, Env};
+
+/// bpf-linker 0.13 is built against this LLVM; the tests and demo need the rest.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "busybox-static",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+/// Nice to have for debugging, not worth failing setup over.
+const APT_OPTIONAL: &[&str] = &["bpftool"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_SERIES: &str = "0.13.";
+
+/// Checks and installs everything, then returns the environment later cargo
+/// runs need to build lb-ebpf.
+pub fn run() -> Result<Env> {
+    apt_packages()?;
+    let toolchain = ebpf_toolchain()?;
+    rust_src(&toolchain)?;
+
+    let mut env: Env = vec![("LB_EBPF_TOOLCHAIN", toolchain.clone().into())];
+    // aya-build compiles core with -Z build-std, which stable only allows
+    // when bootstrapping.
+    if !toolchain.starts_with("nightly") {
+        env.push(("RUSTC_BOOTSTRAP", "1".into()));
+    }
+    if let Some(dir) = bpf_linker()? {
+        env.push(("PATH", prepend_path(&dir)?));
+    }
+    Ok(env)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing = missing_packages(APT_PACKAGES)?;
+    let missing_optional = missing_packages(APT_OPTIONAL)?;
+    if missing.is_empty() && missing_optional.is_empty() {
+        return Ok(());
+    }
+    if !is_root()? {
+        let all = [missing, missing_optional].concat().join(" ");
+        bail!("apt packages missing ({all}); run `cargo xtask setup` as root to install them");
+    }
+    cargo::run(Command::new("apt-get").arg("update"))?;
+    if !missing.is_empty() {
+        println!("installing: {}", missing.join(" "));
+        cargo::run(&mut apt_install(&missing))?;
+    }
+    if !missing_optional.is_empty() {
+        println!("installing: {} (optional)", missing_optional.join(" "));
+        if !apt_install(&missing_optional).status()?.success() {
+            println!("warning: could not install {}", missing_optional.join(" "));
+        }
+    }
+    Ok(())
+}
+
+fn missing_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+    let mut missing = Vec::new();
+    for &package in packages {
+        let status = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .stderr(Stdio::null())
+            .output()?;
+        if status.stdout == b"install ok installed" {
+            println!("ok: {package}");
+        } else {
+            missing.push(package);
+        }
+    }
+    Ok(missing)
+}
+
+fn apt_install(packages: &[&str]) -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages);
+    cmd
+}
+
+fn is_root() -> Result<bool> {
+    Ok(output(Command::new("id").arg("-u"))?.trim() == "0")
+}
+
+/// A nightly is preferred because it needs no RUSTC_BOOTSTRAP; an explicit
+/// LB_EBPF_TOOLCHAIN wins over both.
+fn ebpf_toolchain() -> Result<String> {
+    if let Ok(toolchain) = env::var("LB_EBPF_TOOLCHAIN") {
+        println!("ok: eBPF toolchain {toolchain} (from LB_EBPF_TOOLCHAIN)");
+        return Ok(toolchain);
+    }
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let toolchain = list
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .find(|name| name.starts_with("nightly"))
+        .unwrap_or("stable")
+        .to_string();
+    println!("ok: eBPF toolchain {toolchain}");
+    Ok(toolchain)
+}
+
+fn rust_src(toolchain: &str) -> Result<()> {
+    let installed = output(
+        Command::new("rustup")
+            .args("component list --installed --toolchain".split(' '))
+            .arg(toolchain),
+    )?;
+    if installed.lines().any(|line| line.starts_with("rust-src")) {
+        println!("ok: rust-src ({toolchain})");
+        return Ok(());
+    }
+    println!("installing: rust-src ({toolchain})");
+    cargo::run(
+        Command::new("rustup")
+            .args("component add rust-src --toolchain".split(' '))
+            .arg(toolchain),
+    )
+}
+
+/// Returns a directory to put first on PATH when the right bpf-linker is not
+/// the one PATH finds already.
+fn bpf_linker() -> Result<Option<PathBuf>> {
+    if let Some(version) = bpf_linker_version(Path::new("bpf-linker")) {
+        if version.starts_with(BPF_LINKER_SERIES) {
+            println!("ok: bpf-linker {version}");
+            return Ok(None);
+        }
+        println!("found: bpf-linker {version} on PATH, need {BPF_LINKER_SERIES}x");
+    }
+    let bin_dir = cargo_home()?.join("bin");
+    let installed = bin_dir.join("bpf-linker");
+    if let Some(version) = bpf_linker_version(&installed) {
+        if version.starts_with(BPF_LINKER_SERIES) {
+            println!("ok: bpf-linker {version} ({})", installed.display());
+            return Ok(Some(bin_dir));
+        }
+    }
+
+    println!("installing: bpf-linker {BPF_LINKER_SERIES}x (takes a minute or two)");
+    let args = "install bpf-linker --version ^0.13 --locked --force --no-default-features --features llvm-22";
+    cargo::run(
+        cargo::cargo(&Env::new())
+            .args(args.split(' '))
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", prepend_path(&Path::new(LLVM_PREFIX).join("bin"))?),
+    )?;
+    match bpf_linker_version(&installed) {
+        Some(version) if version.starts_with(BPF_LINKER_SERIES) => {
+            println!("ok: bpf-linker {version} ({})", installed.display());
+            Ok(Some(bin_dir))
+        }
+        _ => bail!(
+            "{} is not bpf-linker {BPF_LINKER_SERIES}x after installing it",
+            installed.display()
+        ),
+    }
+}
+
+/// `bpf-linker --version` prints e.g. "bpf-linker 0.13.0".
+fn bpf_linker_version(program: &Path) -> Option<String> {
+    let out = output(Command::new(program).arg("--version")).ok()?;
+    out.split_whitespace().nth(1).map(str::to_string)
+}
+
+fn cargo_home() -> Result<PathBuf> {
+    if let Some(home) = env::var_os("CARGO_HOME") {
+        return Ok(home.into());
+    }
+    match env::var_os("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".cargo")),
+        None => bail!("neither CARGO_HOME nor HOME is set"),
+    }
+}
+
+fn prepend_path(dir: &Path) -> Result<OsString> {
+    let rest = env::var_os("PATH").unwrap_or_default();
+    Ok(env::join_paths(
+        std::iter::once(dir.to_path_buf()).chain(env::split_paths(&rest)),
+    )?)
+}
