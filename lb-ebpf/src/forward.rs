@@ -77,7 +77,12 @@ fn try_redirect(ctx: &TcContext, p: &Packet, src: &[u8; 16], dst: &[u8; 16]) -> 
     }
     // SAFETY: fib is a valid, correctly sized bpf_fib_lookup.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            mem::size_of::<FibParams>() as i32,
+            0,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return None;
@@ -103,7 +108,12 @@ fn try_redirect(ctx: &TcContext, p: &Packet, src: &[u8; 16], dst: &[u8; 16]) -> 
             nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
         }
         let rc = unsafe {
-            bpf_redirect_neigh(fib.ifindex, &mut nh, mem::size_of::<bpf_redir_neigh>() as i32, 0)
+            bpf_redirect_neigh(
+                fib.ifindex,
+                &mut nh,
+                mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
         };
         if rc == TC_ACT_REDIRECT as i64 {
             Some(rc as i32)

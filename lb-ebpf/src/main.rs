@@ -3,8 +3,11 @@
 //! chosen by Maglev and remembered in CONNTRACK; a backend's reply is
 //! translated back to the frontend address through REVNAT. Everything else
 //! passes untouched.
-#![no_std]
-#![no_main]
+//!
+//! Built for the BPF target by lb-userspace's build script; a host build
+//! (`cargo build --workspace`) only checks that it compiles.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod forward;
 mod maps;
@@ -198,8 +201,14 @@ fn flow_hash(f: &FlowKey) -> u32 {
     let mut h: u32 = 0x9747_b28c;
     let mut i = 0;
     while i < 16 {
-        h = mix(h, u32::from_ne_bytes([f.src[i], f.src[i + 1], f.src[i + 2], f.src[i + 3]]));
-        h = mix(h, u32::from_ne_bytes([f.dst[i], f.dst[i + 1], f.dst[i + 2], f.dst[i + 3]]));
+        h = mix(
+            h,
+            u32::from_ne_bytes([f.src[i], f.src[i + 1], f.src[i + 2], f.src[i + 3]]),
+        );
+        h = mix(
+            h,
+            u32::from_ne_bytes([f.dst[i], f.dst[i + 1], f.dst[i + 2], f.dst[i + 3]]),
+        );
         i += 4;
     }
     h = mix(h, (f.sport as u32) << 16 | f.dport as u32);
@@ -213,8 +222,14 @@ fn flow_hash(f: &FlowKey) -> u32 {
 
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -230,7 +245,10 @@ fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficStats)
     }
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -38,7 +38,13 @@ fn l4_flags(p: &Packet) -> u64 {
 // A separate BPF function: its stack frame is not live while the
 // caller's large locals are, which keeps the program within 512 bytes.
 #[inline(never)]
-pub fn rewrite(ctx: &TcContext, p: &Packet, side: Side, addr: &[u8; 16], port: u16) -> Result<(), ()> {
+pub fn rewrite(
+    ctx: &TcContext,
+    p: &Packet,
+    side: Side,
+    addr: &[u8; 16],
+    port: u16,
+) -> Result<(), ()> {
     let (old_addr, old_port) = match side {
         Side::Source => (&p.src, p.sport),
         Side::Destination => (&p.dst, p.dport),
@@ -50,9 +56,8 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, side: Side, addr: &[u8; 16], port: u
         let mut from = *old_addr;
         let mut to = *addr;
         // SAFETY: both buffers are 16 bytes on the stack, the sizes passed.
-        let diff = unsafe {
-            bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0)
-        };
+        let diff =
+            unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
         if diff < 0 {
             return Err(());
         }
@@ -67,8 +72,13 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, side: Side, addr: &[u8; 16], port: u
         ctx.store(addr_off, &to, 0).map_err(|_| ())?;
         ctx.l3_csum_replace(p.l3_off + 10, from as u64, to as u64, 4)
             .map_err(|_| ())?;
-        ctx.l4_csum_replace(csum_off, from as u64, to as u64, flags | BPF_F_PSEUDO_HDR as u64 | 4)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            csum_off,
+            from as u64,
+            to as u64,
+            flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        )
+        .map_err(|_| ())?;
     }
     if old_port != port {
         let port_off = p.l4_off + if matches!(side, Side::Source) { 0 } else { 2 };

@@ -152,7 +152,14 @@ pub fn load(path: &Path) -> Result<DesiredState, ConfigError> {
 pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_at(text, s.start));
-        ConfigError::new(path, line, e.message().trim_end())
+        // One line, so that logs and `lbctl status` show the whole reason.
+        let reason: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        ConfigError::new(path, line, reason.join(": "))
     })?;
 
     let fail = |span: Range<usize>, reason: String| {

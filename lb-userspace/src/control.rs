@@ -37,7 +37,8 @@ pub async fn serve(path: &Path, calls: mpsc::Sender<Call>) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     loop {
@@ -58,7 +59,10 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> Result<()> {
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
-                calls.send((request, tx)).await.map_err(|_| anyhow!("daemon stopping"))?;
+                calls
+                    .send((request, tx))
+                    .await
+                    .map_err(|_| anyhow!("daemon stopping"))?;
                 rx.await.map_err(|_| anyhow!("daemon stopping"))?
             }
             Err(e) => Response::Error(format!("bad request: {e}")),

@@ -45,7 +45,9 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let (mut datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
     let mut reconciler = Reconciler::new(maps)?;
-    let changes = reconciler.apply(&desired).context("applying the initial state")?;
+    let changes = reconciler
+        .apply(&desired)
+        .context("applying the initial state")?;
     log::info!("applied {} services ({changes:?})", desired.services.len());
 
     let (links_tx, mut links_rx) = mpsc::channel::<Links>(4);
@@ -94,7 +96,10 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let _ = std::fs::remove_file(&opts.socket);
     if opts.keep_datapath {
-        log::info!("exiting; the datapath stays attached from {}", opts.pin_dir.display());
+        log::info!(
+            "exiting; the datapath stays attached from {}",
+            opts.pin_dir.display()
+        );
         datapath.keep();
     } else {
         log::info!("exiting; detaching and removing {}", opts.pin_dir.display());

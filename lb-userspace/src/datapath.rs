@@ -95,14 +95,15 @@ impl Datapath {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object (maps pinned by an incompatible build? run `lbd --cleanup`)")?;
+        let mut ebpf = loader.load(EBPF_OBJECT).context(
+            "loading the eBPF object (maps pinned by an incompatible build? run `lbd --cleanup`)",
+        )?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(progs::TC_INGRESS)
             .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
             .try_into()?;
-        prog.load().context("the kernel rejected the datapath program")?;
+        prog.load()
+            .context("the kernel rejected the datapath program")?;
         let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
@@ -256,7 +257,8 @@ fn prepare_pin_dir(dir: &Path) -> Result<()> {
 
 fn is_bpffs(path: &Path) -> Result<bool> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 

@@ -38,7 +38,8 @@ pub async fn watch(only: Vec<String>, tx: mpsc::Sender<Links>) -> Result<()> {
         }
         while let Ok(Some(_)) =
             tokio::time::timeout(std::time::Duration::from_millis(20), events.next()).await
-        {}
+        {
+        }
     }
 }
 

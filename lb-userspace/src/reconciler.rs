@@ -74,7 +74,12 @@ impl Reconciler {
             .map(|(_, v)| v.backend_id)
             .max()
             .unwrap_or(0);
-        let max_known = maps.backends.keys().filter_map(|r| r.ok()).max().unwrap_or(0);
+        let max_known = maps
+            .backends
+            .keys()
+            .filter_map(|r| r.ok())
+            .max()
+            .unwrap_or(0);
         let stale_services: Vec<ServiceKey> = maps.services.keys().filter_map(|r| r.ok()).collect();
         for key in stale_services {
             let _ = maps.services.remove(&key);
@@ -249,7 +254,11 @@ impl Reconciler {
             let value = Backend {
                 addr: addr16(b.addr),
                 port: b.port.to_be(),
-                state: if b.weight == 0 { BACKEND_DRAINING } else { BACKEND_ACTIVE },
+                state: if b.weight == 0 {
+                    BACKEND_DRAINING
+                } else {
+                    BACKEND_ACTIVE
+                },
                 _pad: 0,
                 service_slot: slot,
             };
@@ -265,7 +274,11 @@ impl Reconciler {
     /// Builds the Maglev table, writes it to the idle generation and points
     /// the service entry at it.
     fn write_ring_and_service(&mut self, applied: &mut Applied, first: bool) -> Result<()> {
-        let generation = if first { 0 } else { (applied.generation + 1) % RINGS_PER_SERVICE };
+        let generation = if first {
+            0
+        } else {
+            (applied.generation + 1) % RINGS_PER_SERVICE
+        };
         let ring = applied.slot * RINGS_PER_SERVICE + generation;
         let active: Vec<(u64, u32, u32)> = applied
             .spec
@@ -280,13 +293,19 @@ impl Reconciler {
         if !table.is_empty() {
             let base = ring * MAGLEV_M;
             for (i, idx) in table.iter().enumerate() {
-                self.maps.rings.set(base + i as u32, active[*idx as usize].2, 0)?;
+                self.maps
+                    .rings
+                    .set(base + i as u32, active[*idx as usize].2, 0)?;
             }
         }
         let value = ServiceValue {
             slot: applied.slot,
             ring,
-            backend_count: if table.is_empty() { 0 } else { active.len() as u32 },
+            backend_count: if table.is_empty() {
+                0
+            } else {
+                active.len() as u32
+            },
             flags: 0,
         };
         self.maps

@@ -178,7 +178,10 @@ pub fn render_table(status: &Status) -> String {
         let _ = writeln!(out, "config: {path} (reloads: {})", status.config.reloads);
     }
     if let Some(err) = &status.config.last_error {
-        let _ = writeln!(out, "last reload FAILED, previous state still serving: {err}");
+        let _ = writeln!(
+            out,
+            "last reload FAILED, previous state still serving: {err}"
+        );
     }
     let counters: Vec<String> = status
         .datapath

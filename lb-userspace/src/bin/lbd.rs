@@ -41,7 +41,10 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,netlink_packet_route=error"),
+    )
+    .init();
     let args = Args::parse();
     if args.cleanup {
         remove_pins(&args.pin_dir);

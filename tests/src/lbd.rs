@@ -1,0 +1,133 @@
+//! A running lbd inside a test namespace, with its own config file, pin
+//! directory and control socket, all removed when it is dropped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::netns::{unique_name, Netns};
+use crate::process::{wait_until, ChildGuard};
+use crate::topology::target_bin;
+
+pub struct Lbd {
+    process: Option<ChildGuard>,
+    dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Lbd {
+    /// Starts lbd in `ns` with `config` as its configuration and waits until
+    /// it answers on its socket with every interface in `interfaces` attached.
+    pub fn start(ns: &Netns, tag: &str, config: &str, interfaces: &[&str]) -> Result<Lbd> {
+        let name = unique_name(tag);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let mut lbd = Lbd {
+            process: None,
+            config: dir.join("lbd.toml"),
+            socket: dir.join("lbd.sock"),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            dir,
+        };
+        lbd.write_config(config)?;
+        let log = std::fs::File::create(lbd.dir.join("lbd.log"))?;
+        let mut cmd = ns.command(target_bin("lbd"));
+        cmd.arg("--config")
+            .arg(&lbd.config)
+            .arg("--socket")
+            .arg(&lbd.socket)
+            .arg("--pin-dir")
+            .arg(&lbd.pin_dir)
+            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        lbd.process = Some(ChildGuard::spawn(&mut cmd)?);
+        let wanted: Vec<String> = interfaces.iter().map(|s| s.to_string()).collect();
+        let ready = wait_until(Duration::from_secs(15), "lbd to attach", || {
+            lbd.status()
+                .map(|s| {
+                    let attached: Vec<String> = s["interfaces"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                        .unwrap_or_default();
+                    wanted.iter().all(|w| attached.contains(w))
+                })
+                .unwrap_or(false)
+        });
+        if let Err(e) = ready {
+            bail!("{e:#}\nlbd's log:\n{}", lbd.log());
+        }
+        Ok(lbd)
+    }
+
+    pub fn write_config(&self, text: &str) -> Result<()> {
+        // Write then rename, so lbd never reads a half-written file.
+        let tmp = self.dir.join("lbd.toml.new");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Rewrites the config and signals a reload.
+    pub fn reload(&self, text: &str) -> Result<()> {
+        self.write_config(text)?;
+        let pid = self.process.as_ref().context("lbd is not running")?.pid();
+        kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
+        Ok(())
+    }
+
+    /// `lbctl status --json`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let out = lbctl(&self.socket, &["status", "--json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+    }
+
+    /// Stops lbd with SIGTERM and returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        self.process
+            .take()
+            .map(|mut p| p.terminate().success())
+            .unwrap_or(false)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        self.stop();
+        // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("lbd's log:\n{}", self.log());
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs lbctl against `socket` and returns its standard output.
+pub fn lbctl(socket: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(target_bin("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

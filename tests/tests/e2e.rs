@@ -1,0 +1,271 @@
+//! End to end: a client, the load-balancer node running lbd, and backends
+//! running real TCP/UDP servers, each in a network namespace of its own.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use lb_tests::echo::{tcp_request, udp_request, TcpSession};
+use lb_tests::lbd::Lbd;
+use lb_tests::process::wait_until;
+use lb_tests::topology::{echo_bin, Topology, CLIENT_V4, CLIENT_V6};
+use serde_json::Value;
+
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn config(backends: usize) -> String {
+    let list = |port: u16, v6: bool| {
+        (1..=backends)
+            .map(|i| {
+                if v6 {
+                    format!("\"[fd00:72:{i}::2]:{port}\"")
+                } else {
+                    format!("\"10.72.{i}.2:{port}\"")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"
+[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+backends = [{web}]
+
+[[service]]
+name = "dns"
+frontend = "10.73.0.10:53/udp"
+backends = [{dns}]
+
+[[service]]
+name = "web6"
+frontend = "[fd00:73::10]:80/tcp"
+backends = [{web6}]
+"#,
+        web = list(TCP_PORT, false),
+        dns = list(UDP_PORT, false),
+        web6 = list(TCP_PORT, true),
+    )
+}
+
+fn web() -> SocketAddr {
+    "10.73.0.10:80".parse().unwrap()
+}
+fn dns() -> SocketAddr {
+    "10.73.0.10:53".parse().unwrap()
+}
+fn web6() -> SocketAddr {
+    "[fd00:73::10]:80".parse().unwrap()
+}
+
+/// lbd is declared first so that it stops before the namespaces go.
+struct Env {
+    lbd: Lbd,
+    topo: Topology,
+}
+
+fn setup(tag: &str) -> Env {
+    let mut topo = Topology::new(tag).expect("topology");
+    topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
+        .expect("servers");
+    let lbd = Lbd::start(
+        &topo.lb,
+        tag,
+        &config(3),
+        &["lbc0", "lbb1", "lbb2", "lbb3"],
+    )
+    .expect("lbd");
+    Env { lbd, topo }
+}
+
+fn service<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
+}
+
+fn counter(v: &Value, name: &str) -> u64 {
+    v["counters"][name].as_u64().unwrap()
+}
+
+/// Sends `n` TCP requests, each on a new connection, from the client.
+fn tcp_spread(env: &Env, target: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    env.topo.client.run(move || {
+        let mut seen = BTreeMap::new();
+        let client: IpAddr = if target.is_ipv4() {
+            CLIENT_V4.into()
+        } else {
+            CLIENT_V6.into()
+        };
+        for _ in 0..n {
+            let (name, peer) = tcp_request(target, TIMEOUT).expect("tcp request");
+            assert_eq!(peer.ip(), client, "the backend must see the client's address");
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+#[test]
+fn tcp_is_balanced_and_backends_see_the_client() {
+    let mut env = setup("bal");
+    let seen = tcp_spread(&env, web(), 300);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (name, n) in &seen {
+        // A fair share is 100; Maglev over random source ports stays well
+        // within this.
+        assert!((60..=140).contains(n), "{name} got {n} of 300: {seen:?}");
+    }
+    // Counters match the traffic: one new flow per connection, each backend
+    // credited with the connections it answered.
+    let status = env.lbd.status().unwrap();
+    let web = service(&status, "web");
+    assert_eq!(counter(web, "new_flows"), 300);
+    for backend in web["backends"].as_array().unwrap() {
+        let addr = backend["address"].as_str().unwrap();
+        let name = format!("b{}", &addr["10.72.".len()..addr.find(".2:").unwrap()]);
+        assert_eq!(counter(backend, "new_flows"), seen[&name] as u64, "{backend:#}");
+        assert!(counter(backend, "reply_packets") >= seen[&name] as u64);
+    }
+    // SIGTERM detaches and removes every pin.
+    assert!(env.lbd.stop(), "lbd did not exit cleanly");
+    assert!(!env.lbd.pin_dir.exists(), "pins left behind");
+}
+
+#[test]
+fn udp_and_ipv6_services_work() {
+    let env = setup("udp6");
+    let n = 30;
+    let names = env.topo.client.run(move || {
+        let mut names = BTreeMap::new();
+        for _ in 0..n {
+            // udp_request fails unless the reply comes from the virtual address.
+            let (name, peer) = udp_request(dns(), TIMEOUT).expect("udp request");
+            assert_eq!(peer.ip(), IpAddr::from(CLIENT_V4));
+            *names.entry(name).or_insert(0usize) += 1;
+        }
+        names
+    });
+    assert!(names.len() >= 2, "30 UDP flows all went to {names:?}");
+    let status = env.lbd.status().unwrap();
+    let dns = service(&status, "dns");
+    assert_eq!(counter(dns, "packets"), n as u64);
+    assert_eq!(counter(dns, "reply_packets"), n as u64);
+    assert_eq!(counter(dns, "new_flows"), n as u64);
+
+    let seen = tcp_spread(&env, web6(), 60);
+    assert_eq!(seen.values().sum::<usize>(), 60);
+    assert!(seen.len() >= 2, "{seen:?}");
+    let status = env.lbd.status().unwrap();
+    assert_eq!(counter(service(&status, "web6"), "new_flows"), 60);
+}
+
+#[test]
+fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
+    let mut env = setup("grow");
+    // The session lives on a client thread for the whole test.
+    let (to_client, requests) = std::sync::mpsc::channel::<()>();
+    let (replies, from_client) = std::sync::mpsc::channel::<String>();
+    let session = {
+        let ns = env.topo.client.name().to_string();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut session = TcpSession::connect(web(), TIMEOUT).expect("connect");
+            while requests.recv().is_ok() {
+                let (name, _) = session.request().expect("request on the long-lived connection");
+                replies.send(name).unwrap();
+            }
+        })
+    };
+    let ask = || {
+        to_client.send(()).unwrap();
+        from_client.recv_timeout(Duration::from_secs(5)).expect("reply")
+    };
+    let first = ask();
+
+    let idx = env.topo.add_backend().unwrap();
+    env.topo
+        .start_server(idx, &echo_bin(), TCP_PORT, UDP_PORT)
+        .unwrap();
+    // lbd follows the new interface by itself.
+    wait_until(Duration::from_secs(5), "lbd to attach to lbb4", || {
+        env.lbd.status().map(|s| s["interfaces"].as_array().unwrap().iter().any(|i| i == "lbb4")).unwrap_or(false)
+    })
+    .unwrap();
+    env.lbd.reload(&config(4)).unwrap();
+    wait_until(Duration::from_secs(5), "the reload", || {
+        env.lbd.status().map(|s| service(&s, "web")["backends"].as_array().unwrap().len() == 4).unwrap_or(false)
+    })
+    .unwrap();
+
+    for _ in 0..10 {
+        assert_eq!(ask(), first, "the established connection moved");
+    }
+    drop(to_client);
+    session.join().unwrap();
+
+    let seen = tcp_spread(&env, web(), 200);
+    assert!(seen.contains_key("b4"), "new flows never reached b4: {seen:?}");
+    assert_eq!(seen.len(), 4);
+}
+
+#[test]
+fn a_bad_config_is_rejected_and_the_old_state_keeps_serving() {
+    let env = setup("bad");
+    let before = tcp_spread(&env, web(), 30);
+    env.lbd
+        .reload("[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80\"\nbackends = []\n")
+        .unwrap();
+    let mut error = String::new();
+    wait_until(Duration::from_secs(5), "the reload to fail", || {
+        let status = env.lbd.status().unwrap();
+        match status["config"]["last_error"].as_str() {
+            Some(e) => {
+                error = e.to_string();
+                true
+            }
+            None => false,
+        }
+    })
+    .unwrap();
+    let path = env.lbd.config.display().to_string();
+    assert!(error.starts_with(&format!("{path}:3:")), "{error}");
+    assert!(error.contains("protocol"), "{error}");
+
+    let status = env.lbd.status().unwrap();
+    assert_eq!(status["services"].as_array().unwrap().len(), 3);
+    let after = tcp_spread(&env, web(), 30);
+    assert_eq!(before.values().sum::<usize>(), after.values().sum::<usize>());
+
+    // The table shows the failure too.
+    let table = lb_tests::lbd::lbctl(&env.lbd.socket, &["status"]).unwrap();
+    assert!(table.contains("last reload FAILED"), "{table}");
+}
+
+#[test]
+fn traffic_not_for_a_service_is_left_alone() {
+    let env = setup("other");
+    let translated = |env: &Env| env.lbd.status().unwrap()["datapath"]["translated"].as_u64().unwrap();
+    let before = translated(&env);
+    let (name, peer) = env
+        .topo
+        .client
+        .run(|| tcp_request("10.72.1.2:8080".parse().unwrap(), TIMEOUT))
+        .expect("a backend reached directly");
+    assert_eq!(name, "b1");
+    assert_eq!(peer.ip(), IpAddr::from(CLIENT_V4));
+    // The frontend address on a port that is no service: nothing answers.
+    let refused = env
+        .topo
+        .client
+        .run(|| tcp_request("10.73.0.10:81".parse().unwrap(), Duration::from_secs(1)));
+    assert!(refused.is_err());
+    assert_eq!(translated(&env), before);
+}
