@@ -342,23 +342,4 @@ mod tests {
             assert!(table.iter().all(|&i| i < 7));
         }
     }
-
-    #[test]
-    fn fast_enough() {
-        // Generous bounds: debug builds are an order of magnitude slower than
-        // release, and CI machines are noisy.
-        let list: Vec<_> = keys(100).into_iter().map(|k| (k, 1)).collect();
-        let t = std::time::Instant::now();
-        let table = build_table(&list, MAGLEV_M);
-        assert_eq!(table.len(), MAGLEV_M as usize);
-        let small = t.elapsed();
-
-        let list: Vec<_> = keys(1000).into_iter().map(|k| (k, 1)).collect();
-        let t = std::time::Instant::now();
-        let table = build_table(&list, 65537);
-        assert_eq!(table.len(), 65537);
-        let large = t.elapsed();
-        assert!(small.as_millis() < 20, "{small:?}");
-        assert!(large.as_millis() < 1000, "{large:?}");
-    }
 }

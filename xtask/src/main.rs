@@ -58,8 +58,6 @@ fn main() -> Result<()> {
             build(&env)?;
             cargo::run(
                 cargo::command(cargo::workspace_root().join("target/release/lb-demo"), &env)
-                    .args(["--lbd", "target/release/lbd"])
-                    .args(["--lbctl", "target/release/lbctl"])
                     .args(["--config", "examples/demo.toml"])
                     .args(args),
             )?;
