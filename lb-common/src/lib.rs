@@ -38,6 +38,8 @@ pub mod maps {
 /// Program names (the function names in lb-ebpf).
 pub mod progs {
     pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// A program that only passes, for measuring the cost of running any program.
+    pub const TC_PASS: &str = "lb_tc_pass";
 }
 
 /// SERVICES key: a frontend. `port` is in network byte order.

@@ -47,6 +47,12 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Does nothing but pass: the floor that benchmarks compare the datapath with.
+#[classifier]
+pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 #[inline(always)]
 fn handle(ctx: &TcContext, p: &Packet) -> i32 {
     let key = ServiceKey {

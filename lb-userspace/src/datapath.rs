@@ -123,6 +123,20 @@ impl Datapath {
         Ok((datapath, maps))
     }
 
+    /// The trivial pass-only program of the same object, loaded on demand
+    /// (benchmarks use it as the floor).
+    pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(progs::TC_PASS)
+            .ok_or_else(|| anyhow!("program {} missing", progs::TC_PASS))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
