@@ -4,6 +4,7 @@
 //! ones at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
@@ -24,10 +25,13 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Maglev lookup tables, flattened: ring r occupies [r * MAGLEV_M, (r + 1) * MAGLEV_M),
-/// each entry a backend id. Built in userspace.
+/// each entry a backend id. Built in userspace, which maps the array into its
+/// memory (BPF_F_MMAPABLE) to write whole tables without a syscall per entry.
 #[map]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries(DEFAULT_MAX_SERVICES * RINGS_PER_SERVICE * MAGLEV_M, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(
+    DEFAULT_MAX_SERVICES * RINGS_PER_SERVICE * MAGLEV_M,
+    BPF_F_MMAPABLE,
+);
 
 /// Client flow (client -> frontend) -> chosen backend. LRU: under pressure the
 /// oldest flows are forgotten first (they then re-pick the same backend through

@@ -1,10 +1,11 @@
 //! Loading the eBPF object, its maps and its attachments.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::SchedClassifier;
@@ -39,7 +40,7 @@ impl Default for Limits {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub rings: Array<MapData, u32>,
+    pub rings: RingMemory,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pub revnat: HashMap<MapData, FlowKey, RevNatEntry>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -107,7 +108,7 @@ impl Datapath {
         let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
-            rings: take(&mut ebpf, maps::RINGS)?,
+            rings: RingMemory::map(&mut ebpf)?,
             conntrack: take(&mut ebpf, maps::CONNTRACK)?,
             revnat: take(&mut ebpf, maps::REVNAT)?,
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
@@ -282,5 +283,99 @@ pub fn remove_pins(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("removing {}: {e}", dir.display());
         }
+    }
+}
+
+/// The RINGS array mapped into our memory. Writing a 4093-entry table is a
+/// copy instead of 4093 syscalls, which is what makes programming thousands
+/// of services fast.
+///
+/// The kernel lays array elements out 8 bytes apart whatever their size, so
+/// each 4-byte backend id is written as the low half of a u64 slot.
+pub struct RingMemory {
+    ptr: std::ptr::NonNull<u64>,
+    entries: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; the reconciler is its only
+// writer and owns this value.
+unsafe impl Send for RingMemory {}
+
+impl RingMemory {
+    fn map(ebpf: &mut Ebpf) -> Result<RingMemory> {
+        use std::os::fd::AsRawFd;
+        let map = ebpf
+            .take_map(maps::RINGS)
+            .ok_or_else(|| anyhow!("map {} missing from the object", maps::RINGS))?;
+        let Map::Array(data) = map else {
+            return Err(anyhow!("map {} is not an array", maps::RINGS));
+        };
+        let info = data.info()?;
+        let entries = info.max_entries() as usize;
+        if info.value_size() != 4 {
+            return Err(anyhow!(
+                "{} holds {}-byte values, expected 4",
+                maps::RINGS,
+                info.value_size()
+            ));
+        }
+        let fd = info.fd()?;
+        let page =
+            nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?.unwrap_or(4096) as usize;
+        let len = (entries * 8).div_ceil(page) * page;
+        // SAFETY: a shared mapping of an mmapable BPF array of `entries`
+        // 8-byte slots, rounded up to whole pages as the kernel requires.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(anyhow!(
+                "mapping {}: {} (maps pinned by an older build? run `lbd --cleanup`)",
+                maps::RINGS,
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(RingMemory {
+            ptr: std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?,
+            entries,
+            len,
+        })
+    }
+
+    /// Writes `values` starting at entry `start`.
+    pub fn write(&mut self, start: usize, values: &[u32]) -> Result<()> {
+        let end = start
+            .checked_add(values.len())
+            .filter(|e| *e <= self.entries)
+            .ok_or_else(|| anyhow!("ring write past the end of {}", maps::RINGS))?;
+        // SAFETY: [start, end) is within the mapping, which we own.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), end - start) };
+        for (slot, id) in dst.iter_mut().zip(values) {
+            // Little-endian target: the id lands in the slot's first 4 bytes.
+            *slot = u64::from(*id);
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, index: usize) -> Option<u32> {
+        // SAFETY: bounds checked; volatile because the kernel side shares it.
+        (index < self.entries)
+            .then(|| unsafe { self.ptr.as_ptr().add(index).read_volatile() as u32 })
+    }
+}
+
+impl Drop for RingMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }

@@ -291,12 +291,8 @@ impl Reconciler {
         let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
         let table = maglev::build_table(&keys, MAGLEV_M);
         if !table.is_empty() {
-            let base = ring * MAGLEV_M;
-            for (i, idx) in table.iter().enumerate() {
-                self.maps
-                    .rings
-                    .set(base + i as u32, active[*idx as usize].2, 0)?;
-            }
+            let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
+            self.maps.rings.write((ring * MAGLEV_M) as usize, &ids)?;
         }
         let value = ServiceValue {
             slot: applied.slot,
