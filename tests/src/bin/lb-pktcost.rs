@@ -104,12 +104,25 @@ fn measure(services: u32, backends: u32, runs: u32) -> Result<Vec<(String, f64)>
 
     // Distinct flows, each seen for the first time.
     let flows: Vec<Vec<u8>> = (0..runs)
-        .map(|i| tcp([10, 71, (i / 60000) as u8 + 1, 2], vip, 1024 + (i % 60000) as u16, 80))
+        .map(|i| {
+            tcp(
+                [10, 71, (i / 60000) as u8 + 1, 2],
+                vip,
+                1024 + (i % 60000) as u16,
+                80,
+            )
+        })
         .collect();
-    rows.push(("new flow: Maglev pick + conntrack insert".into(), per_packet(prog, &flows)?));
+    rows.push((
+        "new flow: Maglev pick + conntrack insert".into(),
+        per_packet(prog, &flows)?,
+    ));
 
     // The same flows again: now established.
-    rows.push(("established flow, client -> backend".into(), per_packet(prog, &flows)?));
+    rows.push((
+        "established flow, client -> backend".into(),
+        per_packet(prog, &flows)?,
+    ));
 
     let (action, _, out) = run(prog, &forward, 1)?;
     if action != 0 || out[30..34] == vip {
@@ -122,7 +135,10 @@ fn measure(services: u32, backends: u32, runs: u32) -> Result<Vec<(String, f64)>
     if out[26..30] != vip {
         bail!("the reply was not translated");
     }
-    rows.push(("reply, backend -> client".into(), per_packet(prog, &vec![reply; n])?));
+    rows.push((
+        "reply, backend -> client".into(),
+        per_packet(prog, &vec![reply; n])?,
+    ));
     Ok(rows)
 }
 
@@ -131,9 +147,8 @@ fn main() -> Result<()> {
     let mut scales: Vec<(u32, u32)> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = || -> Result<u32> {
-            Ok(args.next().context("a number is missing")?.parse()?)
-        };
+        let mut num =
+            || -> Result<u32> { Ok(args.next().context("a number is missing")?.parse()?) };
         match a.as_str() {
             "--runs" => runs = num()?,
             "--scale" => {
