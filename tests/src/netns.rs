@@ -6,12 +6,16 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// Every namespace this crate creates starts with this prefix, followed by the
 /// pid of the creating process, so leftovers of a killed run can be told
@@ -46,8 +50,7 @@ pub fn cleanup_stale() {
 }
 
 /// SIGKILLs every process whose network namespace is the one pinned at `path`.
-fn kill_members(path: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt;
+fn kill_members(path: &Path) {
     let Ok(meta) = std::fs::metadata(path) else {
         return;
     };
@@ -66,10 +69,7 @@ fn kill_members(path: &std::path::Path) {
         let in_ns = std::fs::read_link(entry.path().join("ns/net"))
             .is_ok_and(|link| link.as_os_str() == wanted.as_str());
         if in_ns {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }
@@ -85,10 +85,7 @@ fn pid_alive(pid: u32) -> bool {
         return false;
     };
     // EPERM still means the process exists.
-    !matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
+    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
 }
 
 fn check_output(what: &str, out: Output) -> Result<Output> {

@@ -65,41 +65,9 @@ impl Topology {
         lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
         link(&lb, LB_CLIENT_IF, &client)?;
-        lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_CLIENT_V4}/24"),
-            "dev",
-            LB_CLIENT_IF,
-        ])?;
-        lb.ip(&[
-            "addr",
-            "add",
-            &format!("{LB_CLIENT_V6}/64"),
-            "dev",
-            LB_CLIENT_IF,
-            "nodad",
-        ])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", "eth0"])?;
-        client.ip(&[
-            "addr",
-            "add",
-            &format!("{CLIENT_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        lb.ip(&["link", "set", LB_CLIENT_IF, "up"])?;
-        client.ip(&["link", "set", "eth0", "up"])?;
-        client.ip(&["route", "add", "default", "via", &LB_CLIENT_V4.to_string()])?;
-        client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &LB_CLIENT_V6.to_string(),
-        ])?;
+        configure_end(&lb, LB_CLIENT_IF, LB_CLIENT_V4, LB_CLIENT_V6)?;
+        configure_end(&client, "eth0", CLIENT_V4, CLIENT_V6)?;
+        default_routes(&client, LB_CLIENT_V4, LB_CLIENT_V6)?;
 
         let mut topo = Self {
             client,
@@ -125,27 +93,14 @@ impl Topology {
         let ns = new_ns(&format!("{}-{name}", self.tag))?;
         let lb_if = format!("lbb{n}");
         let lb_v4 = Ipv4Addr::new(10, 72, octet, 1);
-        let lb_v6 = Ipv6Addr::new(0xfd00, 0x72, n as u16, 0, 0, 0, 0, 1);
+        let lb_v6 = Ipv6Addr::new(0xfd00, 0x72, u16::from(octet), 0, 0, 0, 0, 1);
         let v4 = Ipv4Addr::new(10, 72, octet, 2);
-        let v6 = Ipv6Addr::new(0xfd00, 0x72, n as u16, 0, 0, 0, 0, 2);
+        let v6 = Ipv6Addr::new(0xfd00, 0x72, u16::from(octet), 0, 0, 0, 0, 2);
 
-        let lb = &self.lb;
-        link(lb, &lb_if, &ns)?;
-        lb.ip(&["addr", "add", &format!("{lb_v4}/24"), "dev", &lb_if])?;
-        lb.ip(&[
-            "addr",
-            "add",
-            &format!("{lb_v6}/64"),
-            "dev",
-            &lb_if,
-            "nodad",
-        ])?;
-        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-        lb.ip(&["link", "set", &lb_if, "up"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &lb_v4.to_string()])?;
-        ns.ip(&["-6", "route", "add", "default", "via", &lb_v6.to_string()])?;
+        link(&self.lb, &lb_if, &ns)?;
+        configure_end(&self.lb, &lb_if, lb_v4, lb_v6)?;
+        configure_end(&ns, "eth0", v4, v6)?;
+        default_routes(&ns, lb_v4, lb_v6)?;
 
         self.backends.push(Backend {
             ns,
@@ -285,6 +240,18 @@ fn link(lb: &Netns, lb_if: &str, peer: &Netns) -> Result<()> {
         "netns",
         peer.name(),
     ])
+}
+
+/// Gives one end of a link its /24 and /64 addresses and brings it up.
+fn configure_end(ns: &Netns, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+    ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+    ns.ip(&["link", "set", dev, "up"])
+}
+
+fn default_routes(ns: &Netns, via4: Ipv4Addr, via6: Ipv6Addr) -> Result<()> {
+    ns.ip(&["route", "add", "default", "via", &via4.to_string()])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &via6.to_string()])
 }
 
 /// The `lb-echo` binary of the current build profile.
