@@ -276,8 +276,8 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
     Ok(DesiredState { services })
 }
 
-/// Parses "ip:port/proto" or "[ipv6]:port/proto".
-fn parse_frontend(s: &str) -> Result<Frontend, String> {
+/// Parses "ip:port/proto" or "[ipv6]:port/proto" (also used for labels).
+pub fn parse_frontend(s: &str) -> Result<Frontend, String> {
     let Some((addr, proto)) = s.rsplit_once('/') else {
         return Err("missing protocol suffix (/tcp or /udp)".into());
     };

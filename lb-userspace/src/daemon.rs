@@ -1,7 +1,8 @@
 //! The daemon's event loop. It owns the datapath and the reconciler and is
-//! therefore the only place where maps are written; every other task sends
-//! it events.
+//! therefore the only place where maps are written; sources, the interface
+//! watcher and the control socket are tasks that send it events.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -13,12 +14,16 @@ use crate::config;
 use crate::control::{self, Call, Request, Response};
 use crate::datapath::{Datapath, Limits};
 use crate::interfaces::{self, Links};
-use crate::model::DesiredState;
+use crate::model::ServiceSpec;
 use crate::reconciler::Reconciler;
-use crate::status::{self, ConfigStatus, Status};
+use crate::sources::docker::{self, DockerStatus, Update};
+use crate::sources::merge::{merge, Conflict};
+use crate::status::{self, ConfigStatus, Convergence, Status};
 
 pub struct Options {
     pub config: Option<PathBuf>,
+    /// Docker Engine to watch (e.g. unix:///var/run/docker.sock).
+    pub docker: Option<String>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub interfaces: Vec<String>,
@@ -30,25 +35,46 @@ pub struct Options {
 /// simpler and more robust than inotify against editors that replace the
 /// file, and one stat a second costs nothing.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// Convergence samples kept for the percentiles in `lbctl status`.
+const LATENCY_SAMPLES: usize = 1000;
+
+/// Everything the loop owns.
+struct State {
+    reconciler: Reconciler,
+    datapath: Datapath,
+    config_services: Vec<ServiceSpec>,
+    config_status: ConfigStatus,
+    docker_services: Vec<ServiceSpec>,
+    docker_status: Option<DockerStatus>,
+    conflicts: Vec<Conflict>,
+    latencies: VecDeque<Duration>,
+}
 
 pub async fn run(opts: Options) -> Result<()> {
     // A config that does not parse at start-up is fatal: there is no earlier
     // good state to keep serving.
-    let mut config_status = ConfigStatus {
-        path: opts.config.as_ref().map(|p| p.display().to_string()),
-        ..Default::default()
+    let config_services = match &opts.config {
+        Some(path) => config::load(path)?.services,
+        None => Vec::new(),
     };
-    let desired = match &opts.config {
-        Some(path) => config::load(path)?,
-        None => DesiredState::default(),
+    let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
+    let mut state = State {
+        reconciler: Reconciler::new(maps)?,
+        datapath,
+        config_services,
+        config_status: ConfigStatus {
+            path: opts.config.as_ref().map(|p| p.display().to_string()),
+            ..Default::default()
+        },
+        docker_services: Vec::new(),
+        docker_status: opts.docker.as_ref().map(|host| DockerStatus {
+            host: host.clone(),
+            ..Default::default()
+        }),
+        conflicts: Vec::new(),
+        latencies: VecDeque::new(),
     };
-
-    let (mut datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
-    let mut reconciler = Reconciler::new(maps)?;
-    let changes = reconciler
-        .apply(&desired)
-        .context("applying the initial state")?;
-    log::info!("applied {} services ({changes:?})", desired.services.len());
+    state.converge().context("applying the initial state")?;
 
     let (links_tx, mut links_rx) = mpsc::channel::<Links>(4);
     let only = opts.interfaces.clone();
@@ -66,6 +92,13 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     });
 
+    let (docker_tx, mut docker_rx) = mpsc::channel::<Update>(16);
+    if let Some(host) = opts.docker.clone() {
+        tokio::spawn(docker::watch(host, docker_tx));
+    } else {
+        drop(docker_tx);
+    }
+
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -74,18 +107,18 @@ pub async fn run(opts: Options) -> Result<()> {
 
     loop {
         tokio::select! {
-            Some(links) = links_rx.recv() => sync_links(&mut datapath, &links, &opts.interfaces),
+            Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
+            Some(update) = docker_rx.recv() => state.docker_update(update),
             Some((request, reply)) = calls_rx.recv() => {
-                let response = answer(request, &reconciler, &datapath, &config_status);
-                let _ = reply.send(response);
+                let _ = reply.send(state.answer(request));
             }
-            _ = hup.recv() => reload(&opts, &mut reconciler, &mut config_status),
+            _ = hup.recv() => state.reload(&opts),
             _ = poll.tick() => {
                 if let Some(path) = &opts.config {
                     let now = stamp(path);
                     if now != config_stamp {
                         config_stamp = now;
-                        reload(&opts, &mut reconciler, &mut config_status);
+                        state.reload(&opts);
                     }
                 }
             }
@@ -95,6 +128,12 @@ pub async fn run(opts: Options) -> Result<()> {
     }
 
     let _ = std::fs::remove_file(&opts.socket);
+    let State {
+        reconciler,
+        datapath,
+        ..
+    } = state;
+    drop(reconciler);
     if opts.keep_datapath {
         log::info!(
             "exiting; the datapath stays attached from {}",
@@ -103,7 +142,6 @@ pub async fn run(opts: Options) -> Result<()> {
         datapath.keep();
     } else {
         log::info!("exiting; detaching and removing {}", opts.pin_dir.display());
-        drop(reconciler);
         datapath.shutdown();
     }
     Ok(())
@@ -115,62 +153,145 @@ fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn reload(opts: &Options, reconciler: &mut Reconciler, status: &mut ConfigStatus) {
-    let Some(path) = &opts.config else { return };
-    status.reloads += 1;
-    let result = config::load(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|desired| reconciler.apply(&desired));
-    match result {
-        Ok(changes) => {
-            log::info!("reloaded {}: {changes:?}", path.display());
-            status.last_error = None;
+impl State {
+    /// Merges the sources and makes the maps equal to the result.
+    fn converge(&mut self) -> Result<()> {
+        let (desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+            log::error!(
+                "frontend {} is owned by {}; rejected {}",
+                c.frontend,
+                c.owner,
+                c.rejected
+            );
         }
-        Err(e) => {
-            log::error!("reload rejected, keeping the previous state: {e:#}");
-            status.last_error = Some(format!("{e:#}"));
+        self.conflicts = conflicts;
+        let changes = self.reconciler.apply(&desired)?;
+        if changes != Default::default() {
+            log::info!("applied {} services ({changes:?})", desired.services.len());
         }
+        Ok(())
     }
-}
 
-fn sync_links(datapath: &mut Datapath, links: &Links, wanted: &[String]) {
-    for name in datapath.attached() {
-        if !links.values().any(|n| *n == name) {
-            log::info!("{name} is gone");
-            datapath.forget(&name);
-        }
-    }
-    for name in links.values() {
-        if let Err(e) = datapath.attach(name) {
-            // An interface listed with --iface must work; others (a veth
-            // that vanished meanwhile) are logged and retried on the next
-            // link event.
-            if wanted.contains(name) {
-                log::error!("{e:#}");
-            } else {
-                log::warn!("{e:#}");
+    fn reload(&mut self, opts: &Options) {
+        let Some(path) = &opts.config else { return };
+        self.config_status.reloads += 1;
+        let previous = std::mem::take(&mut self.config_services);
+        let result = config::load(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|desired| {
+                self.config_services = desired.services;
+                self.converge()
+            });
+        match result {
+            Ok(()) => {
+                log::info!("reloaded {}", path.display());
+                self.config_status.last_error = None;
             }
-        } else {
-            log::debug!("attached to {name}");
+            Err(e) => {
+                log::error!("reload rejected, keeping the previous state: {e:#}");
+                self.config_status.last_error = Some(format!("{e:#}"));
+                self.config_services = previous;
+                if let Err(e) = self.converge() {
+                    log::error!("restoring the previous state: {e:#}");
+                }
+            }
         }
     }
-}
 
-fn answer(
-    request: Request,
-    reconciler: &Reconciler,
-    datapath: &Datapath,
-    config: &ConfigStatus,
-) -> Response {
-    match request {
-        Request::Status => match status::collect(reconciler) {
-            Ok(services) => Response::Status(Box::new(Status {
-                services,
-                interfaces: datapath.attached(),
-                config: config.clone(),
-                datapath: status::datapath_counters(reconciler),
-            })),
-            Err(e) => Response::Error(format!("{e:#}")),
-        },
+    fn docker_update(&mut self, update: Update) {
+        let Some(status) = self.docker_status.as_mut() else {
+            return;
+        };
+        match update {
+            Update::Connected { version } => {
+                status.connected = true;
+                status.api_version = Some(version);
+                status.last_error = None;
+            }
+            Update::Disconnected { reason } => {
+                status.connected = false;
+                status.last_error = Some(reason);
+            }
+            Update::Snapshot(snapshot) => {
+                status.resyncs += 1;
+                status.rejected = snapshot
+                    .rejected
+                    .iter()
+                    .map(|r| format!("{}: {}", r.container, r.reason))
+                    .collect();
+                let changed = self.docker_services != snapshot.services;
+                self.docker_services = snapshot.services;
+                if !changed {
+                    return;
+                }
+                if let Err(e) = self.converge() {
+                    log::error!("applying the docker state: {e:#}");
+                    return;
+                }
+                if let Some(t) = snapshot.event_time {
+                    if let Ok(latency) = SystemTime::now().duration_since(t) {
+                        if self.latencies.len() == LATENCY_SAMPLES {
+                            self.latencies.pop_front();
+                        }
+                        self.latencies.push_back(latency);
+                    }
+                }
+            }
+        }
+    }
+
+    fn sync_links(&mut self, links: &Links, wanted: &[String]) {
+        for name in self.datapath.attached() {
+            if !links.values().any(|n| *n == name) {
+                log::info!("{name} is gone");
+                self.datapath.forget(&name);
+            }
+        }
+        for name in links.values() {
+            match self.datapath.attach(name) {
+                Ok(()) => {}
+                // An interface listed with --iface must work; others (a veth
+                // that vanished meanwhile) are retried on the next link event.
+                Err(e) if wanted.contains(name) => log::error!("{e:#}"),
+                Err(e) => log::warn!("{e:#}"),
+            }
+        }
+    }
+
+    fn convergence(&self) -> Option<Convergence> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let mut ms: Vec<f64> = self
+            .latencies
+            .iter()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        Some(Convergence {
+            samples: ms.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: ms[ms.len() - 1],
+        })
+    }
+
+    fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Status => match status::collect(&self.reconciler) {
+                Ok(services) => Response::Status(Box::new(Status {
+                    services,
+                    interfaces: self.datapath.attached(),
+                    config: self.config_status.clone(),
+                    docker: self.docker_status.clone(),
+                    conflicts: self.conflicts.clone(),
+                    convergence: self.convergence(),
+                    datapath: status::datapath_counters(&self.reconciler),
+                })),
+                Err(e) => Response::Error(format!("{e:#}")),
+            },
+        }
     }
 }

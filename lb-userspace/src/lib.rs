@@ -9,4 +9,5 @@ pub mod interfaces;
 pub mod maglev;
 pub mod model;
 pub mod reconciler;
+pub mod sources;
 pub mod status;

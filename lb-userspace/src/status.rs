@@ -9,6 +9,8 @@ use lb_common::{global, TrafficStats};
 use serde::{Deserialize, Serialize};
 
 use crate::reconciler::Reconciler;
+use crate::sources::docker::DockerStatus;
+use crate::sources::merge::Conflict;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -48,6 +50,7 @@ pub struct BackendStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub frontend: String,
+    /// "config:PATH", "docker:labels" or "docker:swarm".
     pub source: String,
     pub counters: Counters,
     pub backends: Vec<BackendStatus>,
@@ -61,11 +64,25 @@ pub struct ConfigStatus {
     pub reloads: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Time from a Docker event to the datapath change it caused.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Convergence {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub services: Vec<ServiceStatus>,
     pub interfaces: Vec<String>,
     pub config: ConfigStatus,
+    /// Present when lbd watches a Docker engine.
+    pub docker: Option<DockerStatus>,
+    /// Services rejected because another owns their frontend.
+    pub conflicts: Vec<Conflict>,
+    pub convergence: Option<Convergence>,
     /// Datapath-wide counters by name.
     pub datapath: BTreeMap<String, u64>,
 }

@@ -14,6 +14,13 @@ struct Args {
     /// Static services (TOML). Reloaded on SIGHUP and when the file changes.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also take services from the Docker Engine: containers labelled
+    /// `lb.frontend` (see the README).
+    #[arg(long)]
+    docker: bool,
+    /// The engine to watch with --docker.
+    #[arg(long, default_value = lb_userspace::sources::docker::DEFAULT_HOST)]
+    docker_host: String,
     /// Where maps and links are pinned (bpffs is mounted if needed).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
@@ -52,6 +59,7 @@ async fn main() -> Result<()> {
     }
     daemon::run(Options {
         config: args.config,
+        docker: args.docker.then_some(args.docker_host),
         pin_dir: args.pin_dir,
         socket: args.socket,
         interfaces: args.interfaces,

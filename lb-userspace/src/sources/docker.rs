@@ -1,0 +1,205 @@
+//! The Docker Engine as a source: event-driven, with a periodic resync as a
+//! safety net. If the engine goes away, the last state it gave keeps
+//! serving; the source reconnects with backoff and resyncs.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use bollard::Docker;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::model::ServiceSpec;
+use crate::sources::labels::{self, Rejected};
+
+pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+
+/// How often everything is listed again even without events.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Events that arrive together cause one resync.
+const DEBOUNCE: Duration = Duration::from_millis(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the source knows; sent whole after every change.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<ServiceSpec>,
+    pub rejected: Vec<Rejected>,
+    /// When the event that caused this snapshot happened, if one did.
+    pub event_time: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Update {
+    Connected {
+        version: String,
+    },
+    Snapshot(Snapshot),
+    /// The engine is unreachable; the last snapshot stays in force.
+    Disconnected {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    pub host: String,
+    pub connected: bool,
+    pub api_version: Option<String>,
+    pub last_error: Option<String>,
+    pub resyncs: u64,
+    pub rejected: Vec<String>,
+}
+
+pub async fn watch(host: String, tx: mpsc::Sender<Update>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut down = false;
+    loop {
+        let mut connected = false;
+        let Err(e) = session(&host, &tx, &mut connected).await else {
+            return; // the daemon is stopping
+        };
+        if connected {
+            backoff = BACKOFF_MIN;
+            down = false;
+        }
+        // Said once per outage, not once per retry.
+        if !down {
+            down = true;
+            log::warn!("docker engine at {host}: {e:#}; keeping the last known state, retrying");
+            let reason = format!("{e:#}");
+            if tx.send(Update::Disconnected { reason }).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// One connection to the engine, until it fails. Returns Ok only when the
+/// receiver is gone.
+async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) -> Result<()> {
+    let docker = connect(host)?
+        .negotiate_version()
+        .await
+        .context("negotiating the API version")?;
+    let version = docker
+        .version()
+        .await
+        .context("asking the engine's version")?;
+    let api = version.api_version.unwrap_or_default();
+    // Subscribe before listing, so that nothing that happens in between is missed.
+    let filters = HashMap::from([(
+        "type".to_string(),
+        vec!["container".to_string(), "service".to_string()],
+    )]);
+    let mut events = docker.events(Some(EventsOptions {
+        filters: Some(filters),
+        ..Default::default()
+    }));
+    log::info!("connected to the docker engine at {host} (API {api})");
+    let first = sync(&docker, None).await?;
+    *connected = true;
+    if tx.send(Update::Connected { version: api }).await.is_err()
+        || tx.send(Update::Snapshot(first)).await.is_err()
+    {
+        return Ok(());
+    }
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.reset();
+    loop {
+        let cause = tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(e)) if relevant(&e) => Some(event_time(&e)),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e).context("the event stream failed"),
+                None => anyhow::bail!("the event stream ended"),
+            },
+            _ = resync.tick() => None,
+        };
+        // Let a burst of events (a scale-up starts many containers) settle.
+        let settle = tokio::time::sleep(DEBOUNCE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = events.next() => match more {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e).context("the event stream failed"),
+                    None => anyhow::bail!("the event stream ended"),
+                },
+            }
+        }
+        if tx
+            .send(Update::Snapshot(sync(&docker, cause).await?))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn connect(host: &str) -> Result<Docker> {
+    let docker = if host.starts_with("unix://") || host.starts_with('/') {
+        Docker::connect_with_socket(host, 30, bollard::API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_http(host, 30, bollard::API_DEFAULT_VERSION)
+    };
+    docker.with_context(|| format!("connecting to {host}"))
+}
+
+fn relevant(e: &bollard::models::EventMessage) -> bool {
+    let action = e.action.as_deref().unwrap_or("");
+    // health_status arrives as "health_status: healthy".
+    matches!(
+        action,
+        "start"
+            | "die"
+            | "stop"
+            | "kill"
+            | "pause"
+            | "unpause"
+            | "destroy"
+            | "create"
+            | "update"
+            | "remove"
+    ) || action.starts_with("health_status")
+}
+
+fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
+    match e.time_nano {
+        Some(ns) if ns > 0 => SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64),
+        _ => SystemTime::now(),
+    }
+}
+
+/// Lists everything the load balancer cares about.
+async fn sync(docker: &Docker, cause: Option<SystemTime>) -> Result<Snapshot> {
+    let filters = HashMap::from([
+        ("label".to_string(), vec![labels::FRONTEND.to_string()]),
+        ("status".to_string(), vec!["running".to_string()]),
+    ]);
+    let containers = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .context("listing containers")?;
+    let (services, rejected) = labels::services(&containers);
+    Ok(Snapshot {
+        services,
+        rejected,
+        event_time: cause,
+    })
+}

@@ -1,0 +1,370 @@
+//! Standalone containers as backends, chosen by their labels (the
+//! "service discovery by labels" pattern):
+//!
+//! - `lb.frontend` (required): the virtual address, e.g. `10.73.0.10:80/tcp`
+//! - `lb.port` (required): the port the container listens on
+//! - `lb.weight` (optional, default 1; 0 drains)
+//! - `lb.service` (optional): the service name, default the frontend
+//! - `lb.network` (optional): which of the container's networks to reach it
+//!   on, when it has several
+//!
+//! Labels are untrusted input: a bad label rejects that container alone,
+//! with a reason, and never an unrelated service.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use bollard::models::{ContainerSummary, ContainerSummaryHealthStatusEnum};
+
+use crate::config::parse_frontend;
+use crate::model::{BackendSpec, Frontend, ServiceSpec};
+
+pub const FRONTEND: &str = "lb.frontend";
+pub const PORT: &str = "lb.port";
+pub const WEIGHT: &str = "lb.weight";
+pub const SERVICE: &str = "lb.service";
+pub const NETWORK: &str = "lb.network";
+
+pub const SOURCE: &str = "docker:labels";
+
+/// A container that asked to be a backend and why it could not be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub container: String,
+    pub reason: String,
+}
+
+/// One labelled container, reduced to what the load balancer needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Member {
+    service: String,
+    frontend: Frontend,
+    backend: BackendSpec,
+    created: i64,
+    container: String,
+}
+
+/// Groups running, labelled containers into services, one per frontend.
+/// Containers that are unhealthy, or whose health check has not passed yet,
+/// are left out until Docker says they are healthy.
+pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejected>) {
+    let mut rejected = Vec::new();
+    let mut members = Vec::new();
+    for c in containers {
+        let labels = c.labels.clone().unwrap_or_default();
+        if !labels.contains_key(FRONTEND) {
+            continue;
+        }
+        match member(c) {
+            Ok(Some(m)) => members.push(m),
+            Ok(None) => {}
+            Err(reason) => rejected.push(Rejected {
+                container: name(c),
+                reason,
+            }),
+        }
+    }
+    // The oldest container of a frontend names its service; a younger one
+    // that names another service is trying to take over a frontend it does
+    // not own.
+    members.sort_by(|a, b| (a.created, &a.container).cmp(&(b.created, &b.container)));
+    let mut by_frontend: BTreeMap<Frontend, ServiceSpec> = BTreeMap::new();
+    for m in members {
+        let spec = by_frontend
+            .entry(m.frontend)
+            .or_insert_with(|| ServiceSpec {
+                name: m.service.clone(),
+                frontend: m.frontend,
+                backends: Vec::new(),
+                source: SOURCE.to_string(),
+            });
+        if spec.name != m.service {
+            rejected.push(Rejected {
+                container: m.container,
+                reason: format!(
+                    "{} {} belongs to service {:?}, not {:?}",
+                    FRONTEND, m.frontend, spec.name, m.service
+                ),
+            });
+            continue;
+        }
+        if spec
+            .backends
+            .iter()
+            .any(|b| b.addr == m.backend.addr && b.port == m.backend.port)
+        {
+            rejected.push(Rejected {
+                container: m.container,
+                reason: format!("{} is already a backend", m.backend.socket_addr()),
+            });
+            continue;
+        }
+        spec.backends.push(m.backend);
+    }
+    (by_frontend.into_values().collect(), rejected)
+}
+
+fn name(c: &ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_string())
+        .or_else(|| c.id.as_ref().map(|id| id.chars().take(12).collect()))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// `Ok(None)`: a valid container that is not (yet) serving.
+fn member(c: &ContainerSummary) -> Result<Option<Member>, String> {
+    let labels = c.labels.clone().unwrap_or_default();
+    let frontend = parse_frontend(&labels[FRONTEND]).map_err(|e| format!("{FRONTEND}: {e}"))?;
+    let port: u16 = labels
+        .get(PORT)
+        .ok_or_else(|| format!("{PORT} is missing"))?
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{PORT} must be a port number (1-65535)"))?;
+    let weight: u32 = match labels.get(WEIGHT) {
+        None => 1,
+        Some(w) => w
+            .parse()
+            .ok()
+            .filter(|w| *w <= crate::config::MAX_WEIGHT)
+            .ok_or_else(|| {
+                format!(
+                    "{WEIGHT} must be a number from 0 to {}",
+                    crate::config::MAX_WEIGHT
+                )
+            })?,
+    };
+    let service = labels
+        .get(SERVICE)
+        .cloned()
+        .unwrap_or_else(|| frontend.to_string());
+    let health = c.health.as_ref().and_then(|h| h.status);
+    let status = c.status.as_deref().unwrap_or("");
+    // Engines older than the health field say it in the status text.
+    let unhealthy = matches!(
+        health,
+        Some(
+            ContainerSummaryHealthStatusEnum::UNHEALTHY
+                | ContainerSummaryHealthStatusEnum::STARTING
+        )
+    ) || status.contains("(unhealthy)")
+        || status.contains("(health: starting)");
+    if unhealthy {
+        return Ok(None);
+    }
+    let addr = address(
+        c,
+        labels.get(NETWORK).map(String::as_str),
+        frontend.addr.is_ipv6(),
+    )?;
+    Ok(Some(Member {
+        service,
+        frontend,
+        backend: BackendSpec { addr, port, weight },
+        created: c.created.unwrap_or(0),
+        container: name(c),
+    }))
+}
+
+/// The container's address of the frontend's family on the chosen network.
+fn address(c: &ContainerSummary, network: Option<&str>, v6: bool) -> Result<IpAddr, String> {
+    let networks = c
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.clone())
+        .unwrap_or_default();
+    let pick = |settings: &bollard::models::EndpointSettings| -> Option<IpAddr> {
+        let text = if v6 {
+            settings.global_ipv6_address.as_deref()
+        } else {
+            settings.ip_address.as_deref()
+        };
+        text.filter(|t| !t.is_empty()).and_then(|t| t.parse().ok())
+    };
+    match network {
+        Some(name) => networks
+            .get(name)
+            .ok_or_else(|| format!("{NETWORK}: the container is not on network {name:?}"))
+            .and_then(|s| pick(s).ok_or_else(|| format!("no address on network {name:?}"))),
+        None => {
+            let found: BTreeMap<&String, IpAddr> = networks
+                .iter()
+                .filter_map(|(n, s)| pick(s).map(|a| (n, a)))
+                .collect();
+            match found.len() {
+                0 => Err(format!(
+                    "no {} address on any network",
+                    if v6 { "IPv6" } else { "IPv4" }
+                )),
+                1 => Ok(*found.values().next().unwrap_or(&IpAddr::from([0, 0, 0, 0]))),
+                _ => Err(format!(
+                    "on several networks ({}): set {NETWORK}",
+                    found
+                        .keys()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape `GET /containers/json` has on the engine (API 1.41).
+    fn container(
+        name: &str,
+        created: i64,
+        labels: &[(&str, &str)],
+        ip: &str,
+        status: &str,
+    ) -> ContainerSummary {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "Id": format!("{name}0123456789abcdef"),
+            "Names": [format!("/{name}")],
+            "Image": "lb-test",
+            "Created": created,
+            "Labels": labels,
+            "State": "running",
+            "Status": status,
+            "NetworkSettings": {"Networks": {"bridge": {
+                "NetworkID": "n1", "EndpointID": "e1", "Gateway": "172.17.0.1",
+                "IPAddress": ip, "IPPrefixLen": 16, "IPv6Gateway": "",
+                "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "MacAddress": "02:42:ac:11:00:02"
+            }}}
+        }))
+        .unwrap()
+    }
+
+    const FE: (&str, &str) = ("lb.frontend", "10.73.0.10:80/tcp");
+    const PORT8080: (&str, &str) = ("lb.port", "8080");
+
+    #[test]
+    fn containers_with_one_frontend_form_one_service() {
+        let cs = [
+            container("a", 1, &[FE, PORT8080], "172.17.0.2", "Up 1 second"),
+            container(
+                "b",
+                2,
+                &[FE, PORT8080, ("lb.weight", "3")],
+                "172.17.0.3",
+                "Up 1 second",
+            ),
+            container("plain", 3, &[], "172.17.0.4", "Up 1 second"),
+        ];
+        let (services, rejected) = services(&cs);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(services.len(), 1);
+        let s = &services[0];
+        assert_eq!(s.name, "10.73.0.10:80/tcp");
+        assert_eq!(s.source, SOURCE);
+        let backends: Vec<(String, u32)> = s
+            .backends
+            .iter()
+            .map(|b| (b.socket_addr().to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                ("172.17.0.2:8080".to_string(), 1),
+                ("172.17.0.3:8080".to_string(), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_labels_reject_only_that_container() {
+        let cs = [
+            container("good", 1, &[FE, PORT8080], "172.17.0.2", "Up"),
+            container("noport", 2, &[FE], "172.17.0.3", "Up"),
+            container(
+                "badfe",
+                3,
+                &[("lb.frontend", "10.73.0.10:80"), PORT8080],
+                "172.17.0.4",
+                "Up",
+            ),
+            container(
+                "badw",
+                4,
+                &[FE, PORT8080, ("lb.weight", "-1")],
+                "172.17.0.5",
+                "Up",
+            ),
+            container("noip", 5, &[FE, PORT8080], "", "Up"),
+        ];
+        let (services, rejected) = services(&cs);
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].backends.len(), 1);
+        let names: Vec<&str> = rejected.iter().map(|r| r.container.as_str()).collect();
+        assert_eq!(names, ["noport", "badfe", "badw", "noip"]);
+        assert!(rejected[0].reason.contains("lb.port"));
+        assert!(rejected[1].reason.contains("protocol"));
+    }
+
+    #[test]
+    fn a_younger_container_cannot_rename_a_frontend() {
+        let cs = [
+            container(
+                "owner",
+                1,
+                &[FE, PORT8080, ("lb.service", "web")],
+                "172.17.0.2",
+                "Up",
+            ),
+            container(
+                "intruder",
+                2,
+                &[FE, PORT8080, ("lb.service", "evil")],
+                "172.17.0.3",
+                "Up",
+            ),
+        ];
+        let (services, rejected) = services(&cs);
+        assert_eq!(services[0].name, "web");
+        assert_eq!(services[0].backends.len(), 1);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].container, "intruder");
+    }
+
+    #[test]
+    fn unhealthy_and_starting_containers_wait() {
+        let cs = [
+            container(
+                "ok",
+                1,
+                &[FE, PORT8080],
+                "172.17.0.2",
+                "Up 5 seconds (healthy)",
+            ),
+            container(
+                "sick",
+                2,
+                &[FE, PORT8080],
+                "172.17.0.3",
+                "Up 5 seconds (unhealthy)",
+            ),
+            container(
+                "new",
+                3,
+                &[FE, PORT8080],
+                "172.17.0.4",
+                "Up 1 second (health: starting)",
+            ),
+        ];
+        let (services, rejected) = services(&cs);
+        assert!(rejected.is_empty());
+        assert_eq!(services[0].backends.len(), 1);
+        assert_eq!(services[0].backends[0].addr.to_string(), "172.17.0.2");
+    }
+}

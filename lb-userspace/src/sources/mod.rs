@@ -1,0 +1,6 @@
+//! Sources of desired state. Each produces services; none touches a map.
+//! `merge` combines them, deciding who owns a contested frontend.
+
+pub mod docker;
+pub mod labels;
+pub mod merge;
