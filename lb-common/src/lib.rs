@@ -52,6 +52,11 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+/// ServiceValue::flags and RevNatEntry::flags: the source is translated too
+/// (to `snat_addr` and a port the datapath picks), so that backends anywhere
+/// reply to this node whatever their route to the client.
+pub const FLAG_FULLNAT: u32 = 1;
+
 /// SERVICES value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -63,6 +68,8 @@ pub struct ServiceValue {
     /// Number of backends that may take new flows; 0 means none.
     pub backend_count: u32,
     pub flags: u32,
+    /// With FLAG_FULLNAT: the source address towards backends.
+    pub snat_addr: [u8; 16],
 }
 
 /// Backend states (Backend::state).
@@ -104,6 +111,9 @@ pub struct CtEntry {
     pub service_slot: u32,
     /// bpf_ktime_get_ns of the last packet seen in this direction.
     pub last_seen_ns: u64,
+    /// With full NAT: the source port towards the backend (network order).
+    pub snat_port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// REVNAT value, keyed by the backend's reply flow (backend -> client):
@@ -112,12 +122,14 @@ pub struct CtEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNatEntry {
     pub frontend_addr: [u8; 16],
+    /// With FLAG_FULLNAT: the client, the reply's destination.
+    pub client_addr: [u8; 16],
     /// Network byte order.
     pub frontend_port: u16,
-    pub _pad: u16,
+    pub client_port: u16,
     pub service_slot: u32,
     pub backend_id: u32,
-    pub _pad2: u32,
+    pub flags: u32,
     pub last_seen_ns: u64,
 }
 
@@ -155,7 +167,9 @@ pub mod global {
     pub const REWRITE_ERRORS: u32 = 6;
     /// Conntrack entries whose backend was gone, so the flow re-picked.
     pub const CT_STALE: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Full NAT found no free source port for a new flow (it was dropped).
+    pub const SNAT_EXHAUSTED: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
         "translated",
@@ -165,6 +179,7 @@ pub mod global {
         "malformed",
         "rewrite_errors",
         "ct_stale",
+        "snat_exhausted",
     ];
 }
 
@@ -184,11 +199,11 @@ mod pod {
 
 // No implicit padding anywhere: each size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 56);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address.

@@ -15,15 +15,22 @@ mod nat;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
     global, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, MAGLEV_M,
+    BACKEND_ACTIVE, FLAG_FULLNAT, MAGLEV_M,
 };
+
+/// Full NAT source ports: above the well-known range.
+const SNAT_PORT_MIN: u16 = 1024;
+const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN as u32;
+/// Candidate ports tried for a new flow before giving up.
+const SNAT_ATTEMPTS: u32 = 8;
+const TRACK_FAILED: u32 = u32::MAX;
 
 use maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, RINGS, SERVICES, SERVICE_STATS};
 use nat::Side;
@@ -86,13 +93,16 @@ fn flow_key(p: &Packet) -> FlowKey {
     }
 }
 
-/// Client -> frontend: find or pick the backend, DNAT, forward.
+/// Client -> frontend: find or pick the backend, DNAT (and with full NAT,
+/// SNAT), forward.
 #[inline(never)]
 fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let flow = flow_key(p);
+    let fullnat = svc.flags & FLAG_FULLNAT != 0;
     let mut new_flow = false;
     let mut chosen: Option<(u32, &Backend)> = None;
+    let mut snat_port = 0u16;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&flow) {
         // SAFETY: pointer from a successful lookup.
         let ct = unsafe { &mut *ct };
@@ -101,6 +111,7 @@ fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
             // (the slot may have been given to another service since).
             Some(b) if b.service_slot == svc.slot => {
                 ct.last_seen_ns = now;
+                snat_port = ct.snat_port;
                 chosen = Some((ct.backend_id, b));
             }
             _ => count(global::CT_STALE),
@@ -115,38 +126,16 @@ fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
         return TC_ACT_SHOT as i32;
     };
     if new_flow {
-        let ct = CtEntry {
-            backend_id,
-            service_slot: svc.slot,
-            last_seen_ns: now,
-        };
-        let reply = FlowKey {
-            src: backend.addr,
-            dst: p.src,
-            sport: backend.port,
-            dport: p.sport,
-            proto: p.proto,
-            _pad: [0; 3],
-        };
-        let rev = RevNatEntry {
-            frontend_addr: p.dst,
-            frontend_port: p.dport,
-            _pad: 0,
-            service_slot: svc.slot,
-            backend_id,
-            _pad2: 0,
-            last_seen_ns: now,
-        };
-        // Without both entries the flow cannot work; an LRU map only fails
-        // here under memory pressure, and then the next packet retries.
-        if CONNTRACK.insert(&flow, &ct, 0).is_err() || REVNAT.insert(&reply, &rev, 0).is_err() {
-            count(global::REWRITE_ERRORS);
-            return TC_ACT_SHOT as i32;
+        match track(p, svc, &flow, backend_id, backend) {
+            TRACK_FAILED => return TC_ACT_SHOT as i32,
+            port => snat_port = port as u16,
         }
     }
     let backend_addr = backend.addr;
     let backend_port = backend.port;
-    if nat::rewrite(ctx, p, Side::Destination, &backend_addr, backend_port).is_err() {
+    if nat::rewrite(ctx, p, Side::Destination, &backend_addr, backend_port).is_err()
+        || (fullnat && nat::rewrite(ctx, p, Side::Source, &svc.snat_addr, snat_port).is_err())
+    {
         count(global::REWRITE_ERRORS);
         return TC_ACT_SHOT as i32;
     }
@@ -161,15 +150,97 @@ fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
     };
     add_stats(service_stats(svc.slot), update);
     add_stats(BACKEND_STATS.get_ptr_mut(&backend_id), update);
-    forward::forward(ctx, p, &p.src, &backend_addr)
+    let src = if fullnat { &svc.snat_addr } else { &p.src };
+    forward::forward(ctx, p, src, &backend_addr)
 }
 
-/// Backend -> client: restore the frontend as the source, forward.
+/// Records a new flow in CONNTRACK and REVNAT. With full NAT it also picks
+/// the source port towards the backend: one whose reply flow is not in use,
+/// claimed atomically with BPF_NOEXIST. Returns that port (0 without full
+/// NAT) or TRACK_FAILED. A separate BPF function, so that its entries are not
+/// on the stack while the caller rewrites the packet; hence also a plain
+/// integer result (a BPF call takes at most five arguments, and a Result
+/// would need a sixth, hidden one).
+#[inline(never)]
+fn track(
+    p: &Packet,
+    svc: &ServiceValue,
+    flow: &FlowKey,
+    backend_id: u32,
+    backend: &Backend,
+) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let fullnat = svc.flags & FLAG_FULLNAT != 0;
+    let rev = RevNatEntry {
+        frontend_addr: p.dst,
+        client_addr: p.src,
+        frontend_port: p.dport,
+        client_port: p.sport,
+        service_slot: svc.slot,
+        backend_id,
+        flags: svc.flags & FLAG_FULLNAT,
+        last_seen_ns: now,
+    };
+    let mut reply = FlowKey {
+        src: backend.addr,
+        dst: p.src,
+        sport: backend.port,
+        dport: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let mut snat_port = 0u16;
+    if fullnat {
+        reply.dst = svc.snat_addr;
+        let seed = flow_hash(flow);
+        let mut claimed = false;
+        let mut attempt = 0u32;
+        while attempt < SNAT_ATTEMPTS {
+            let port =
+                SNAT_PORT_MIN + (seed.wrapping_add(attempt.wrapping_mul(7919)) % SNAT_PORTS) as u16;
+            reply.dport = port.to_be();
+            if REVNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
+                snat_port = port.to_be();
+                claimed = true;
+                break;
+            }
+            attempt += 1;
+        }
+        if !claimed {
+            count(global::SNAT_EXHAUSTED);
+            return TRACK_FAILED;
+        }
+    } else if REVNAT.insert(&reply, &rev, 0).is_err() {
+        count(global::REWRITE_ERRORS);
+        return TRACK_FAILED;
+    }
+    let ct = CtEntry {
+        backend_id,
+        service_slot: svc.slot,
+        last_seen_ns: now,
+        snat_port,
+        _pad: [0; 6],
+    };
+    // An LRU map only fails here under memory pressure; the next packet retries.
+    if CONNTRACK.insert(flow, &ct, 0).is_err() {
+        count(global::REWRITE_ERRORS);
+        return TRACK_FAILED;
+    }
+    snat_port as u32
+}
+
+/// Backend -> client: restore the frontend as the source (and with full NAT
+/// the client as the destination), forward.
 #[inline(never)]
 fn to_client(ctx: &TcContext, p: &Packet, rev: &mut RevNatEntry) -> i32 {
     rev.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    let fullnat = rev.flags & FLAG_FULLNAT != 0;
     let frontend_addr = rev.frontend_addr;
-    if nat::rewrite(ctx, p, Side::Source, &frontend_addr, rev.frontend_port).is_err() {
+    let client_addr = rev.client_addr;
+    if nat::rewrite(ctx, p, Side::Source, &frontend_addr, rev.frontend_port).is_err()
+        || (fullnat
+            && nat::rewrite(ctx, p, Side::Destination, &client_addr, rev.client_port).is_err())
+    {
         count(global::REWRITE_ERRORS);
         return TC_ACT_SHOT as i32;
     }
@@ -181,7 +252,8 @@ fn to_client(ctx: &TcContext, p: &Packet, rev: &mut RevNatEntry) -> i32 {
     };
     add_stats(service_stats(rev.service_slot), update);
     add_stats(BACKEND_STATS.get_ptr_mut(&rev.backend_id), update);
-    forward::forward(ctx, p, &frontend_addr, &p.dst)
+    let dst = if fullnat { &client_addr } else { &p.dst };
+    forward::forward(ctx, p, &frontend_addr, dst)
 }
 
 /// Maglev: the flow's hash selects a slot of the service's live ring.

@@ -82,6 +82,8 @@ struct RawService {
     frontend: Spanned<String>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
+    /// Full NAT: the address to translate the source to.
+    snat: Option<Spanned<String>>,
 }
 
 enum RawBackend {
@@ -265,10 +267,33 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             backends.push(BackendSpec { addr, port, weight });
         }
 
+        let snat = match svc.snat {
+            None => None,
+            Some(s) => {
+                let text = s.get_ref();
+                let addr = text
+                    .parse::<IpAddr>()
+                    .map(|a| a.to_canonical())
+                    .map_err(|_| fail(s.span(), format!("snat {text:?}: not an IP address")))?;
+                if addr.is_ipv4() != frontend.addr.is_ipv4()
+                    || addr.is_unspecified()
+                    || addr.is_multicast()
+                {
+                    return Err(fail(
+                        s.span(),
+                        format!(
+                            "snat {text:?}: must be a unicast address of the frontend's family"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         services.push(ServiceSpec {
             name,
             frontend,
             backends,
+            snat,
             source: source.clone(),
         });
     }
@@ -783,5 +808,17 @@ frontend = "10.73.0.10:80/tcp"
             .to_string()
             .starts_with(&format!("{}: cannot read: ", missing.display())));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snat_address_for_full_nat() {
+        let text =
+            "[[service]]\nname = \"a\"\nfrontend = \"10.0.0.1:80/tcp\"\nsnat = \"10.9.0.1\"\n";
+        let state = parse(Path::new("t.toml"), text).unwrap();
+        assert_eq!(state.services[0].snat, Some("10.9.0.1".parse().unwrap()));
+        let bad = "[[service]]\nname = \"a\"\nfrontend = \"10.0.0.1:80/tcp\"\nsnat = \"fd00::1\"\n";
+        let err = parse(Path::new("t.toml"), bad).unwrap_err();
+        assert_eq!(err.line(), Some(4));
+        assert!(err.reason().contains("family"), "{err}");
     }
 }

@@ -68,6 +68,11 @@ pub struct ServiceSpec {
     pub name: String,
     pub frontend: Frontend,
     pub backends: Vec<BackendSpec>,
+    /// Full NAT: the source address towards backends. Backends then reply
+    /// to this node whatever their route to the client (which they no
+    /// longer see).
+    #[serde(default)]
+    pub snat: Option<IpAddr>,
     /// Where this service came from, e.g. "config:/etc/lbd.toml".
     pub source: String,
 }

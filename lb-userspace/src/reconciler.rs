@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
 use lb_common::{
-    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DRAINING, MAGLEV_M,
-    RINGS_PER_SERVICE,
+    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DRAINING,
+    FLAG_FULLNAT, MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 use crate::datapath::Maps;
@@ -302,7 +302,12 @@ impl Reconciler {
             } else {
                 active.len() as u32
             },
-            flags: 0,
+            flags: if applied.spec.snat.is_some() {
+                FLAG_FULLNAT
+            } else {
+                0
+            },
+            snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
         };
         self.maps
             .services

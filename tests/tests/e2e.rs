@@ -44,6 +44,12 @@ backends = [{dns}]
 name = "web6"
 frontend = "[fd00:73::10]:80/tcp"
 backends = [{web6}]
+
+[[service]]
+name = "fullnat"
+frontend = "10.73.0.20:80/tcp"
+backends = [{web}]
+snat = "10.71.0.1"
 "#,
         web = list(TCP_PORT, false),
         dns = list(UDP_PORT, false),
@@ -268,7 +274,7 @@ fn a_bad_config_is_rejected_and_the_old_state_keeps_serving() {
     assert!(error.contains("protocol"), "{error}");
 
     let status = env.lbd.status().unwrap();
-    assert_eq!(status["services"].as_array().unwrap().len(), 3);
+    assert_eq!(status["services"].as_array().unwrap().len(), 4);
     let after = tcp_spread(&env, web(), 30);
     assert_eq!(
         before.values().sum::<usize>(),
@@ -303,4 +309,23 @@ fn traffic_not_for_a_service_is_left_alone() {
         .run(|| tcp_request("10.73.0.10:81".parse().unwrap(), Duration::from_secs(1)));
     assert!(refused.is_err());
     assert_eq!(translated(&env), before);
+}
+
+#[test]
+fn full_nat_hides_the_client_and_still_answers_from_the_frontend() {
+    let env = setup("fnat");
+    let target: SocketAddr = "10.73.0.20:80".parse().unwrap();
+    let peers = env.topo.client.run(move || {
+        (0..30)
+            .map(|_| tcp_request(target, TIMEOUT).expect("request through full NAT"))
+            .collect::<Vec<_>>()
+    });
+    let names: std::collections::BTreeSet<&str> = peers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.len() >= 2, "{names:?}");
+    for (_, peer) in &peers {
+        // The backend sees the translated source, not the client.
+        assert_eq!(peer.ip(), "10.71.0.1".parse::<IpAddr>().unwrap());
+    }
+    let status = env.lbd.status().unwrap();
+    assert_eq!(counter(service(&status, "fullnat"), "new_flows"), 30);
 }

@@ -46,6 +46,7 @@ fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> Servi
                 }
             })
             .collect(),
+        snat: None,
         source: "test".into(),
     }
 }
@@ -73,6 +74,10 @@ fn desired() -> DesiredState {
                 &["[fd00:72:1::2]:5353"],
             ),
             service("empty", "10.73.0.11:80", Proto::Tcp, &[]),
+            ServiceSpec {
+                snat: Some(IpAddr::V4(Ipv4Addr::new(10, 72, 0, 1))),
+                ..service("fullnat", "10.73.0.12:80", Proto::Tcp, &["10.72.1.2:8080"])
+            },
         ],
     }
 }
@@ -439,5 +444,33 @@ fn established_flow_keeps_its_backend_when_backends_change() {
             .map(|p| dst4(&fx.run(&tcp4(CLIENT4, VIP4, 50000 + p, 80, b"")).1))
             .any(|d| d == [10, 72, 4, 2]);
         assert!(reached);
+    });
+}
+
+#[test]
+fn full_nat_translates_both_addresses_and_back() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let vip = [10, 73, 0, 12];
+        let snat = [10, 72, 0, 1];
+        let backend = [10, 72, 1, 2];
+        let mut ports = Vec::new();
+        // Two clients that happen to use the same source port must get
+        // different source ports towards the backend.
+        for client in [CLIENT4, [10, 71, 0, 3]] {
+            let (action, out) = fx.run(&tcp4(client, vip, 40000, 80, b"hello"));
+            assert_eq!(action, TC_ACT_OK);
+            let port = u16::from_be_bytes([out[34], out[35]]);
+            assert!(port >= 1024);
+            assert_eq!(out, tcp4(snat, backend, port, 8080, b"hello"));
+            // The flow keeps its port.
+            let (_, again) = fx.run(&tcp4(client, vip, 40000, 80, b"hello"));
+            assert_eq!(again, out);
+            let (action, reply) = fx.run(&tcp4(backend, snat, 8080, port, b"world"));
+            assert_eq!(action, TC_ACT_OK);
+            assert_eq!(reply, tcp4(vip, client, 80, 40000, b"world"));
+            ports.push(port);
+        }
+        assert_ne!(ports[0], ports[1]);
     });
 }

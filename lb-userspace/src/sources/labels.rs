@@ -76,6 +76,7 @@ pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejec
                 name: m.service.clone(),
                 frontend: m.frontend,
                 backends: Vec::new(),
+                snat: None,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {

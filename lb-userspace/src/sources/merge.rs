@@ -62,6 +62,7 @@ mod tests {
                 port: 80,
                 weight: 1,
             }],
+            snat: None,
             source: source.into(),
         }
     }

@@ -46,6 +46,7 @@ fn state(services: u32, backends: u32) -> DesiredState {
                         weight: 1,
                     })
                     .collect(),
+                snat: None,
                 source: "bench".into(),
             }
         })
