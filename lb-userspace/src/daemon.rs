@@ -29,6 +29,8 @@ pub struct Options {
     pub interfaces: Vec<String>,
     pub keep_datapath: bool,
     pub limits: Limits,
+    /// Where to serve Prometheus metrics and the stats page.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How often the config file's modification time is checked. Polling is
@@ -48,6 +50,10 @@ struct State {
     docker_status: Option<DockerStatus>,
     conflicts: Vec<Conflict>,
     latencies: VecDeque<Duration>,
+    /// Sources that have not delivered their first state yet. Until they
+    /// have, services adopted from a previous lbd are kept: they may be
+    /// theirs.
+    awaiting_docker: bool,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -73,7 +79,11 @@ pub async fn run(opts: Options) -> Result<()> {
         }),
         conflicts: Vec::new(),
         latencies: VecDeque::new(),
+        awaiting_docker: opts.docker.is_some(),
     };
+    if !state.awaiting_docker {
+        state.reconciler.release_adopted();
+    }
     state.converge().context("applying the initial state")?;
 
     let (links_tx, mut links_rx) = mpsc::channel::<Links>(4);
@@ -85,6 +95,14 @@ pub async fn run(opts: Options) -> Result<()> {
     });
 
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(16);
+    if let Some(addr) = opts.metrics {
+        let calls = calls_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::web::serve(addr, calls).await {
+                log::error!("metrics endpoint on {addr} stopped: {e:#}");
+            }
+        });
+    }
     let socket = opts.socket.clone();
     tokio::spawn(async move {
         if let Err(e) = control::serve(&socket, calls_tx).await {
@@ -220,8 +238,12 @@ impl State {
                     .iter()
                     .map(|r| format!("{}: {}", r.container, r.reason))
                     .collect();
-                let changed = self.docker_services != snapshot.services;
+                let mut changed = self.docker_services != snapshot.services;
                 self.docker_services = snapshot.services;
+                if std::mem::take(&mut self.awaiting_docker) {
+                    self.reconciler.release_adopted();
+                    changed = true;
+                }
                 if !changed {
                     return;
                 }

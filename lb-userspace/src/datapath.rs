@@ -155,13 +155,22 @@ impl Datapath {
         }
         let pin = self.link_pin(ifname);
         let prog = self.program()?;
-        let id = match pin.as_deref().map(PinnedLink::from_pin) {
+        let replaced = match pin.as_deref().map(PinnedLink::from_pin) {
             Some(Ok(old)) => {
                 let link: SchedClassifierLink = FdLink::from(old).try_into()?;
+                // Fails when the link went with an interface of the same
+                // name that was since re-created: then attach afresh.
                 prog.attach_to_link(link)
-                    .with_context(|| format!("replacing the program on {ifname}"))?
+                    .map_err(|e| {
+                        log::info!("{ifname}: pinned link not reusable ({e}); attaching anew")
+                    })
+                    .ok()
             }
-            _ => {
+            _ => None,
+        };
+        let id = match replaced {
+            Some(id) => id,
+            None => {
                 // Only needed for the netlink attach of kernels before 6.6.
                 if let Err(e) = tc::qdisc_add_clsact(ifname) {
                     log::debug!("clsact on {ifname}: {e}");

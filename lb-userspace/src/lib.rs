@@ -11,3 +11,4 @@ pub mod model;
 pub mod reconciler;
 pub mod sources;
 pub mod status;
+pub mod web;

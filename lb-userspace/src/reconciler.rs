@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::datapath::Maps;
 use crate::maglev;
-use crate::model::{BackendSpec, DesiredState, Frontend, ServiceSpec};
+use crate::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
 
 /// What the reconciler has written for one service.
 #[derive(Clone, Debug)]
@@ -28,6 +28,8 @@ pub struct Applied {
     pub generation: u32,
     /// Backend id for each backend of `spec`, in the same order.
     pub backend_ids: Vec<u32>,
+    /// Found in the maps at start-up and not yet named by any source.
+    pub adopted: bool,
 }
 
 pub struct Reconciler {
@@ -55,6 +57,29 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
     }
 }
 
+/// The frontend a SERVICES key stands for.
+fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    let proto = match key.proto {
+        lb_common::PROTO_TCP => Proto::Tcp,
+        lb_common::PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    Some(Frontend {
+        addr: addr_of(&key.addr),
+        port: u16::from_be(key.port),
+        proto,
+    })
+}
+
+/// The inverse of `addr16`.
+pub fn addr_of(a: &[u8; 16]) -> IpAddr {
+    if lb_common::is_v4_mapped(a) {
+        IpAddr::from([a[12], a[13], a[14], a[15]])
+    } else {
+        IpAddr::from(*a)
+    }
+}
+
 pub fn addr16(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(a) => lb_common::v4_mapped(a.octets()),
@@ -63,10 +88,13 @@ pub fn addr16(addr: IpAddr) -> [u8; 16] {
 }
 
 impl Reconciler {
-    /// Takes over `maps`. Whatever an earlier lbd left in them is cleared
-    /// except conntrack, which is what keeps established flows alive across a
-    /// restart: backend ids continue after the highest one still referenced.
-    pub fn new(mut maps: Maps) -> Result<Self> {
+    /// Takes over `maps`, adopting what an earlier lbd left in them (after
+    /// a crash, a SIGKILL or an upgrade): each service keeps its slot and
+    /// each backend its id, so conntrack entries stay valid and established
+    /// flows keep their backends. Adopted services are re-written as soon as
+    /// a desired state names them; the others keep serving until
+    /// `release_adopted` (once every source has reported).
+    pub fn new(maps: Maps) -> Result<Self> {
         let max_ct_backend = maps
             .conntrack
             .iter()
@@ -74,28 +102,72 @@ impl Reconciler {
             .map(|(_, v)| v.backend_id)
             .max()
             .unwrap_or(0);
-        let max_known = maps
-            .backends
-            .keys()
-            .filter_map(|r| r.ok())
-            .max()
-            .unwrap_or(0);
-        let stale_services: Vec<ServiceKey> = maps.services.keys().filter_map(|r| r.ok()).collect();
-        for key in stale_services {
-            let _ = maps.services.remove(&key);
+        let backends: Vec<(u32, Backend)> = maps.backends.iter().filter_map(|r| r.ok()).collect();
+        let max_known = backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let mut services = BTreeMap::new();
+        for (key, value) in maps.services.iter().filter_map(|r| r.ok()) {
+            let Some(frontend) = frontend_of(&key) else {
+                continue;
+            };
+            let mut ids: Vec<(u32, BackendSpec)> = backends
+                .iter()
+                .filter(|(_, b)| b.service_slot == value.slot)
+                .map(|(id, b)| {
+                    let spec = BackendSpec {
+                        addr: addr_of(&b.addr),
+                        port: u16::from_be(b.port),
+                        weight: if b.state == BACKEND_DRAINING { 0 } else { 1 },
+                    };
+                    (*id, spec)
+                })
+                .collect();
+            ids.sort_by_key(|(id, _)| *id);
+            let spec = ServiceSpec {
+                name: format!("adopted {frontend}"),
+                frontend,
+                backends: ids.iter().map(|(_, b)| *b).collect(),
+                snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
+                source: "adopted".into(),
+            };
+            services.insert(
+                frontend,
+                Applied {
+                    spec,
+                    slot: value.slot,
+                    generation: value.ring % RINGS_PER_SERVICE,
+                    backend_ids: ids.iter().map(|(id, _)| *id).collect(),
+                    adopted: true,
+                },
+            );
         }
-        let stale_backends: Vec<u32> = maps.backends.keys().filter_map(|r| r.ok()).collect();
-        for id in stale_backends {
-            let _ = maps.backends.remove(&id);
-            let _ = maps.backend_stats.remove(&id);
+        let used: Vec<u32> = services.values().map(|a: &Applied| a.slot).collect();
+        let next_slot = used.iter().max().map_or(0, |m| m + 1);
+        let free_slots = (0..next_slot).filter(|s| !used.contains(s)).rev().collect();
+        // Backends of no adopted service are leftovers: nothing can reach them.
+        let mut maps = maps;
+        for (id, b) in &backends {
+            if !used.contains(&b.service_slot) {
+                let _ = maps.backends.remove(id);
+                let _ = maps.backend_stats.remove(id);
+            }
+        }
+        if !services.is_empty() {
+            log::info!("adopted {} services from the pinned maps", services.len());
         }
         Ok(Reconciler {
             maps,
-            services: BTreeMap::new(),
-            free_slots: Vec::new(),
-            next_slot: 0,
+            services,
+            free_slots,
+            next_slot,
             next_backend_id: max_ct_backend.max(max_known) + 1,
         })
+    }
+
+    /// Removes, at the next `apply`, adopted services that no source named.
+    pub fn release_adopted(&mut self) {
+        for applied in self.services.values_mut() {
+            applied.adopted = false;
+        }
     }
 
     pub fn maps(&self) -> &Maps {
@@ -116,9 +188,9 @@ impl Reconciler {
         }
         let gone: Vec<Frontend> = self
             .services
-            .keys()
-            .filter(|f| !wanted.contains_key(f))
-            .copied()
+            .iter()
+            .filter(|(f, a)| !wanted.contains_key(f) && !a.adopted)
+            .map(|(f, _)| *f)
             .collect();
         for frontend in gone {
             self.remove_service(&frontend)?;
@@ -161,6 +233,7 @@ impl Reconciler {
             slot,
             generation: 0,
             backend_ids: Vec::new(),
+            adopted: false,
         };
         applied.backend_ids = self.write_backends(spec, slot, &[], &[])?;
         self.write_ring_and_service(&mut applied, true)?;
@@ -185,6 +258,7 @@ impl Reconciler {
         };
         applied.spec = spec.clone();
         applied.backend_ids = ids;
+        applied.adopted = false;
         // Flip to a ring without the removed backends before removing them.
         let flipped = self.write_ring_and_service(&mut applied, false);
         let kept: Vec<u32> = applied.backend_ids.clone();

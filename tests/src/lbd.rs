@@ -36,7 +36,17 @@ impl Lbd {
             dir,
         };
         lbd.write_config(config)?;
-        let log = std::fs::File::create(lbd.dir.join("lbd.log"))?;
+        lbd.spawn(ns, interfaces)?;
+        Ok(lbd)
+    }
+
+    /// Starts lbd (again) with this wrapper's config, socket and pins.
+    pub fn spawn(&mut self, ns: &Netns, interfaces: &[&str]) -> Result<()> {
+        let lbd = self;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(lbd.dir.join("lbd.log"))?;
         let mut cmd = ns.command(target_bin("lbd"));
         cmd.arg("--config")
             .arg(&lbd.config)
@@ -67,7 +77,15 @@ impl Lbd {
         if let Err(e) = ready {
             bail!("{e:#}\nlbd's log:\n{}", lbd.log());
         }
-        Ok(lbd)
+        Ok(())
+    }
+
+    /// SIGKILL: lbd gets no chance to clean up, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = kill(Pid::from_raw(p.pid() as i32), Signal::SIGKILL);
+            p.terminate();
+        }
     }
 
     pub fn write_config(&self, text: &str) -> Result<()> {

@@ -329,3 +329,114 @@ fn full_nat_hides_the_client_and_still_answers_from_the_frontend() {
     let status = env.lbd.status().unwrap();
     assert_eq!(counter(service(&status, "fullnat"), "new_flows"), 30);
 }
+
+/// lbd is SIGKILLed and started again while a load of new connections runs
+/// and long-lived connections stay open: the datapath keeps running from
+/// its pinned maps and links, and the new lbd adopts them.
+#[test]
+fn killing_and_restarting_lbd_under_load_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut env = setup("restart");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        let ns = env.topo.client.name().to_string();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            // Bounded in count and time.
+            while !stop.load(Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+                && sent.load(Ordering::Relaxed) < 20_000
+            {
+                sent.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = tcp_request(web(), TIMEOUT) {
+                    eprintln!("request failed: {e:#}");
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let sessions = {
+        let ns = env.topo.client.name().to_string();
+        let (to_client, requests) = std::sync::mpsc::channel::<()>();
+        let (replies, from_client) = std::sync::mpsc::channel::<Result<Vec<String>, String>>();
+        let handle = std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut sessions: Vec<TcpSession> = (0..5)
+                .map(|_| TcpSession::connect(web(), TIMEOUT).expect("connect"))
+                .collect();
+            while requests.recv().is_ok() {
+                let answer = sessions
+                    .iter_mut()
+                    .map(|s| {
+                        s.request()
+                            .map(|(name, _)| name)
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                    .collect();
+                replies.send(answer).unwrap();
+            }
+        });
+        (to_client, from_client, handle)
+    };
+    let ask = || {
+        sessions.0.send(()).unwrap();
+        sessions
+            .1
+            .recv_timeout(Duration::from_secs(10))
+            .expect("sessions answer")
+            .expect("long-lived connections work")
+    };
+    let before = ask();
+    std::thread::sleep(Duration::from_millis(300));
+
+    env.lbd.kill();
+    // The datapath runs without lbd.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ask(),
+        before,
+        "long-lived connections moved while lbd was away"
+    );
+    assert!(env.lbd.pin_dir.exists());
+
+    env.lbd
+        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .expect("lbd starts again and adopts the datapath");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ask(),
+        before,
+        "long-lived connections moved after the restart"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    drop(sessions.0);
+    sessions.2.join().unwrap();
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("restart under load: {sent} requests, {failed} failed");
+    assert!(sent > 50, "the load barely ran: {sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    // The new lbd serves the same services, adopted rather than re-created.
+    let status = env.lbd.status().unwrap();
+    assert_eq!(
+        service(&status, "web")["backends"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        env.lbd.log().contains("adopted 4 services"),
+        "{}",
+        env.lbd.log()
+    );
+}

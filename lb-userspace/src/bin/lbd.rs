@@ -31,6 +31,10 @@ struct Args {
     /// interface but loopback, following interfaces as they come and go.
     #[arg(long = "iface")]
     interfaces: Vec<String>,
+    /// Serve Prometheus metrics at /metrics and a stats page at / on this
+    /// address (a loopback address unless you mean to expose them).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     /// On exit, leave the datapath attached and its maps pinned.
     #[arg(long)]
     keep_datapath: bool,
@@ -64,6 +68,7 @@ async fn main() -> Result<()> {
         socket: args.socket,
         interfaces: args.interfaces,
         keep_datapath: args.keep_datapath,
+        metrics: args.metrics,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,
