@@ -17,12 +17,22 @@ pub const DEFAULT_SOCKET: &str = "/run/lbd.sock";
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// No new flows for this backend; its established flows continue.
+    Drain {
+        service: String,
+        backend: String,
+    },
+    Undrain {
+        service: String,
+        backend: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
+    Done(String),
     Error(String),
 }
 

@@ -54,6 +54,8 @@ struct State {
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
     awaiting_docker: bool,
+    /// Backends drained with `lbctl drain`: (service name, backend address).
+    drained: std::collections::BTreeSet<(String, String)>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -80,6 +82,7 @@ pub async fn run(opts: Options) -> Result<()> {
         conflicts: Vec::new(),
         latencies: VecDeque::new(),
         awaiting_docker: opts.docker.is_some(),
+        drained: Default::default(),
     };
     if !state.awaiting_docker {
         state.reconciler.release_adopted();
@@ -174,7 +177,15 @@ fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
 impl State {
     /// Merges the sources and makes the maps equal to the result.
     fn converge(&mut self) -> Result<()> {
-        let (desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        for service in &mut desired.services {
+            for backend in &mut service.backends {
+                let key = (service.name.clone(), backend.socket_addr().to_string());
+                if self.drained.contains(&key) {
+                    backend.weight = 0;
+                }
+            }
+        }
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             log::error!(
                 "frontend {} is owned by {}; rejected {}",
@@ -300,9 +311,43 @@ impl State {
         })
     }
 
-    fn answer(&self, request: Request) -> Response {
+    /// `lbctl drain` / `undrain`: checks that the backend exists, records
+    /// the override and converges.
+    fn drain(&mut self, service: String, backend: String, drain: bool) -> Response {
+        let known = self.reconciler.applied().any(|a| {
+            a.spec.name == service
+                && a.spec
+                    .backends
+                    .iter()
+                    .any(|b| b.socket_addr().to_string() == backend)
+        });
+        if !known {
+            return Response::Error(format!(
+                "no backend {backend} in a service named {service:?}"
+            ));
+        }
+        let key = (service, backend);
+        let changed = if drain {
+            self.drained.insert(key.clone())
+        } else {
+            self.drained.remove(&key)
+        };
+        if let Err(e) = self.converge() {
+            return Response::Error(format!("{e:#}"));
+        }
+        let verb = if drain { "draining" } else { "undrained" };
+        let note = if changed { "" } else { " (no change)" };
+        log::info!("{verb} {} of {}{note}", key.1, key.0);
+        Response::Done(format!("{verb} {} of {}{note}", key.1, key.0))
+    }
+
+    fn answer(&mut self, request: Request) -> Response {
         match request {
-            Request::Status => match status::collect(&self.reconciler) {
+            Request::Drain { service, backend } => self.drain(service, backend, true),
+            Request::Undrain { service, backend } => self.drain(service, backend, false),
+            Request::Status => match status::collect(&self.reconciler, &|_, b| {
+                if b.weight == 0 { "draining" } else { "active" }.to_string()
+            }) {
                 Ok(services) => Response::Status(Box::new(Status {
                     services,
                     interfaces: self.datapath.attached(),

@@ -41,8 +41,11 @@ pub struct BackendStatus {
     pub id: u32,
     pub address: String,
     pub weight: u32,
-    /// "active" or "draining".
+    /// "active", "draining" (weight 0, or `lbctl drain`) or "down".
     pub state: String,
+    /// Conntrack entries for this backend that saw a packet in the last
+    /// minute: what a draining backend still serves.
+    pub active_flows: u64,
     pub counters: Counters,
 }
 
@@ -87,9 +90,34 @@ pub struct Status {
     pub datapath: BTreeMap<String, u64>,
 }
 
-/// Reads the applied state and sums the per-CPU counters.
-pub fn collect(reconciler: &Reconciler) -> Result<Vec<ServiceStatus>> {
+/// A flow counts as active while it saw a packet this recently.
+const ACTIVE_FLOW_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Active flows per backend id, from a walk over CONNTRACK.
+fn active_flows(reconciler: &Reconciler) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    // bpf_ktime_get_ns is CLOCK_MONOTONIC.
+    let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) else {
+        return out;
+    };
+    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let horizon = now.saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64);
+    for (_, ct) in reconciler.maps().conntrack.iter().filter_map(|r| r.ok()) {
+        if ct.last_seen_ns >= horizon {
+            *out.entry(ct.backend_id).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// Reads the applied state and sums the per-CPU counters. `state_of` names
+/// a backend's state ("active", "draining", "down") from the daemon's view.
+pub fn collect(
+    reconciler: &Reconciler,
+    state_of: &dyn Fn(&crate::model::ServiceSpec, &crate::model::BackendSpec) -> String,
+) -> Result<Vec<ServiceStatus>> {
     let maps = reconciler.maps();
+    let active = active_flows(reconciler);
     let mut out = Vec::new();
     for applied in reconciler.applied() {
         let counters = maps
@@ -106,7 +134,8 @@ pub fn collect(reconciler: &Reconciler) -> Result<Vec<ServiceStatus>> {
                 id: *id,
                 address: b.socket_addr().to_string(),
                 weight: b.weight,
-                state: if b.weight == 0 { "draining" } else { "active" }.to_string(),
+                state: state_of(&applied.spec, b),
+                active_flows: active.get(id).copied().unwrap_or(0),
                 counters: maps
                     .backend_stats
                     .get(id, 0)
@@ -144,7 +173,8 @@ pub fn datapath_counters(reconciler: &Reconciler) -> BTreeMap<String, u64> {
 pub fn render_table(status: &Status) -> String {
     let mut out = String::new();
     let mut rows = vec![[
-        "SERVICE", "FRONTEND", "BACKEND", "STATE", "WEIGHT", "FLOWS", "PACKETS", "BYTES", "REPLIES",
+        "SERVICE", "FRONTEND", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "FLOWS", "PACKETS", "BYTES",
+        "REPLIES",
     ]
     .map(String::from)];
     for s in &status.services {
@@ -155,6 +185,11 @@ pub fn render_table(status: &Status) -> String {
             format!("({} backends)", s.backends.len()),
             String::new(),
             String::new(),
+            s.backends
+                .iter()
+                .map(|b| b.active_flows)
+                .sum::<u64>()
+                .to_string(),
             c.new_flows.to_string(),
             c.packets.to_string(),
             c.bytes.to_string(),
@@ -168,6 +203,7 @@ pub fn render_table(status: &Status) -> String {
                 b.address.clone(),
                 b.state.clone(),
                 b.weight.to_string(),
+                b.active_flows.to_string(),
                 c.new_flows.to_string(),
                 c.packets.to_string(),
                 c.bytes.to_string(),

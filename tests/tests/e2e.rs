@@ -440,3 +440,65 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
         env.lbd.log()
     );
 }
+
+#[test]
+fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let env = setup("drain");
+    let ns = env.topo.client.name().to_string();
+    let (to_client, requests) = std::sync::mpsc::channel::<()>();
+    let (replies, from_client) = std::sync::mpsc::channel::<String>();
+    let session = std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut session = TcpSession::connect(web(), TIMEOUT).expect("connect");
+        while requests.recv().is_ok() {
+            let (name, _) = session
+                .request()
+                .expect("request on the drained backend's connection");
+            replies.send(name).unwrap();
+        }
+    });
+    let ask = || {
+        to_client.send(()).unwrap();
+        from_client
+            .recv_timeout(Duration::from_secs(5))
+            .expect("reply")
+    };
+    let pinned = ask();
+    let idx: usize = pinned[1..].parse().unwrap();
+    let address = format!("10.72.{idx}.2:{TCP_PORT}");
+
+    let out = lb_tests::lbd::lbctl(&env.lbd.socket, &["drain", "web", &address]).unwrap();
+    assert!(out.contains("draining"), "{out}");
+    let seen = tcp_spread(&env, web(), 100);
+    assert!(
+        !seen.contains_key(&pinned),
+        "a drained backend got new flows: {seen:?}"
+    );
+    assert_eq!(ask(), pinned, "the established connection moved");
+
+    let status = env.lbd.status().unwrap();
+    let backend = service(&status, "web")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == address.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(backend["state"], "draining");
+    assert!(
+        backend["active_flows"].as_u64().unwrap() >= 1,
+        "{backend:#}"
+    );
+
+    lb_tests::lbd::lbctl(&env.lbd.socket, &["undrain", "web", &address]).unwrap();
+    let seen = tcp_spread(&env, web(), 100);
+    assert!(
+        seen.contains_key(&pinned),
+        "undrained backend gets no flows: {seen:?}"
+    );
+    // An unknown backend is an error, not a silent success.
+    assert!(lb_tests::lbd::lbctl(&env.lbd.socket, &["drain", "web", "10.9.9.9:1"]).is_err());
+    drop(to_client);
+    session.join().unwrap();
+}

@@ -25,6 +25,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send no new flows to BACKEND (ip:port) of SERVICE; its established
+    /// flows continue until they end.
+    Drain { service: String, backend: String },
+    /// Undo `drain`.
+    Undrain { service: String, backend: String },
+}
+
+fn done(response: Response) -> Result<()> {
+    match response {
+        Response::Done(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        Response::Error(e) => bail!("lbd: {e}"),
+        Response::Status(_) => bail!("lbd answered something else"),
+    }
 }
 
 fn main() -> Result<()> {
@@ -35,8 +51,17 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?)
             }
             Response::Status(status) => print!("{}", render_table(&status)),
+            Response::Done(_) => bail!("lbd answered something else"),
             Response::Error(e) => bail!("lbd: {e}"),
         },
+        Command::Drain { service, backend } => done(control::request(
+            &args.socket,
+            &Request::Drain { service, backend },
+        )?)?,
+        Command::Undrain { service, backend } => done(control::request(
+            &args.socket,
+            &Request::Undrain { service, backend },
+        )?)?,
     }
     Ok(())
 }
