@@ -56,6 +56,10 @@ pub struct ServiceKey {
 /// (to `snat_addr` and a port the datapath picks), so that backends anywhere
 /// reply to this node whatever their route to the client.
 pub const FLAG_FULLNAT: u32 = 1;
+/// ServiceValue::flags: the frontend address is local to the node, so a
+/// packet that finds no backend is handed to the kernel, which answers it
+/// (TCP reset, ICMP port unreachable) instead of it being dropped.
+pub const FLAG_LOCAL_VIP: u32 = 2;
 
 /// SERVICES value.
 #[repr(C)]
@@ -76,6 +80,9 @@ pub struct ServiceValue {
 pub const BACKEND_ACTIVE: u8 = 0;
 /// Takes no new flows; its established flows continue.
 pub const BACKEND_DRAINING: u8 = 1;
+/// Failed and set to reset: takes no new flows, and its conntrack entries no
+/// longer count, so its flows move elsewhere at their next packet.
+pub const BACKEND_DOWN: u8 = 2;
 
 /// BACKENDS value, keyed by a backend id (u32) that is never reused while
 /// the maps live, so a stale conntrack entry can never reach a new backend.

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     global, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, FLAG_FULLNAT, MAGLEV_M,
+    BACKEND_ACTIVE, BACKEND_DOWN, FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M,
 };
 
 /// Full NAT source ports: above the well-known range.
@@ -109,7 +109,7 @@ fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
         match unsafe { BACKENDS.get(&ct.backend_id) } {
             // The backend must still exist and still belong to this service
             // (the slot may have been given to another service since).
-            Some(b) if b.service_slot == svc.slot => {
+            Some(b) if b.service_slot == svc.slot && b.state != BACKEND_DOWN => {
                 ct.last_seen_ns = now;
                 snat_port = ct.snat_port;
                 chosen = Some((ct.backend_id, b));
@@ -123,7 +123,11 @@ fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
     }
     let Some((backend_id, backend)) = chosen else {
         add_stats(service_stats(svc.slot), |s| s.no_backend += 1);
-        return TC_ACT_SHOT as i32;
+        return if svc.flags & FLAG_LOCAL_VIP != 0 {
+            TC_ACT_OK as i32
+        } else {
+            TC_ACT_SHOT as i32
+        };
     };
     if new_flow {
         match track(p, svc, &flow, backend_id, backend) {

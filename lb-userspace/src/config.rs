@@ -20,7 +20,9 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
+use crate::model::{
+    BackendSpec, CheckKind, DesiredState, Frontend, HealthCheck, OnDown, Proto, ServiceSpec,
+};
 
 /// Largest accepted backend weight. Keeps weight arithmetic far from
 /// overflow and is already far finer than a Maglev table can express.
@@ -84,6 +86,23 @@ struct RawService {
     backends: Vec<Spanned<RawBackend>>,
     /// Full NAT: the address to translate the source to.
     snat: Option<Spanned<String>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    /// "tcp" or "http".
+    check: Spanned<String>,
+    path: Option<Spanned<String>>,
+    /// "200-399" or a single code.
+    status: Option<Spanned<String>>,
+    interval_ms: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    /// "keep" or "reset".
+    on_down: Option<Spanned<String>>,
 }
 
 enum RawBackend {
@@ -289,16 +308,110 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 Some(addr)
             }
         };
+        let health = match svc.health {
+            None => None,
+            Some(h) => Some(parse_health(h.into_inner(), &fail)?),
+        };
         services.push(ServiceSpec {
             name,
             frontend,
             backends,
             snat,
+            health,
             source: source.clone(),
         });
     }
 
     Ok(DesiredState { services })
+}
+
+/// Checks and fills in defaults for a `[service.health]` table.
+fn parse_health(
+    raw: RawHealth,
+    fail: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<HealthCheck, ConfigError> {
+    let mut check = HealthCheck::tcp();
+    let number = |v: &Option<Spanned<i64>>, what: &str, min: i64, max: i64, default: i64| match v {
+        None => Ok(default),
+        Some(n) if (min..=max).contains(n.get_ref()) => Ok(*n.get_ref()),
+        Some(n) => Err(fail(
+            n.span(),
+            format!(
+                "health {what} {} is out of range ({min} to {max})",
+                n.get_ref()
+            ),
+        )),
+    };
+    check.interval_ms = number(&raw.interval_ms, "interval_ms", 10, 3_600_000, 2000)? as u64;
+    check.timeout_ms = number(&raw.timeout_ms, "timeout_ms", 10, 3_600_000, 1000)? as u64;
+    check.rise = number(&raw.rise, "rise", 1, 100, 2)? as u32;
+    check.fall = number(&raw.fall, "fall", 1, 100, 3)? as u32;
+    if let Some(on_down) = &raw.on_down {
+        check.on_down = match on_down.get_ref().as_str() {
+            "keep" => OnDown::Keep,
+            "reset" => OnDown::Reset,
+            other => {
+                return Err(fail(
+                    on_down.span(),
+                    format!("health on_down {other:?}: expected \"keep\" or \"reset\""),
+                ))
+            }
+        };
+    }
+    check.kind = match raw.check.get_ref().as_str() {
+        "tcp" => {
+            if let Some(p) = raw.path.as_ref().or(raw.status.as_ref()) {
+                return Err(fail(
+                    p.span(),
+                    "health path and status apply to http checks only".into(),
+                ));
+            }
+            CheckKind::Tcp
+        }
+        "http" => {
+            let path = raw
+                .path
+                .as_ref()
+                .map_or("/".to_string(), |p| p.get_ref().clone());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                let span = raw.path.as_ref().map_or(raw.check.span(), |p| p.span());
+                return Err(fail(
+                    span,
+                    format!("health path {path:?}: must start with / and have no spaces"),
+                ));
+            }
+            let (status_min, status_max) = match &raw.status {
+                None => (200, 399),
+                Some(s) => parse_status_range(s.get_ref()).ok_or_else(|| {
+                    fail(
+                        s.span(),
+                        format!(
+                            "health status {:?}: expected a code or a range like \"200-399\"",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+            };
+            CheckKind::Http {
+                path,
+                status_min,
+                status_max,
+            }
+        }
+        other => {
+            return Err(fail(
+                raw.check.span(),
+                format!("health check {other:?}: expected \"tcp\" or \"http\""),
+            ))
+        }
+    };
+    Ok(check)
+}
+
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let (lo, hi): (u16, u16) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+    ((100..=599).contains(&lo) && (lo..=599).contains(&hi)).then_some((lo, hi))
 }
 
 /// Parses "ip:port/proto" or "[ipv6]:port/proto" (also used for labels).
@@ -820,5 +933,41 @@ frontend = "10.73.0.10:80/tcp"
         let err = parse(Path::new("t.toml"), bad).unwrap_err();
         assert_eq!(err.line(), Some(4));
         assert!(err.reason().contains("family"), "{err}");
+    }
+
+    #[test]
+    fn health_checks_and_their_errors() {
+        let base = "[[service]]\nname = \"a\"\nfrontend = \"10.0.0.1:80/tcp\"\n[service.health]\n";
+        let state = parse(
+            Path::new("t.toml"),
+            &format!("{base}check = \"http\"\npath = \"/healthz\"\n"),
+        )
+        .unwrap();
+        let h = state.services[0].health.clone().unwrap();
+        assert_eq!(
+            h.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                status_min: 200,
+                status_max: 399
+            }
+        );
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.rise, h.fall, h.on_down),
+            (2000, 1000, 2, 3, OnDown::Keep)
+        );
+        let cases = [
+            ("check = \"icmp\"\n", 5, "expected \"tcp\" or \"http\""),
+            ("check = \"http\"\nstatus = \"600\"\n", 6, "status"),
+            ("check = \"tcp\"\npath = \"/x\"\n", 6, "http checks only"),
+            ("check = \"tcp\"\nfall = 0\n", 6, "out of range"),
+            ("check = \"tcp\"\non_down = \"later\"\n", 6, "keep"),
+            ("check = \"tcp\"\nretries = 3\n", 6, "unknown field"),
+        ];
+        for (body, line, reason) in cases {
+            let err = parse(Path::new("t.toml"), &format!("{base}{body}")).unwrap_err();
+            assert_eq!(err.line(), Some(line), "{body}: {err}");
+            assert!(err.reason().contains(reason), "{body}: {err}");
+        }
     }
 }

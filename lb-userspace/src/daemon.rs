@@ -2,7 +2,8 @@
 //! therefore the only place where maps are written; sources, the interface
 //! watcher and the control socket are tasks that send it events.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -13,12 +14,14 @@ use tokio::sync::mpsc;
 use crate::config;
 use crate::control::{self, Call, Request, Response};
 use crate::datapath::{Datapath, Limits};
+use crate::health::{Checkers, Transition};
 use crate::interfaces::{self, Links};
-use crate::model::ServiceSpec;
+use crate::model::{Frontend, OnDown, ServiceSpec};
 use crate::reconciler::Reconciler;
 use crate::sources::docker::{self, DockerStatus, Update};
 use crate::sources::merge::{merge, Conflict};
 use crate::status::{self, ConfigStatus, Convergence, Status};
+use crate::vips::Vips;
 
 pub struct Options {
     pub config: Option<PathBuf>,
@@ -31,6 +34,8 @@ pub struct Options {
     pub limits: Limits,
     /// Where to serve Prometheus metrics and the stats page.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Make frontend addresses local (see vips.rs).
+    pub local_vips: bool,
 }
 
 /// How often the config file's modification time is checked. Polling is
@@ -56,6 +61,11 @@ struct State {
     awaiting_docker: bool,
     /// Backends drained with `lbctl drain`: (service name, backend address).
     drained: std::collections::BTreeSet<(String, String)>,
+    checkers: Checkers,
+    /// Backends that failed their health checks, and why.
+    down: HashMap<(Frontend, SocketAddr), String>,
+    /// Frontend addresses that should be local (see vips.rs).
+    vips_wanted: BTreeSet<IpAddr>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -66,6 +76,7 @@ pub async fn run(opts: Options) -> Result<()> {
         None => Vec::new(),
     };
     let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
+    let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let mut state = State {
         reconciler: Reconciler::new(maps)?,
         datapath,
@@ -83,11 +94,20 @@ pub async fn run(opts: Options) -> Result<()> {
         latencies: VecDeque::new(),
         awaiting_docker: opts.docker.is_some(),
         drained: Default::default(),
+        checkers: Checkers::new(health_tx),
+        down: HashMap::new(),
+        vips_wanted: BTreeSet::new(),
     };
+    let mut vips = match opts.local_vips {
+        true => Some(Vips::new(opts.pin_dir.join("vips")).await?),
+        false => None,
+    };
+    state.reconciler.set_local_vips(opts.local_vips);
     if !state.awaiting_docker {
         state.reconciler.release_adopted();
     }
     state.converge().context("applying the initial state")?;
+    sync_vips(&mut vips, &state.vips_wanted).await;
 
     let (links_tx, mut links_rx) = mpsc::channel::<Links>(4);
     let only = opts.interfaces.clone();
@@ -128,6 +148,7 @@ pub async fn run(opts: Options) -> Result<()> {
 
     loop {
         tokio::select! {
+            Some(t) = health_rx.recv() => state.health(t),
             Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
             Some(update) = docker_rx.recv() => state.docker_update(update),
             Some((request, reply)) = calls_rx.recv() => {
@@ -146,6 +167,7 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        sync_vips(&mut vips, &state.vips_wanted).await;
     }
 
     let _ = std::fs::remove_file(&opts.socket);
@@ -162,10 +184,23 @@ pub async fn run(opts: Options) -> Result<()> {
         );
         datapath.keep();
     } else {
+        if let Some(v) = vips.as_mut() {
+            if let Err(e) = v.clear().await {
+                log::warn!("removing frontend addresses: {e:#}");
+            }
+        }
         log::info!("exiting; detaching and removing {}", opts.pin_dir.display());
         datapath.shutdown();
     }
     Ok(())
+}
+
+async fn sync_vips(vips: &mut Option<Vips>, wanted: &BTreeSet<IpAddr>) {
+    if let Some(v) = vips.as_mut() {
+        if let Err(e) = v.sync(wanted).await {
+            log::warn!("frontend addresses: {e:#}");
+        }
+    }
 }
 
 /// Modification time and size: either changing means the file changed.
@@ -178,14 +213,30 @@ impl State {
     /// Merges the sources and makes the maps equal to the result.
     fn converge(&mut self) -> Result<()> {
         let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        self.checkers.sync(&desired.services);
+        let checkers = &self.checkers;
+        self.down.retain(|(f, b), _| checkers.checks(f, b));
+        let mut reset = HashSet::new();
         for service in &mut desired.services {
+            let on_down = service.health.as_ref().map(|h| h.on_down);
             for backend in &mut service.backends {
                 let key = (service.name.clone(), backend.socket_addr().to_string());
                 if self.drained.contains(&key) {
                     backend.weight = 0;
                 }
+                if self
+                    .down
+                    .contains_key(&(service.frontend, backend.socket_addr()))
+                {
+                    backend.weight = 0;
+                    if on_down == Some(OnDown::Reset) {
+                        reset.insert((service.frontend, backend.socket_addr()));
+                    }
+                }
             }
         }
+        self.vips_wanted = desired.services.iter().map(|s| s.frontend.addr).collect();
+        self.reconciler.set_reset(reset);
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             log::error!(
                 "frontend {} is owned by {}; rejected {}",
@@ -311,6 +362,25 @@ impl State {
         })
     }
 
+    fn health(&mut self, t: Transition) {
+        let key = (t.frontend, t.backend);
+        if t.up {
+            log::info!("backend {} of {} is up again", t.backend, t.frontend);
+            self.down.remove(&key);
+        } else {
+            log::warn!(
+                "backend {} of {} is down: {}",
+                t.backend,
+                t.frontend,
+                t.detail
+            );
+            self.down.insert(key, t.detail);
+        }
+        if let Err(e) = self.converge() {
+            log::error!("applying a health change: {e:#}");
+        }
+    }
+
     /// `lbctl drain` / `undrain`: checks that the backend exists, records
     /// the override and converges.
     fn drain(&mut self, service: String, backend: String, drain: bool) -> Response {
@@ -345,8 +415,14 @@ impl State {
         match request {
             Request::Drain { service, backend } => self.drain(service, backend, true),
             Request::Undrain { service, backend } => self.drain(service, backend, false),
-            Request::Status => match status::collect(&self.reconciler, &|_, b| {
-                if b.weight == 0 { "draining" } else { "active" }.to_string()
+            Request::Status => match status::collect(&self.reconciler, &|s, b| {
+                if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
+                    format!("down ({why})")
+                } else if b.weight == 0 {
+                    "draining".to_string()
+                } else {
+                    "active".to_string()
+                }
             }) {
                 Ok(services) => Response::Status(Box::new(Status {
                     services,

@@ -73,6 +73,9 @@ pub struct ServiceSpec {
     /// longer see).
     #[serde(default)]
     pub snat: Option<IpAddr>,
+    /// Active health checking of the backends, if configured.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
     /// Where this service came from, e.g. "config:/etc/lbd.toml".
     pub source: String,
 }
@@ -80,4 +83,54 @@ pub struct ServiceSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum CheckKind {
+    /// A TCP connection that opens counts as healthy.
+    Tcp,
+    /// An HTTP GET whose status falls in the range counts as healthy.
+    Http {
+        path: String,
+        status_min: u16,
+        status_max: u16,
+    },
+}
+
+/// What happens to a failed backend's established flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// They continue (like a drain): the default.
+    #[default]
+    Keep,
+    /// They are moved off it at their next packet, which for TCP means the
+    /// client sees a reset from the backend it lands on.
+    Reset,
+}
+
+/// Active checks, with HAProxy's defaults: every 2 s, down after 3
+/// failures, up again after 2 successes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+    pub on_down: OnDown,
+}
+
+impl HealthCheck {
+    pub fn tcp() -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            on_down: OnDown::Keep,
+        }
+    }
 }

@@ -6,14 +6,14 @@
 //! entry flips to it; a backend is written before any ring names it and
 //! removed only after no ring does.
 
-use std::collections::{BTreeMap, HashMap as StdHashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::PerCpuValues;
 use lb_common::{
-    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DRAINING,
-    FLAG_FULLNAT, MAGLEV_M, RINGS_PER_SERVICE,
+    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DOWN,
+    BACKEND_DRAINING, FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 use crate::datapath::Maps;
@@ -34,6 +34,11 @@ pub struct Applied {
 
 pub struct Reconciler {
     maps: Maps,
+    /// Backends whose established flows must leave them (failed health
+    /// checks with `on_down = "reset"`).
+    reset: HashSet<(Frontend, SocketAddr)>,
+    /// Frontend addresses are made local to the node (see vips.rs).
+    local_vips: bool,
     services: BTreeMap<Frontend, Applied>,
     free_slots: Vec<u32>,
     next_slot: u32,
@@ -127,6 +132,7 @@ impl Reconciler {
                 frontend,
                 backends: ids.iter().map(|(_, b)| *b).collect(),
                 snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
+                health: None,
                 source: "adopted".into(),
             };
             services.insert(
@@ -156,11 +162,25 @@ impl Reconciler {
         }
         Ok(Reconciler {
             maps,
+            reset: HashSet::new(),
+            local_vips: false,
             services,
             free_slots,
             next_slot,
             next_backend_id: max_ct_backend.max(max_known) + 1,
         })
+    }
+
+    /// Tells the datapath that frontend addresses are local, so that a
+    /// packet finding no backend goes to the kernel to be answered.
+    pub fn set_local_vips(&mut self, local: bool) {
+        self.local_vips = local;
+    }
+
+    /// Backends to mark down at the next `apply`: their conntrack entries
+    /// stop counting, so their flows move to other backends.
+    pub fn set_reset(&mut self, reset: HashSet<(Frontend, SocketAddr)>) {
+        self.reset = reset;
     }
 
     /// Removes, at the next `apply`, adopted services that no source named.
@@ -306,10 +326,7 @@ impl Reconciler {
                 .position(|o| o.addr == b.addr && o.port == b.port)
                 .map(|i| (old_ids[i], old[i]));
             let id = match existing {
-                Some((id, o)) if o == *b => {
-                    ids.push(id);
-                    continue;
-                }
+                // Written again even when unchanged: its state may differ.
                 Some((id, _)) => id,
                 None => {
                     let id = self.next_backend_id;
@@ -328,7 +345,9 @@ impl Reconciler {
             let value = Backend {
                 addr: addr16(b.addr),
                 port: b.port.to_be(),
-                state: if b.weight == 0 {
+                state: if self.reset.contains(&(spec.frontend, b.socket_addr())) {
+                    BACKEND_DOWN
+                } else if b.weight == 0 {
                     BACKEND_DRAINING
                 } else {
                     BACKEND_ACTIVE
@@ -380,7 +399,7 @@ impl Reconciler {
                 FLAG_FULLNAT
             } else {
                 0
-            },
+            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 },
             snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
         };
         self.maps

@@ -502,3 +502,146 @@ fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     drop(to_client);
     session.join().unwrap();
 }
+
+const HEALTH_INTERVAL_MS: u64 = 200;
+const HEALTH_FALL: u64 = 2;
+
+fn health_config() -> String {
+    format!(
+        r#"
+[[service]]
+name = "web"
+frontend = "10.73.0.10:80/tcp"
+backends = ["10.72.1.2:{TCP_PORT}", "10.72.2.2:{TCP_PORT}", "10.72.3.2:{TCP_PORT}"]
+[service.health]
+check = "tcp"
+interval_ms = {HEALTH_INTERVAL_MS}
+timeout_ms = 200
+rise = 2
+fall = {HEALTH_FALL}
+"#
+    )
+}
+
+fn backend_state(env: &Env, address: &str) -> String {
+    let status = env.lbd.status().unwrap();
+    service(&status, "web")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == address)
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+/// A backend killed under load stops getting flows within interval × fall
+/// (plus one interval); it comes back after `rise` good checks; with every
+/// backend down the client gets a reset at once rather than a timeout.
+#[test]
+fn a_failed_backend_leaves_and_returns_and_no_backend_means_a_reset() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let mut topo = Topology::new("health").expect("topology");
+    topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
+        .expect("servers");
+    let lbd = Lbd::start(
+        &topo.lb,
+        "health",
+        &health_config(),
+        &["lbc0", "lbb1", "lbb2", "lbb3"],
+    )
+    .expect("lbd");
+    let mut env = Env { lbd, topo };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let log: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+    let load = {
+        let (stop, log) = (stop.clone(), log.clone());
+        let ns = env.topo.client.name().to_string();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 50_000 {
+                n += 1;
+                let ok = tcp_request(web(), Duration::from_secs(1)).is_ok();
+                log.lock().unwrap().push((Instant::now(), ok));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let killed_at = Instant::now();
+    env.topo.backends[1].stop_server();
+    wait_until(Duration::from_secs(5), "b2 to be marked down", || {
+        backend_state(&env, "10.72.2.2:8080").starts_with("down")
+    })
+    .unwrap();
+    let down_after = killed_at.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let bound = Duration::from_millis(HEALTH_INTERVAL_MS * (HEALTH_FALL + 1) + 300);
+    {
+        let log = log.lock().unwrap();
+        let failures: Vec<Duration> = log
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(t, _)| t.saturating_duration_since(killed_at))
+            .collect();
+        let total = log.len();
+        let last = failures.iter().max().copied().unwrap_or_default();
+        eprintln!(
+            "failover: b2 marked down {down_after:?} after it died; {} of {total} requests failed, the last {last:?} after",
+            failures.len()
+        );
+        assert!(
+            log.iter()
+                .filter(|(t, _)| *t < killed_at)
+                .all(|(_, ok)| *ok),
+            "requests failed before the backend died"
+        );
+        assert!(
+            last <= bound,
+            "a request failed {last:?} after the kill (bound {bound:?})"
+        );
+    }
+
+    // Back after `rise` good checks, and new flows reach it again.
+    env.topo.backends[1]
+        .start_server(&echo_bin(), TCP_PORT, UDP_PORT)
+        .unwrap();
+    wait_until(Duration::from_secs(5), "b2 to be up again", || {
+        backend_state(&env, "10.72.2.2:8080") == "active"
+    })
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let seen = tcp_spread(&env, web(), 100);
+    assert!(seen.contains_key("b2"), "{seen:?}");
+
+    // Every backend down: the client is refused at once.
+    for b in &mut env.topo.backends {
+        b.stop_server();
+    }
+    wait_until(Duration::from_secs(5), "every backend to be down", || {
+        ["10.72.1.2:8080", "10.72.2.2:8080", "10.72.3.2:8080"]
+            .iter()
+            .all(|a| backend_state(&env, a).starts_with("down"))
+    })
+    .unwrap();
+    let started = Instant::now();
+    let err = env
+        .topo
+        .client
+        .run(|| tcp_request(web(), Duration::from_secs(3)))
+        .expect_err("no backend, yet an answer");
+    assert!(
+        format!("{err:#}").contains("refused"),
+        "expected a reset (connection refused), got: {err:#}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let table = lb_tests::lbd::lbctl(&env.lbd.socket, &["status"]).unwrap();
+    assert!(table.contains("down (connect:"), "{table}");
+}

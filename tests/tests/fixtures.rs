@@ -47,6 +47,7 @@ fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> Servi
             })
             .collect(),
         snat: None,
+        health: None,
         source: "test".into(),
     }
 }

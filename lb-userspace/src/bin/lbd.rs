@@ -35,6 +35,11 @@ struct Args {
     /// address (a loopback address unless you mean to expose them).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Do not add frontend addresses to lo. Then a service without a usable
+    /// backend drops its packets instead of the kernel answering with a TCP
+    /// reset or an ICMP port unreachable.
+    #[arg(long)]
+    no_local_vips: bool,
     /// On exit, leave the datapath attached and its maps pinned.
     #[arg(long)]
     keep_datapath: bool,
@@ -69,6 +74,7 @@ async fn main() -> Result<()> {
         interfaces: args.interfaces,
         keep_datapath: args.keep_datapath,
         metrics: args.metrics,
+        local_vips: !args.no_local_vips,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,

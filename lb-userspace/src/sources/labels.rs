@@ -77,6 +77,7 @@ pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejec
                 frontend: m.frontend,
                 backends: Vec::new(),
                 snat: None,
+                health: None,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {

@@ -63,6 +63,7 @@ mod tests {
                 weight: 1,
             }],
             snat: None,
+            health: None,
             source: source.into(),
         }
     }

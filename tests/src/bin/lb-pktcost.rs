@@ -47,6 +47,7 @@ fn state(services: u32, backends: u32) -> DesiredState {
                     })
                     .collect(),
                 snat: None,
+                health: None,
                 source: "bench".into(),
             }
         })
