@@ -33,6 +33,7 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const AFFINITY: &str = "AFFINITY";
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -74,6 +75,27 @@ pub struct ServiceValue {
     pub flags: u32,
     /// With FLAG_FULLNAT: the source address towards backends.
     pub snat_addr: [u8; 16],
+    /// Session affinity: a client's new flows go to the backend of its
+    /// previous flow if that began less than this long ago. 0: off.
+    pub affinity_ns: u64,
+}
+
+/// AFFINITY key: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub service_slot: u32,
+    pub client: [u8; 16],
+}
+
+/// AFFINITY value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns of the client's latest new flow.
+    pub last_ns: u64,
 }
 
 /// Backend states (Backend::state).
@@ -202,11 +224,15 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNatEntry {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 // No implicit padding anywhere: each size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 40);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);

@@ -21,8 +21,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    global, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, BACKEND_DOWN, FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M,
+    global, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey,
+    ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DOWN, FLAG_FULLNAT, FLAG_LOCAL_VIP,
+    MAGLEV_M,
 };
 
 /// Full NAT source ports: above the well-known range.
@@ -32,7 +33,9 @@ const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN as u32;
 const SNAT_ATTEMPTS: u32 = 8;
 const TRACK_FAILED: u32 = u32::MAX;
 
-use maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, RINGS, SERVICES, SERVICE_STATS};
+use maps::{
+    count, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, RINGS, SERVICES, SERVICE_STATS,
+};
 use nat::Side;
 use parse::{Packet, Parsed};
 
@@ -260,20 +263,53 @@ fn to_client(ctx: &TcContext, p: &Packet, rev: &mut RevNatEntry) -> i32 {
     forward::forward(ctx, p, &frontend_addr, dst)
 }
 
-/// Maglev: the flow's hash selects a slot of the service's live ring.
+/// A new flow's backend: the client's previous one while affinity holds,
+/// else Maglev (the flow's hash selects a slot of the service's live ring).
 #[inline(always)]
 fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, &'static Backend)> {
     if svc.backend_count == 0 {
         return None;
     }
-    let slot = flow_hash(flow) % MAGLEV_M;
-    let id = *RINGS.get(svc.ring.checked_mul(MAGLEV_M)?.checked_add(slot)?)?;
+    if svc.affinity_ns == 0 {
+        return maglev(svc, flow);
+    }
+    let key = AffinityKey {
+        service_slot: svc.slot,
+        client: flow.src,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup.
+        let entry = unsafe { &mut *entry };
+        if now.saturating_sub(entry.last_ns) < svc.affinity_ns {
+            if let Some(b) = usable(svc, entry.backend_id) {
+                entry.last_ns = now;
+                return Some((entry.backend_id, b));
+            }
+        }
+    }
+    let chosen = maglev(svc, flow)?;
+    let entry = AffinityEntry {
+        backend_id: chosen.0,
+        _pad: 0,
+        last_ns: now,
+    };
+    let _ = AFFINITY.insert(&key, &entry, 0);
+    Some(chosen)
+}
+
+#[inline(always)]
+fn usable(svc: &ServiceValue, id: u32) -> Option<&'static Backend> {
     // SAFETY: plain data, see `handle`.
     let backend = unsafe { BACKENDS.get(&id) }?;
-    if backend.state != BACKEND_ACTIVE || backend.service_slot != svc.slot {
-        return None;
-    }
-    Some((id, backend))
+    (backend.state == BACKEND_ACTIVE && backend.service_slot == svc.slot).then_some(backend)
+}
+
+#[inline(always)]
+fn maglev(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, &'static Backend)> {
+    let slot = flow_hash(flow) % MAGLEV_M;
+    let id = *RINGS.get(svc.ring.checked_mul(MAGLEV_M)?.checked_add(slot)?)?;
+    Some((id, usable(svc, id)?))
 }
 
 /// A well-mixed hash of the 5-tuple (murmur3's finaliser over each word),

@@ -9,8 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    global, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, MAGLEV_M, RINGS_PER_SERVICE,
+    global, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey,
+    ServiceValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+    MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 /// Frontend (address, port, protocol) -> service slot, live ring, backend count.
@@ -43,6 +44,12 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
 /// Reply flow (backend -> client) -> the frontend address the client expects.
 #[map]
 pub static REVNAT: LruHashMap<FlowKey, RevNatEntry> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// (service slot, client address) -> the backend of the client's latest
+/// new flow, for services with session affinity.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// Per-CPU counters per service slot.

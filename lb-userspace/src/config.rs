@@ -87,6 +87,8 @@ struct RawService {
     /// Full NAT: the address to translate the source to.
     snat: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
+    /// Session affinity, in seconds.
+    affinity_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -312,12 +314,25 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             None => None,
             Some(h) => Some(parse_health(h.into_inner(), &fail)?),
         };
+        let affinity_secs = match &svc.affinity_secs {
+            None => 0,
+            Some(a) => u32::try_from(*a.get_ref())
+                .ok()
+                .filter(|s| *s <= 86_400)
+                .ok_or_else(|| {
+                    fail(
+                        a.span(),
+                        format!("affinity_secs {} is out of range (0 to 86400)", a.get_ref()),
+                    )
+                })?,
+        };
         services.push(ServiceSpec {
             name,
             frontend,
             backends,
             snat,
             health,
+            affinity_secs,
             source: source.clone(),
         });
     }

@@ -61,7 +61,8 @@ enum Attachment {
     Pinned(PinnedLink),
 }
 
-const MAP_NAMES: [&str; 8] = [
+const MAP_NAMES: [&str; 9] = [
+    maps::AFFINITY,
     maps::SERVICES,
     maps::BACKENDS,
     maps::RINGS,
@@ -89,7 +90,8 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, limits.max_backends)
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
             .map_max_entries(maps::CONNTRACK, limits.max_flows)
-            .map_max_entries(maps::REVNAT, limits.max_flows);
+            .map_max_entries(maps::REVNAT, limits.max_flows)
+            .map_max_entries(maps::AFFINITY, limits.max_flows);
         if let Some(dir) = pin_dir {
             prepare_pin_dir(dir)?;
             for name in MAP_NAMES {

@@ -73,6 +73,11 @@ pub struct ServiceSpec {
     /// longer see).
     #[serde(default)]
     pub snat: Option<IpAddr>,
+    /// Session affinity: a client's new flows keep going to the backend of
+    /// its previous flow if that began less than this many seconds ago
+    /// (and the backend can take flows). 0: off.
+    #[serde(default)]
+    pub affinity_secs: u32,
     /// Active health checking of the backends, if configured.
     #[serde(default)]
     pub health: Option<HealthCheck>,

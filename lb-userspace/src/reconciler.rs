@@ -133,6 +133,7 @@ impl Reconciler {
                 backends: ids.iter().map(|(_, b)| *b).collect(),
                 snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
                 health: None,
+                affinity_secs: 0,
                 source: "adopted".into(),
             };
             services.insert(
@@ -401,6 +402,7 @@ impl Reconciler {
                 0
             } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 },
             snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
+            affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
         };
         self.maps
             .services

@@ -46,6 +46,12 @@ frontend = "[fd00:73::10]:80/tcp"
 backends = [{web6}]
 
 [[service]]
+name = "sticky"
+frontend = "10.73.0.30:80/tcp"
+backends = [{web}]
+affinity_secs = 60
+
+[[service]]
 name = "fullnat"
 frontend = "10.73.0.20:80/tcp"
 backends = [{web}]
@@ -274,7 +280,7 @@ fn a_bad_config_is_rejected_and_the_old_state_keeps_serving() {
     assert!(error.contains("protocol"), "{error}");
 
     let status = env.lbd.status().unwrap();
-    assert_eq!(status["services"].as_array().unwrap().len(), 4);
+    assert_eq!(status["services"].as_array().unwrap().len(), 5);
     let after = tcp_spread(&env, web(), 30);
     assert_eq!(
         before.values().sum::<usize>(),
@@ -435,7 +441,7 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
         3
     );
     assert!(
-        env.lbd.log().contains("adopted 4 services"),
+        env.lbd.log().contains("adopted 5 services"),
         "{}",
         env.lbd.log()
     );
@@ -644,4 +650,15 @@ fn a_failed_backend_leaves_and_returns_and_no_backend_means_a_reset() {
     assert!(started.elapsed() < Duration::from_secs(1));
     let table = lb_tests::lbd::lbctl(&env.lbd.socket, &["status"]).unwrap();
     assert!(table.contains("down (connect:"), "{table}");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend() {
+    let env = setup("sticky");
+    let seen = tcp_spread(&env, "10.73.0.30:80".parse().unwrap(), 40);
+    assert_eq!(
+        seen.len(),
+        1,
+        "one client, 40 connections, several backends: {seen:?}"
+    );
 }

@@ -48,6 +48,7 @@ fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> Servi
             .collect(),
         snat: None,
         health: None,
+        affinity_secs: 0,
         source: "test".into(),
     }
 }
@@ -78,6 +79,15 @@ fn desired() -> DesiredState {
             ServiceSpec {
                 snat: Some(IpAddr::V4(Ipv4Addr::new(10, 72, 0, 1))),
                 ..service("fullnat", "10.73.0.12:80", Proto::Tcp, &["10.72.1.2:8080"])
+            },
+            ServiceSpec {
+                affinity_secs: 300,
+                ..service(
+                    "sticky",
+                    "10.73.0.13:80",
+                    Proto::Tcp,
+                    &["10.72.1.2:8080", "10.72.2.2:8080", "10.72.3.2:8080"],
+                )
             },
         ],
     }
@@ -473,5 +483,53 @@ fn full_nat_translates_both_addresses_and_back() {
             ports.push(port);
         }
         assert_ne!(ports[0], ports[1]);
+    });
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let vip = [10, 73, 0, 13];
+        for client in 1..=20u8 {
+            let src = [10, 71, 1, client];
+            let first = dst4(&fx.run(&tcp4(src, vip, 10000, 80, b"")).1);
+            for port in 1..20u16 {
+                let d = dst4(&fx.run(&tcp4(src, vip, 10000 + port, 80, b"")).1);
+                assert_eq!(d, first, "client {src:?} moved on its flow {port}");
+            }
+        }
+        // Different clients still spread over the backends.
+        let spread: std::collections::HashSet<[u8; 4]> = (1..=60u8)
+            .map(|c| dst4(&fx.run(&tcp4([10, 71, 2, c], vip, 10000, 80, b"")).1))
+            .collect();
+        assert_eq!(spread.len(), 3, "{spread:?}");
+    });
+}
+
+#[test]
+fn weights_set_the_share_of_new_flows() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        let mut state = desired();
+        for (b, w) in state.services[0].backends.iter_mut().zip([1, 2, 3]) {
+            b.weight = w;
+        }
+        fx.reconciler.apply(&state).unwrap();
+        let n = 6000u32;
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..n {
+            let src = [10, 71, (i / 250) as u8, (i % 250) as u8 + 1];
+            let (_, out) = fx.run(&tcp4(src, VIP4, 20000 + (i % 7) as u16, 80, b""));
+            *seen.entry(dst4(&out)).or_insert(0u32) += 1;
+        }
+        for (backend, weight) in backends4().into_iter().zip([1u32, 2, 3]) {
+            let share = seen[&backend] as f64 / n as f64;
+            let want = weight as f64 / 6.0;
+            assert!(
+                (share - want).abs() < 0.03,
+                "{backend:?}: {share:.3}, want {want:.3}: {seen:?}"
+            );
+        }
     });
 }

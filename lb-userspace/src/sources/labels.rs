@@ -78,6 +78,7 @@ pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejec
                 backends: Vec::new(),
                 snat: None,
                 health: None,
+                affinity_secs: 0,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {

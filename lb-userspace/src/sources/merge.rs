@@ -64,6 +64,7 @@ mod tests {
             }],
             snat: None,
             health: None,
+            affinity_secs: 0,
             source: source.into(),
         }
     }

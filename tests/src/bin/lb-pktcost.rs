@@ -48,6 +48,7 @@ fn state(services: u32, backends: u32) -> DesiredState {
                     .collect(),
                 snat: None,
                 health: None,
+                affinity_secs: 0,
                 source: "bench".into(),
             }
         })
