@@ -1,3 +1,4 @@
+pub mod docker;
 pub mod echo;
 pub mod lbd;
 pub mod netns;

@@ -14,6 +14,10 @@ use crate::cargo::{self, output, Env};
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "busybox-static",
+    // The Docker tests start their own dockerd (which brings containerd,
+    // runc and tini); its default firewall rules need iptables.
+    "docker.io",
+    "iptables",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
