@@ -27,6 +27,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Docker Engine to watch (e.g. unix:///var/run/docker.sock).
     pub docker: Option<String>,
+    /// The engine's exec root, where Swarm's ingress sandbox lives.
+    pub docker_exec_root: PathBuf,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub interfaces: Vec<String>,
@@ -135,7 +137,11 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let (docker_tx, mut docker_rx) = mpsc::channel::<Update>(16);
     if let Some(host) = opts.docker.clone() {
-        tokio::spawn(docker::watch(host, docker_tx));
+        tokio::spawn(docker::watch(
+            host,
+            opts.docker_exec_root.clone(),
+            docker_tx,
+        ));
     } else {
         drop(docker_tx);
     }
@@ -235,7 +241,14 @@ impl State {
                 }
             }
         }
-        self.vips_wanted = desired.services.iter().map(|s| s.frontend.addr).collect();
+        // Swarm frontends are node addresses and the ingress sandbox's
+        // address, all local where they are used already.
+        self.vips_wanted = desired
+            .services
+            .iter()
+            .filter(|s| s.source != crate::sources::swarm::SOURCE)
+            .map(|s| s.frontend.addr)
+            .collect();
         self.reconciler.set_reset(reset);
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             log::error!(
@@ -295,6 +308,15 @@ impl State {
             }
             Update::Snapshot(snapshot) => {
                 status.resyncs += 1;
+                status.swarm = Some(snapshot.swarm_role.clone());
+                match &snapshot.sbox {
+                    Some(path) => {
+                        if let Err(e) = self.datapath.attach_netns("ingress_sbox", path) {
+                            log::error!("attaching in {}: {e:#}", path.display());
+                        }
+                    }
+                    None => self.datapath.forget_netns("ingress_sbox"),
+                }
                 status.rejected = snapshot
                     .rejected
                     .iter()
@@ -326,7 +348,7 @@ impl State {
     }
 
     fn sync_links(&mut self, links: &Links, wanted: &[String]) {
-        for name in self.datapath.attached() {
+        for name in self.datapath.attached_here() {
             if !links.values().any(|n| *n == name) {
                 log::info!("{name} is gone");
                 self.datapath.forget(&name);

@@ -54,6 +54,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
     links: BTreeMap<String, Attachment>,
+    /// Other namespaces attached in, by tag: the namespace's inode.
+    netns: BTreeMap<String, u64>,
 }
 
 enum Attachment {
@@ -122,6 +124,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
             links: BTreeMap::new(),
+            netns: BTreeMap::new(),
         };
         Ok((datapath, maps))
     }
@@ -152,10 +155,72 @@ impl Datapath {
     /// earlier lbd is taken over atomically (the new program replaces the old
     /// one in place), so there is no moment without a datapath.
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
-        if self.links.contains_key(ifname) {
+        self.attach_as(ifname, ifname)
+    }
+
+    /// Attaches to every interface but `lo` of the network namespace at
+    /// `path` (Swarm's `ingress_sbox`), under names `<tag>:<ifname>`, and
+    /// turns forwarding on there: the FIB lookup that sends translated
+    /// packets on refuses to route where forwarding is off. Attachments of
+    /// an earlier namespace with the same tag (dockerd restarted and made a
+    /// new one) are dropped first.
+    pub fn attach_netns(&mut self, tag: &str, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let target =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let inode = target.metadata()?.ino();
+        if self.netns.get(tag) == Some(&inode) {
             return Ok(());
         }
-        let pin = self.link_pin(ifname);
+        self.forget_netns(tag);
+        let own = std::fs::File::open("/proc/thread-self/ns/net")?;
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", path.display()))?;
+        // Whatever happens inside, this thread must come back.
+        let result = self.attach_all_here(tag);
+        nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("returning to lbd's network namespace")?;
+        result?;
+        self.netns.insert(tag.to_string(), inode);
+        log::info!("attached inside {}", path.display());
+        Ok(())
+    }
+
+    fn attach_all_here(&mut self, tag: &str) -> Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            .context("enabling forwarding")?;
+        let names: Vec<String> = nix::net::if_::if_nameindex()?
+            .iter()
+            .filter_map(|i| i.name().to_str().ok().map(String::from))
+            .filter(|n| n != "lo")
+            .collect();
+        for name in names {
+            self.attach_as(&format!("{tag}:{name}"), &name)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the attachments made by `attach_netns` under `tag`.
+    pub fn forget_netns(&mut self, tag: &str) {
+        let prefix = format!("{tag}:");
+        let keys: Vec<String> = self
+            .links
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for key in keys {
+            self.detach(&key);
+        }
+        self.netns.remove(tag);
+    }
+
+    /// Attaches to `ifname` of the current namespace, known as `key`.
+    fn attach_as(&mut self, key: &str, ifname: &str) -> Result<()> {
+        if self.links.contains_key(key) {
+            return Ok(());
+        }
+        let pin = self.link_pin(key);
         let prog = self.program()?;
         let replaced = match pin.as_deref().map(PinnedLink::from_pin) {
             Some(Ok(old)) => {
@@ -192,7 +257,7 @@ impl Datapath {
             }
             None => Attachment::Owned(link),
         };
-        self.links.insert(ifname.to_string(), attachment);
+        self.links.insert(key.to_string(), attachment);
         Ok(())
     }
 
@@ -216,8 +281,18 @@ impl Datapath {
         }
     }
 
+    /// Every attachment, those in other namespaces as `<tag>:<ifname>`.
     pub fn attached(&self) -> Vec<String> {
         self.links.keys().cloned().collect()
+    }
+
+    /// Attachments in lbd's own namespace.
+    pub fn attached_here(&self) -> Vec<String> {
+        self.links
+            .keys()
+            .filter(|k| !k.contains(':'))
+            .cloned()
+            .collect()
     }
 
     /// Detaches everywhere and removes every pin.
@@ -243,9 +318,10 @@ impl Datapath {
     }
 
     fn link_pin(&self, ifname: &str) -> Option<PathBuf> {
-        self.pin_dir
-            .as_ref()
-            .map(|d| d.join("links").join(format!("ingress_{ifname}")))
+        self.pin_dir.as_ref().map(|d| {
+            d.join("links")
+                .join(format!("ingress_{}", ifname.replace(':', "-")))
+        })
     }
 }
 

@@ -236,6 +236,38 @@ pub fn render_table(status: &Status) -> String {
             "last reload FAILED, previous state still serving: {err}"
         );
     }
+    if let Some(d) = &status.docker {
+        let state = if d.connected {
+            format!(
+                "connected (API {})",
+                d.api_version.as_deref().unwrap_or("?")
+            )
+        } else {
+            format!(
+                "NOT connected, serving the last known state: {}",
+                d.last_error.as_deref().unwrap_or("not reached yet")
+            )
+        };
+        let swarm = d.swarm.as_deref().unwrap_or("unknown");
+        let _ = writeln!(out, "docker: {} {state}; swarm: {swarm}", d.host);
+        for r in &d.rejected {
+            let _ = writeln!(out, "docker: rejected {r}");
+        }
+    }
+    for c in &status.conflicts {
+        let _ = writeln!(
+            out,
+            "CONFLICT on {}: {} rejected, {} keeps it",
+            c.frontend, c.rejected, c.owner
+        );
+    }
+    if let Some(c) = &status.convergence {
+        let _ = writeln!(
+            out,
+            "docker event -> datapath: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} changes",
+            c.p50_ms, c.p99_ms, c.max_ms, c.samples
+        );
+    }
     let counters: Vec<String> = status
         .datapath
         .iter()

@@ -21,6 +21,9 @@ struct Args {
     /// The engine to watch with --docker.
     #[arg(long, default_value = lb_userspace::sources::docker::DEFAULT_HOST)]
     docker_host: String,
+    /// The engine's --exec-root (where Swarm's ingress sandbox namespace is).
+    #[arg(long, default_value = lb_userspace::sources::docker::DEFAULT_EXEC_ROOT)]
+    docker_exec_root: PathBuf,
     /// Where maps and links are pinned (bpffs is mounted if needed).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
@@ -69,6 +72,7 @@ async fn main() -> Result<()> {
     daemon::run(Options {
         config: args.config,
         docker: args.docker.then_some(args.docker_host),
+        docker_exec_root: args.docker_exec_root,
         pin_dir: args.pin_dir,
         socket: args.socket,
         interfaces: args.interfaces,

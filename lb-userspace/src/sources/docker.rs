@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::model::ServiceSpec;
 use crate::sources::labels::{self, Rejected};
+use crate::sources::swarm;
 
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -27,7 +28,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// What the source knows; sent whole after every change.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
+    /// Services of labelled containers and of Swarm, together.
     pub services: Vec<ServiceSpec>,
+    pub swarm_role: String,
+    /// The `ingress_sbox` namespace the datapath must also be attached in.
+    pub sbox: Option<std::path::PathBuf>,
     pub rejected: Vec<Rejected>,
     /// When the event that caused this snapshot happened, if one did.
     pub event_time: Option<SystemTime>,
@@ -53,14 +58,23 @@ pub struct DockerStatus {
     pub last_error: Option<String>,
     pub resyncs: u64,
     pub rejected: Vec<String>,
+    /// "manager", "worker" or "inactive" (not in a Swarm).
+    pub swarm: Option<String>,
 }
 
-pub async fn watch(host: String, tx: mpsc::Sender<Update>) {
+/// Where the engine keeps its network namespaces (`<exec-root>/netns`).
+pub const DEFAULT_EXEC_ROOT: &str = "/var/run/docker";
+
+/// How often the Swarm view is read again: a worker gets no event when a
+/// task starts or stops on another node.
+const SWARM_POLL: Duration = Duration::from_secs(1);
+
+pub async fn watch(host: String, exec_root: std::path::PathBuf, tx: mpsc::Sender<Update>) {
     let mut backoff = BACKOFF_MIN;
     let mut down = false;
     loop {
         let mut connected = false;
-        let Err(e) = session(&host, &tx, &mut connected).await else {
+        let Err(e) = session(&host, &exec_root, &tx, &mut connected).await else {
             return; // the daemon is stopping
         };
         if connected {
@@ -86,7 +100,12 @@ pub async fn watch(host: String, tx: mpsc::Sender<Update>) {
 
 /// One connection to the engine, until it fails. Returns Ok only when the
 /// receiver is gone.
-async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) -> Result<()> {
+async fn session(
+    host: &str,
+    exec_root: &std::path::Path,
+    tx: &mpsc::Sender<Update>,
+    connected: &mut bool,
+) -> Result<()> {
     let docker = connect(host)?
         .negotiate_version()
         .await
@@ -106,7 +125,8 @@ async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) ->
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, None).await?;
+    let first = sync(&docker, exec_root, None).await?;
+    let first_in_swarm = first.swarm_role != "inactive";
     *connected = true;
     if tx.send(Update::Connected { version: api }).await.is_err()
         || tx.send(Update::Snapshot(first)).await.is_err()
@@ -115,6 +135,9 @@ async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) ->
     }
     let mut resync = tokio::time::interval(RESYNC);
     resync.reset();
+    let mut swarm_poll = tokio::time::interval(SWARM_POLL);
+    swarm_poll.reset();
+    let mut in_swarm = first_in_swarm;
     loop {
         let cause = tokio::select! {
             event = events.next() => match event {
@@ -124,6 +147,7 @@ async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) ->
                 None => anyhow::bail!("the event stream ended"),
             },
             _ = resync.tick() => None,
+            _ = swarm_poll.tick(), if in_swarm => None,
         };
         // Let a burst of events (a scale-up starts many containers) settle.
         let settle = tokio::time::sleep(DEBOUNCE);
@@ -138,11 +162,9 @@ async fn session(host: &str, tx: &mpsc::Sender<Update>, connected: &mut bool) ->
                 },
             }
         }
-        if tx
-            .send(Update::Snapshot(sync(&docker, cause).await?))
-            .await
-            .is_err()
-        {
+        let snapshot = sync(&docker, exec_root, cause).await?;
+        in_swarm = snapshot.swarm_role != "inactive";
+        if tx.send(Update::Snapshot(snapshot)).await.is_err() {
             return Ok(());
         }
     }
@@ -183,7 +205,11 @@ fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
 }
 
 /// Lists everything the load balancer cares about.
-async fn sync(docker: &Docker, cause: Option<SystemTime>) -> Result<Snapshot> {
+async fn sync(
+    docker: &Docker,
+    exec_root: &std::path::Path,
+    cause: Option<SystemTime>,
+) -> Result<Snapshot> {
     let filters = HashMap::from([
         ("label".to_string(), vec![labels::FRONTEND.to_string()]),
         ("status".to_string(), vec!["running".to_string()]),
@@ -196,10 +222,14 @@ async fn sync(docker: &Docker, cause: Option<SystemTime>) -> Result<Snapshot> {
         }))
         .await
         .context("listing containers")?;
-    let (services, rejected) = labels::services(&containers);
+    let (mut services, rejected) = labels::services(&containers);
+    let swarm = swarm::view(docker, exec_root).await?;
+    services.extend(swarm.services);
     Ok(Snapshot {
         services,
         rejected,
+        swarm_role: swarm.role,
+        sbox: swarm.sbox,
         event_time: cause,
     })
 }

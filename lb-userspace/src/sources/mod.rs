@@ -4,3 +4,4 @@
 pub mod docker;
 pub mod labels;
 pub mod merge;
+pub mod swarm;

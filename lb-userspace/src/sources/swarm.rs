@@ -1,0 +1,263 @@
+//! Swarm services published in ingress mode: the routing mesh, done by the
+//! datapath instead of IPVS.
+//!
+//! Where things are reached from (see the README): a request for a
+//! published port P on any node address is translated in the node's
+//! namespace to the node's `ingress_sbox` on docker_gwbridge (stage 1,
+//! plain DNAT, so the sbox sees the client); inside `ingress_sbox`, which
+//! sits on the ingress overlay, it is translated again to one of the
+//! service's tasks on the overlay, local or remote, with the sbox's overlay
+//! address as the source (stage 2, full NAT, so the task answers through
+//! the overlay whatever node it runs on). Both stages use the same maps;
+//! lbd attaches the datapath inside `ingress_sbox` too.
+//!
+//! The task list comes from `GET /networks/ingress?verbose=true`: Swarm's
+//! own view of the mesh, which every node attached to the ingress network
+//! has, workers included (the services and tasks endpoints answer only on
+//! managers).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use bollard::models::{LocalNodeState, NetworkInspect, ServiceInfo};
+use bollard::query_parameters::InspectNetworkOptions;
+use bollard::Docker;
+
+use crate::model::{BackendSpec, Frontend, Proto, ServiceSpec};
+
+pub const SOURCE: &str = "docker:swarm";
+
+/// What the node sees of Swarm.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// "manager", "worker" or "inactive".
+    pub role: String,
+    pub services: Vec<ServiceSpec>,
+    /// The `ingress_sbox` namespace, when this node has one.
+    pub sbox: Option<PathBuf>,
+}
+
+pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
+    let info = docker
+        .info()
+        .await
+        .context("asking the engine for its Swarm state")?;
+    let swarm = info.swarm.unwrap_or_default();
+    if swarm.local_node_state != Some(LocalNodeState::ACTIVE) {
+        return Ok(View {
+            role: "inactive".into(),
+            ..Default::default()
+        });
+    }
+    let role = if swarm.control_available == Some(true) {
+        "manager"
+    } else {
+        "worker"
+    };
+    let verbose = |scope: Option<&str>| InspectNetworkOptions {
+        verbose: true,
+        scope: scope.map(String::from),
+    };
+    let ingress = match docker
+        .inspect_network("ingress", Some(verbose(Some("swarm"))))
+        .await
+    {
+        Ok(n) => n,
+        // A node that joined but has no ingress sandbox yet.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {
+            return Ok(View {
+                role: role.into(),
+                ..Default::default()
+            })
+        }
+        Err(e) => return Err(e).context("inspecting the ingress network"),
+    };
+    let gwbridge = docker
+        .inspect_network("docker_gwbridge", Some(verbose(None)))
+        .await
+        .context("inspecting docker_gwbridge")?;
+    let sbox = exec_root.join("netns").join("ingress_sbox");
+    let (Some(overlay), Some(gateway)) = (sbox_address(&ingress), sbox_address(&gwbridge)) else {
+        return Ok(View {
+            role: role.into(),
+            ..Default::default()
+        });
+    };
+    let services = services(&ingress, overlay, gateway, &node_addresses());
+    Ok(View {
+        role: role.into(),
+        services,
+        sbox: sbox.exists().then_some(sbox),
+    })
+}
+
+/// The `ingress_sbox` endpoint's address on a network.
+fn sbox_address(network: &NetworkInspect) -> Option<Ipv4Addr> {
+    let endpoint = network.containers.as_ref()?.get("ingress-sbox")?;
+    let cidr = endpoint.ipv4_address.as_deref()?;
+    cidr.split('/').next()?.parse().ok()
+}
+
+/// This node's IPv4 addresses, loopback excepted: a published port answers
+/// on every one of them, as with Docker's own mesh.
+fn node_addresses() -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .filter(|ip| !ip.is_loopback())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// "Target: 80, Publish: 8080" -> (8080, 80). The verbose network view does
+/// not say the protocol; ingress ports are taken as TCP.
+fn parse_port(s: &str) -> Option<(u16, u16)> {
+    let mut target = None;
+    let mut publish = None;
+    for part in s.split(',') {
+        let (k, v) = part.split_once(':')?;
+        match k.trim() {
+            "Target" => target = v.trim().parse().ok(),
+            "Publish" => publish = v.trim().parse().ok(),
+            _ => {}
+        }
+    }
+    Some((publish?, target?))
+}
+
+fn services(
+    ingress: &NetworkInspect,
+    overlay: Ipv4Addr,
+    gateway: Ipv4Addr,
+    node_addresses: &[Ipv4Addr],
+) -> Vec<ServiceSpec> {
+    let mut out = Vec::new();
+    let entries: BTreeMap<&String, &serde_json::Value> =
+        ingress.services.iter().flatten().collect();
+    for (name, raw) in entries {
+        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
+            continue;
+        };
+        // Sorted: the engine lists tasks in no fixed order, and an unchanged
+        // service must compare equal to skip rewriting its ring.
+        let mut tasks: Vec<IpAddr> = info
+            .tasks
+            .iter()
+            .flatten()
+            .filter_map(|t| t.endpoint_ip.as_deref()?.parse().ok())
+            .collect();
+        tasks.sort();
+        tasks.dedup();
+        for (publish, target) in info.ports.iter().flatten().filter_map(|p| parse_port(p)) {
+            let spec = |frontend: Ipv4Addr, backends: Vec<BackendSpec>, snat: Option<IpAddr>| {
+                ServiceSpec {
+                    name: name.clone(),
+                    frontend: Frontend {
+                        addr: frontend.into(),
+                        port: publish,
+                        proto: Proto::Tcp,
+                    },
+                    backends,
+                    snat,
+                    health: None,
+                    affinity_secs: 0,
+                    source: SOURCE.into(),
+                }
+            };
+            // Stage 2, inside ingress_sbox: full NAT to the tasks.
+            let task_backends = tasks
+                .iter()
+                .map(|ip| BackendSpec {
+                    addr: *ip,
+                    port: target,
+                    weight: 1,
+                })
+                .collect();
+            out.push(spec(gateway, task_backends, Some(overlay.into())));
+            // Stage 1, in the node's namespace: every node address to the sbox.
+            let to_sbox = BackendSpec {
+                addr: gateway.into(),
+                port: publish,
+                weight: 1,
+            };
+            for addr in node_addresses.iter().filter(|a| **a != gateway) {
+                out.push(spec(*addr, vec![to_sbox], None));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GET /networks/ingress?verbose=true` as a 20.10 worker answers it.
+    const INGRESS: &str = r#"{
+        "Name": "ingress", "Id": "e4bwwkava20j0a7nadul3gvdd", "Scope": "swarm", "Driver": "overlay",
+        "Ingress": true,
+        "Containers": {
+            "ingress-sbox": {"Name": "ingress-endpoint", "EndpointID": "x", "MacAddress": "02:42:0a:00:00:02",
+                             "IPv4Address": "10.0.0.2/24", "IPv6Address": ""}
+        },
+        "Services": {
+            "web": {"VIP": "10.0.0.3", "Ports": ["Target: 80, Publish: 8080"], "LocalLBIndex": 256,
+                    "Tasks": [
+                        {"Name": "web.1.a", "EndpointID": "e1", "EndpointIP": "10.0.0.5", "Info": {"Host IP": "10.74.0.11"}},
+                        {"Name": "web.2.b", "EndpointID": "e2", "EndpointIP": "10.0.0.8", "Info": {"Host IP": "10.74.0.12"}}
+                    ]},
+            "ingress-endpoint": {"VIP": "", "Ports": [], "LocalLBIndex": 0, "Tasks": []}
+        }
+    }"#;
+
+    #[test]
+    fn published_ports_become_two_stages() {
+        let ingress: NetworkInspect = serde_json::from_str(INGRESS).unwrap();
+        let overlay = sbox_address(&ingress).unwrap();
+        assert_eq!(overlay, Ipv4Addr::new(10, 0, 0, 2));
+        let gateway = Ipv4Addr::new(172, 18, 0, 2);
+        let nodes = [Ipv4Addr::new(10, 74, 0, 11), Ipv4Addr::new(172, 17, 0, 1)];
+        let specs = services(&ingress, overlay, gateway, &nodes);
+        assert_eq!(specs.len(), 3);
+        let sbox = &specs[0];
+        assert_eq!(sbox.frontend.to_string(), "172.18.0.2:8080/tcp");
+        assert_eq!(sbox.snat, Some(IpAddr::from(overlay)));
+        let tasks: Vec<String> = sbox
+            .backends
+            .iter()
+            .map(|b| b.socket_addr().to_string())
+            .collect();
+        assert_eq!(tasks, ["10.0.0.5:80", "10.0.0.8:80"]);
+        // The engine's order does not matter.
+        let mut shuffled = ingress.clone();
+        if let Some(web) = shuffled.services.as_mut().and_then(|s| s.get_mut("web")) {
+            web["Tasks"].as_array_mut().unwrap().reverse();
+        }
+        assert_eq!(services(&shuffled, overlay, gateway, &nodes), specs);
+        for (spec, node) in specs[1..].iter().zip(nodes) {
+            assert_eq!(spec.frontend.to_string(), format!("{node}:8080/tcp"));
+            assert_eq!(
+                spec.backends[0].socket_addr().to_string(),
+                "172.18.0.2:8080"
+            );
+            assert_eq!(spec.snat, None);
+            assert_eq!(spec.source, SOURCE);
+        }
+    }
+
+    #[test]
+    fn port_strings() {
+        assert_eq!(parse_port("Target: 80, Publish: 8080"), Some((8080, 80)));
+        assert_eq!(parse_port("Target: 80"), None);
+        assert_eq!(parse_port("garbage"), None);
+    }
+}
