@@ -423,7 +423,7 @@ fn parse_health(
     Ok(check)
 }
 
-fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+pub fn parse_status_range(s: &str) -> Option<(u16, u16)> {
     let (lo, hi) = s.split_once('-').unwrap_or((s, s));
     let (lo, hi): (u16, u16) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
     ((100..=599).contains(&lo) && (lo..=599).contains(&hi)).then_some((lo, hi))

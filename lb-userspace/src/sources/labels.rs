@@ -7,6 +7,14 @@
 //! - `lb.service` (optional): the service name, default the frontend
 //! - `lb.network` (optional): which of the container's networks to reach it
 //!   on, when it has several
+//! - `lb.health` (optional): `tcp` or `http` active checks, tuned with
+//!   `lb.health.path`, `lb.health.status` (e.g. `200-399`),
+//!   `lb.health.interval_ms`, `lb.health.timeout_ms`, `lb.health.rise`,
+//!   `lb.health.fall`, `lb.health.on_down` (`keep` or `reset`)
+//! - `lb.affinity_secs` (optional): session affinity
+//!
+//! A service's settings (name, checks, affinity) are those of its oldest
+//! container.
 //!
 //! Labels are untrusted input: a bad label rejects that container alone,
 //! with a reason, and never an unrelated service.
@@ -17,7 +25,7 @@ use std::net::IpAddr;
 use bollard::models::{ContainerSummary, ContainerSummaryHealthStatusEnum};
 
 use crate::config::parse_frontend;
-use crate::model::{BackendSpec, Frontend, ServiceSpec};
+use crate::model::{BackendSpec, CheckKind, Frontend, HealthCheck, OnDown, ServiceSpec};
 
 pub const FRONTEND: &str = "lb.frontend";
 pub const PORT: &str = "lb.port";
@@ -25,7 +33,68 @@ pub const WEIGHT: &str = "lb.weight";
 pub const SERVICE: &str = "lb.service";
 pub const NETWORK: &str = "lb.network";
 
+pub const HEALTH: &str = "lb.health";
+pub const AFFINITY: &str = "lb.affinity_secs";
+
 pub const SOURCE: &str = "docker:labels";
+
+/// The `lb.health*` labels as a check, if `lb.health` is set.
+fn health(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<Option<HealthCheck>, String> {
+    let Some(kind) = labels.get(HEALTH) else {
+        return Ok(None);
+    };
+    let mut check = HealthCheck::tcp();
+    let get = |name: &str| labels.get(&format!("{HEALTH}.{name}"));
+    let number = |name: &str, min: u64, max: u64, default: u64| -> Result<u64, String> {
+        match get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| format!("{HEALTH}.{name} must be a number from {min} to {max}")),
+        }
+    };
+    check.interval_ms = number("interval_ms", 10, 3_600_000, check.interval_ms)?;
+    check.timeout_ms = number("timeout_ms", 10, 3_600_000, check.timeout_ms)?;
+    check.rise = number("rise", 1, 100, u64::from(check.rise))? as u32;
+    check.fall = number("fall", 1, 100, u64::from(check.fall))? as u32;
+    check.on_down = match get("on_down").map(String::as_str) {
+        None | Some("keep") => OnDown::Keep,
+        Some("reset") => OnDown::Reset,
+        Some(other) => {
+            return Err(format!(
+                "{HEALTH}.on_down {other:?}: expected keep or reset"
+            ))
+        }
+    };
+    check.kind = match kind.as_str() {
+        "tcp" => CheckKind::Tcp,
+        "http" => {
+            let path = get("path").cloned().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "{HEALTH}.path {path:?}: must start with / and have no spaces"
+                ));
+            }
+            let (status_min, status_max) = match get("status") {
+                None => (200, 399),
+                Some(s) => crate::config::parse_status_range(s).ok_or_else(|| {
+                    format!("{HEALTH}.status {s:?}: expected a code or a range like 200-399")
+                })?,
+            };
+            CheckKind::Http {
+                path,
+                status_min,
+                status_max,
+            }
+        }
+        other => return Err(format!("{HEALTH} {other:?}: expected tcp or http")),
+    };
+    Ok(Some(check))
+}
 
 /// A container that asked to be a backend and why it could not be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +107,8 @@ pub struct Rejected {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Member {
     service: String,
+    health: Option<HealthCheck>,
+    affinity_secs: u32,
     frontend: Frontend,
     backend: BackendSpec,
     created: i64,
@@ -77,8 +148,8 @@ pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejec
                 frontend: m.frontend,
                 backends: Vec::new(),
                 snat: None,
-                health: None,
-                affinity_secs: 0,
+                health: m.health.clone(),
+                affinity_secs: m.affinity_secs,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {
@@ -144,11 +215,11 @@ fn member(c: &ContainerSummary) -> Result<Option<Member>, String> {
         .get(SERVICE)
         .cloned()
         .unwrap_or_else(|| frontend.to_string());
-    let health = c.health.as_ref().and_then(|h| h.status);
+    let docker_health = c.health.as_ref().and_then(|h| h.status);
     let status = c.status.as_deref().unwrap_or("");
     // Engines older than the health field say it in the status text.
     let unhealthy = matches!(
-        health,
+        docker_health,
         Some(
             ContainerSummaryHealthStatusEnum::UNHEALTHY
                 | ContainerSummaryHealthStatusEnum::STARTING
@@ -158,6 +229,15 @@ fn member(c: &ContainerSummary) -> Result<Option<Member>, String> {
     if unhealthy {
         return Ok(None);
     }
+    let health = health(&labels)?;
+    let affinity_secs = match labels.get(AFFINITY) {
+        None => 0,
+        Some(a) => a
+            .parse()
+            .ok()
+            .filter(|s| *s <= 86_400)
+            .ok_or_else(|| format!("{AFFINITY} must be a number of seconds from 0 to 86400"))?,
+    };
     let addr = address(
         c,
         labels.get(NETWORK).map(String::as_str),
@@ -167,6 +247,8 @@ fn member(c: &ContainerSummary) -> Result<Option<Member>, String> {
         service,
         frontend,
         backend: BackendSpec { addr, port, weight },
+        health,
+        affinity_secs,
         created: c.created.unwrap_or(0),
         container: name(c),
     }))
@@ -338,6 +420,46 @@ mod tests {
         assert_eq!(services[0].backends.len(), 1);
         assert_eq!(rejected.len(), 1);
         assert_eq!(rejected[0].container, "intruder");
+    }
+
+    #[test]
+    fn health_and_affinity_labels() {
+        let cs = [container(
+            "a",
+            1,
+            &[
+                FE,
+                PORT8080,
+                ("lb.health", "http"),
+                ("lb.health.path", "/ready"),
+                ("lb.health.fall", "2"),
+                ("lb.affinity_secs", "30"),
+            ],
+            "172.17.0.2",
+            "Up",
+        )];
+        let (services, rejected) = services(&cs);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let h = services[0].health.clone().unwrap();
+        assert_eq!(
+            h.kind,
+            CheckKind::Http {
+                path: "/ready".into(),
+                status_min: 200,
+                status_max: 399
+            }
+        );
+        assert_eq!((h.fall, h.rise), (2, 2));
+        assert_eq!(services[0].affinity_secs, 30);
+        let bad = [container(
+            "b",
+            1,
+            &[FE, PORT8080, ("lb.health", "ping")],
+            "172.17.0.3",
+            "Up",
+        )];
+        let (_, rejected) = super::services(&bad);
+        assert!(rejected[0].reason.contains("tcp or http"), "{rejected:?}");
     }
 
     #[test]
