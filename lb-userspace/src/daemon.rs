@@ -71,6 +71,9 @@ struct State {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    if let Some(addr) = opts.metrics {
+        crate::web::check_addr(addr)?;
+    }
     // A config that does not parse at start-up is fatal: there is no earlier
     // good state to keep serving.
     let config_services = match &opts.config {

@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     // runc and tini); its default firewall rules need iptables.
     "docker.io",
     "iptables",
+    // The stats page test renders the page in a headless browser.
+    "chromium",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

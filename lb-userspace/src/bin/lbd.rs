@@ -35,7 +35,7 @@ struct Args {
     #[arg(long = "iface")]
     interfaces: Vec<String>,
     /// Serve Prometheus metrics at /metrics and a stats page at / on this
-    /// address (a loopback address unless you mean to expose them).
+    /// loopback address (other addresses are refused).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
     /// Do not add frontend addresses to lo. Then a service without a usable

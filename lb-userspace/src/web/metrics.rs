@@ -1,0 +1,450 @@
+//! The Prometheus exposition of a `Status`.
+//!
+//! Every scrape builds a fresh registry from the status the daemon reports.
+//! The counters live in BPF maps, not here, so keeping collectors in this
+//! process would only mean copying the same numbers twice; a fresh registry
+//! also drops the series of removed services and backends by itself.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{text, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::status::{Counters, Status};
+
+/// The content type of what `encode` returns.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// States a backend can be in. All of them are exported for every backend
+/// (1 for the current one, 0 for the others), so that a query such as
+/// `lb_backend_state{state="draining"} == 1` works without knowing which
+/// states exist; "down" is listed ahead of health checks reporting it.
+const BACKEND_STATES: [&str; 3] = ["active", "draining", "down"];
+
+/// A label value escaped as the text format requires. prometheus-client
+/// writes values verbatim, and service names can come from Docker labels,
+/// which may hold quotes, backslashes or newlines.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Text(String);
+
+impl Text {
+    fn new(s: &str) -> Text {
+        Text(s.to_string())
+    }
+}
+
+impl EncodeLabelValue for Text {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: Text,
+    frontend: Text,
+    source: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: Text,
+    frontend: Text,
+    backend: Text,
+    source: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendStateLabels {
+    service: Text,
+    frontend: Text,
+    backend: Text,
+    source: Text,
+    state: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabels {
+    counter: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: Text,
+}
+
+type U64Counter = Counter<u64, AtomicU64>;
+type F64Gauge = Gauge<f64, AtomicU64>;
+
+/// One family per field of `Counters`, for services or for backends.
+struct TrafficFamilies<L> {
+    packets: Family<L, U64Counter>,
+    bytes: Family<L, U64Counter>,
+    new_flows: Family<L, U64Counter>,
+    reply_packets: Family<L, U64Counter>,
+    reply_bytes: Family<L, U64Counter>,
+}
+
+impl<L> TrafficFamilies<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn register(registry: &mut Registry, what: &str) -> Self {
+        let families = TrafficFamilies {
+            packets: Family::default(),
+            bytes: Family::default(),
+            new_flows: Family::default(),
+            reply_packets: Family::default(),
+            reply_bytes: Family::default(),
+        };
+        registry.register(
+            format!("{what}_packets"),
+            format!("Packets from clients translated for the {what}"),
+            families.packets.clone(),
+        );
+        // With a unit, prometheus-client appends it to the name:
+        // lb_{what}_bytes_total, lb_{what}_reply_bytes_total.
+        registry.register_with_unit(
+            what,
+            format!("Bytes from clients translated for the {what}"),
+            Unit::Bytes,
+            families.bytes.clone(),
+        );
+        registry.register(
+            format!("{what}_new_flows"),
+            format!("New flows assigned to the {what}"),
+            families.new_flows.clone(),
+        );
+        registry.register(
+            format!("{what}_reply_packets"),
+            format!("Reply packets translated back for the {what}"),
+            families.reply_packets.clone(),
+        );
+        registry.register_with_unit(
+            format!("{what}_reply"),
+            format!("Reply bytes translated back for the {what}"),
+            Unit::Bytes,
+            families.reply_bytes.clone(),
+        );
+        families
+    }
+
+    fn add(&self, labels: &L, c: &Counters) {
+        self.packets.get_or_create(labels).inc_by(c.packets);
+        self.bytes.get_or_create(labels).inc_by(c.bytes);
+        self.new_flows.get_or_create(labels).inc_by(c.new_flows);
+        self.reply_packets
+            .get_or_create(labels)
+            .inc_by(c.reply_packets);
+        self.reply_bytes.get_or_create(labels).inc_by(c.reply_bytes);
+    }
+}
+
+/// The OpenMetrics text exposition of `status`.
+pub fn encode(status: &Status) -> String {
+    let mut registry = Registry::with_prefix("lb");
+
+    let services = TrafficFamilies::<ServiceLabels>::register(&mut registry, "service");
+    let no_backend = Family::<ServiceLabels, U64Counter>::default();
+    registry.register(
+        "service_no_backend_drops",
+        "Packets for the service dropped because it had no usable backend",
+        no_backend.clone(),
+    );
+    let backends = TrafficFamilies::<BackendLabels>::register(&mut registry, "backend");
+    let weight = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "backend_weight",
+        "Configured weight of the backend (0 drains it)",
+        weight.clone(),
+    );
+    let active = Family::<BackendLabels, Gauge>::default();
+    registry.register(
+        "backend_active_flows",
+        "Tracked flows of the backend that saw a packet in the last minute",
+        active.clone(),
+    );
+    let state = Family::<BackendStateLabels, Gauge>::default();
+    registry.register(
+        "backend_state",
+        "1 for the state the backend is in, 0 for the others",
+        state.clone(),
+    );
+
+    for s in &status.services {
+        let labels = ServiceLabels {
+            service: Text::new(&s.name),
+            frontend: Text::new(&s.frontend),
+            source: Text::new(&s.source),
+        };
+        services.add(&labels, &s.counters);
+        no_backend
+            .get_or_create(&labels)
+            .inc_by(s.counters.no_backend);
+        for b in &s.backends {
+            let labels = BackendLabels {
+                service: Text::new(&s.name),
+                frontend: Text::new(&s.frontend),
+                backend: Text::new(&b.address),
+                source: Text::new(&s.source),
+            };
+            backends.add(&labels, &b.counters);
+            weight.get_or_create(&labels).set(i64::from(b.weight));
+            active
+                .get_or_create(&labels)
+                .set(i64::try_from(b.active_flows).unwrap_or(i64::MAX));
+            let mut states: Vec<&str> = BACKEND_STATES.to_vec();
+            if !states.contains(&b.state.as_str()) {
+                states.push(&b.state);
+            }
+            for name in states {
+                let labels = BackendStateLabels {
+                    service: labels.service.clone(),
+                    frontend: labels.frontend.clone(),
+                    backend: labels.backend.clone(),
+                    source: labels.source.clone(),
+                    state: Text::new(name),
+                };
+                state.get_or_create(&labels).set(i64::from(name == b.state));
+            }
+        }
+    }
+
+    let datapath = Family::<CounterLabels, U64Counter>::default();
+    registry.register(
+        "datapath_events",
+        "Datapath-wide counters, by what they count",
+        datapath.clone(),
+    );
+    for (name, value) in &status.datapath {
+        datapath
+            .get_or_create(&CounterLabels {
+                counter: Text::new(name),
+            })
+            .inc_by(*value);
+    }
+
+    let reloads = U64Counter::default();
+    reloads.inc_by(status.config.reloads);
+    registry.register("config_reloads", "Configuration reloads attempted", reloads);
+    let failed = Gauge::<i64>::default();
+    failed.set(i64::from(status.config.last_error.is_some()));
+    registry.register(
+        "config_last_reload_failed",
+        "1 if the last configuration reload was rejected (the previous state keeps serving)",
+        failed,
+    );
+
+    let count = |n: usize| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        g
+    };
+    registry.register(
+        "services",
+        "Services applied to the datapath",
+        count(status.services.len()),
+    );
+    registry.register(
+        "conflicts",
+        "Services rejected because another service owns their frontend",
+        count(status.conflicts.len()),
+    );
+    registry.register(
+        "interfaces",
+        "Interfaces the datapath is attached to",
+        count(status.interfaces.len()),
+    );
+
+    if let Some(docker) = &status.docker {
+        let connected = Family::<HostLabels, Gauge>::default();
+        connected
+            .get_or_create(&HostLabels {
+                host: Text::new(&docker.host),
+            })
+            .set(i64::from(docker.connected));
+        registry.register(
+            "docker_connected",
+            "1 while lbd is connected to the Docker engine",
+            connected,
+        );
+        let resyncs = U64Counter::default();
+        resyncs.inc_by(docker.resyncs);
+        registry.register(
+            "docker_resyncs",
+            "Full resynchronisations with the Docker engine",
+            resyncs,
+        );
+    }
+
+    if let Some(conv) = &status.convergence {
+        let what = "the time from a Docker event to the datapath change it caused, \
+                    over the recent samples";
+        for (name, quantile, ms) in [
+            ("p50", "Median of", conv.p50_ms),
+            ("p99", "99th percentile of", conv.p99_ms),
+        ] {
+            let gauge = F64Gauge::default();
+            gauge.set(ms / 1000.0);
+            registry.register_with_unit(
+                format!("convergence_{name}"),
+                format!("{quantile} {what}"),
+                Unit::Seconds,
+                gauge,
+            );
+        }
+        registry.register(
+            "convergence_samples",
+            "Samples behind the convergence quantiles",
+            count(conv.samples),
+        );
+    }
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = text::encode(&mut out, &registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::docker::DockerStatus;
+    use crate::status::{BackendStatus, ConfigStatus, Convergence, ServiceStatus};
+
+    fn counters(n: u64) -> Counters {
+        Counters {
+            packets: n * 10,
+            bytes: n * 1000,
+            new_flows: n,
+            reply_packets: n * 9,
+            reply_bytes: n * 900,
+            no_backend: 0,
+        }
+    }
+
+    fn sample() -> Status {
+        Status {
+            services: vec![ServiceStatus {
+                name: "we\"b\\".into(),
+                frontend: "10.73.0.10:80/tcp".into(),
+                source: "config:/etc/lbd.toml".into(),
+                counters: Counters {
+                    no_backend: 3,
+                    ..counters(50)
+                },
+                backends: vec![
+                    BackendStatus {
+                        id: 1,
+                        address: "10.72.1.2:8080".into(),
+                        weight: 2,
+                        state: "active".into(),
+                        active_flows: 5,
+                        counters: counters(30),
+                    },
+                    BackendStatus {
+                        id: 2,
+                        address: "10.72.2.2:8080".into(),
+                        weight: 0,
+                        state: "draining".into(),
+                        active_flows: 2,
+                        counters: counters(20),
+                    },
+                ],
+            }],
+            interfaces: vec!["eth0".into()],
+            config: ConfigStatus {
+                path: Some("/etc/lbd.toml".into()),
+                last_error: Some("bad".into()),
+                reloads: 4,
+            },
+            docker: Some(DockerStatus {
+                host: "unix:///var/run/docker.sock".into(),
+                connected: true,
+                ..Default::default()
+            }),
+            conflicts: Vec::new(),
+            convergence: Some(Convergence {
+                samples: 10,
+                p50_ms: 2.5,
+                p99_ms: 40.0,
+                max_ms: 50.0,
+            }),
+            datapath: [("seen".to_string(), 7), ("malformed".to_string(), 1)]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting with {prefix} in\n{text}"))
+    }
+
+    #[test]
+    fn exposes_every_family_with_escaped_labels() {
+        let text = encode(&sample());
+        let svc = r#"service="we\"b\\",frontend="10.73.0.10:80/tcp",source="config:/etc/lbd.toml""#;
+        assert_eq!(
+            line(&text, &format!("lb_service_new_flows_total{{{svc}}}")),
+            format!("lb_service_new_flows_total{{{svc}}} 50")
+        );
+        line(
+            &text,
+            &format!("lb_service_no_backend_drops_total{{{svc}}} 3"),
+        );
+        line(&text, &format!("lb_service_bytes_total{{{svc}}} 50000"));
+        line(
+            &text,
+            &format!("lb_service_reply_bytes_total{{{svc}}} 45000"),
+        );
+        let b2 = r#"service="we\"b\\",frontend="10.73.0.10:80/tcp",backend="10.72.2.2:8080",source="config:/etc/lbd.toml""#;
+        line(&text, &format!("lb_backend_new_flows_total{{{b2}}} 20"));
+        line(&text, &format!("lb_backend_weight{{{b2}}} 0"));
+        line(&text, &format!("lb_backend_active_flows{{{b2}}} 2"));
+        line(
+            &text,
+            &format!("lb_backend_state{{{b2},state=\"draining\"}} 1"),
+        );
+        line(
+            &text,
+            &format!("lb_backend_state{{{b2},state=\"active\"}} 0"),
+        );
+        line(&text, &format!("lb_backend_state{{{b2},state=\"down\"}} 0"));
+        line(&text, "lb_datapath_events_total{counter=\"seen\"} 7");
+        line(&text, "lb_config_reloads_total 4");
+        line(&text, "lb_config_last_reload_failed 1");
+        line(&text, "lb_services 1");
+        line(&text, "lb_conflicts 0");
+        line(
+            &text,
+            "lb_docker_connected{host=\"unix:///var/run/docker.sock\"} 1",
+        );
+        line(&text, "lb_convergence_p50_seconds 0.0025");
+        line(&text, "lb_convergence_p99_seconds 0.04");
+        line(&text, "# TYPE lb_service_packets counter");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn optional_parts_are_left_out() {
+        let text = encode(&Status::default());
+        assert!(!text.contains("lb_docker"), "{text}");
+        assert!(!text.contains("lb_convergence"), "{text}");
+        line(&text, "lb_services 0");
+        line(&text, "lb_config_last_reload_failed 0");
+    }
+}
