@@ -123,6 +123,65 @@ fn tcp_spread(env: &Env, target: SocketAddr, n: usize) -> BTreeMap<String, usize
     })
 }
 
+/// Long-lived TCP connections from the client to `web()`, held by a thread
+/// inside the client's namespace for as long as the test needs them.
+struct Sessions {
+    requests: Option<std::sync::mpsc::Sender<()>>,
+    replies: std::sync::mpsc::Receiver<Result<Vec<String>, String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sessions {
+    fn open(env: &Env, count: usize) -> Sessions {
+        let ns = env.topo.client.name().to_string();
+        let (to_client, requests) = std::sync::mpsc::channel::<()>();
+        let (replies, from_client) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut sessions: Vec<TcpSession> = (0..count)
+                .map(|_| TcpSession::connect(web(), TIMEOUT).expect("connect"))
+                .collect();
+            while requests.recv().is_ok() {
+                let answer = sessions
+                    .iter_mut()
+                    .map(|s| {
+                        s.request()
+                            .map(|(name, _)| name)
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                    .collect();
+                if replies.send(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        Sessions {
+            requests: Some(to_client),
+            replies: from_client,
+            thread: Some(thread),
+        }
+    }
+
+    /// One request on every connection: the backend that answered each.
+    fn ask(&self) -> Vec<String> {
+        self.requests.as_ref().unwrap().send(()).unwrap();
+        self.replies
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the long-lived connections answer")
+            .expect("a request on a long-lived connection")
+    }
+}
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn tcp_is_balanced_and_backends_see_the_client() {
     let mut env = setup("bal");
@@ -190,29 +249,8 @@ fn udp_and_ipv6_services_work() {
 #[test]
 fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
     let mut env = setup("grow");
-    // The session lives on a client thread for the whole test.
-    let (to_client, requests) = std::sync::mpsc::channel::<()>();
-    let (replies, from_client) = std::sync::mpsc::channel::<String>();
-    let session = {
-        let ns = env.topo.client.name().to_string();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut session = TcpSession::connect(web(), TIMEOUT).expect("connect");
-            while requests.recv().is_ok() {
-                let (name, _) = session
-                    .request()
-                    .expect("request on the long-lived connection");
-                replies.send(name).unwrap();
-            }
-        })
-    };
-    let ask = || {
-        to_client.send(()).unwrap();
-        from_client
-            .recv_timeout(Duration::from_secs(5))
-            .expect("reply")
-    };
+    let session = Sessions::open(&env, 1);
+    let ask = || session.ask().remove(0);
     let first = ask();
 
     let idx = env.topo.add_backend().unwrap();
@@ -245,8 +283,7 @@ fn long_lived_connection_survives_a_reload_that_adds_a_backend() {
     for _ in 0..10 {
         assert_eq!(ask(), first, "the established connection moved");
     }
-    drop(to_client);
-    session.join().unwrap();
+    drop(session);
 
     let seen = tcp_spread(&env, web(), 200);
     assert!(
@@ -368,38 +405,8 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
             }
         })
     };
-    let sessions = {
-        let ns = env.topo.client.name().to_string();
-        let (to_client, requests) = std::sync::mpsc::channel::<()>();
-        let (replies, from_client) = std::sync::mpsc::channel::<Result<Vec<String>, String>>();
-        let handle = std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut sessions: Vec<TcpSession> = (0..5)
-                .map(|_| TcpSession::connect(web(), TIMEOUT).expect("connect"))
-                .collect();
-            while requests.recv().is_ok() {
-                let answer = sessions
-                    .iter_mut()
-                    .map(|s| {
-                        s.request()
-                            .map(|(name, _)| name)
-                            .map_err(|e| format!("{e:#}"))
-                    })
-                    .collect();
-                replies.send(answer).unwrap();
-            }
-        });
-        (to_client, from_client, handle)
-    };
-    let ask = || {
-        sessions.0.send(()).unwrap();
-        sessions
-            .1
-            .recv_timeout(Duration::from_secs(10))
-            .expect("sessions answer")
-            .expect("long-lived connections work")
-    };
+    let sessions = Sessions::open(&env, 5);
+    let ask = || sessions.ask();
     let before = ask();
     std::thread::sleep(Duration::from_millis(300));
 
@@ -425,8 +432,7 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
 
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    drop(sessions.0);
-    sessions.2.join().unwrap();
+    drop(sessions);
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("restart under load: {sent} requests, {failed} failed");
     assert!(sent > 50, "the load barely ran: {sent} requests");
@@ -450,26 +456,8 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
 #[test]
 fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     let env = setup("drain");
-    let ns = env.topo.client.name().to_string();
-    let (to_client, requests) = std::sync::mpsc::channel::<()>();
-    let (replies, from_client) = std::sync::mpsc::channel::<String>();
-    let session = std::thread::spawn(move || {
-        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut session = TcpSession::connect(web(), TIMEOUT).expect("connect");
-        while requests.recv().is_ok() {
-            let (name, _) = session
-                .request()
-                .expect("request on the drained backend's connection");
-            replies.send(name).unwrap();
-        }
-    });
-    let ask = || {
-        to_client.send(()).unwrap();
-        from_client
-            .recv_timeout(Duration::from_secs(5))
-            .expect("reply")
-    };
+    let session = Sessions::open(&env, 1);
+    let ask = || session.ask().remove(0);
     let pinned = ask();
     let idx: usize = pinned[1..].parse().unwrap();
     let address = format!("10.72.{idx}.2:{TCP_PORT}");
@@ -505,8 +493,6 @@ fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     );
     // An unknown backend is an error, not a silent success.
     assert!(lb_tests::lbd::lbctl(&env.lbd.socket, &["drain", "web", "10.9.9.9:1"]).is_err());
-    drop(to_client);
-    session.join().unwrap();
 }
 
 const HEALTH_INTERVAL_MS: u64 = 200;
