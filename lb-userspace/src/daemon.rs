@@ -104,7 +104,7 @@ pub async fn run(opts: Options) -> Result<()> {
         vips_wanted: BTreeSet::new(),
     };
     let mut vips = match opts.local_vips {
-        true => Some(Vips::new(opts.pin_dir.join("vips")).await?),
+        true => Some(Vips::new(vips_record(&opts.pin_dir)).await?),
         false => None,
     };
     state.reconciler.set_local_vips(opts.local_vips);
@@ -202,6 +202,16 @@ pub async fn run(opts: Options) -> Result<()> {
         datapath.shutdown();
     }
     Ok(())
+}
+
+/// Where the frontend addresses lbd added are listed (bpffs holds no plain
+/// files). /run is right: those addresses do not outlive a reboot either.
+pub fn vips_record(pin_dir: &std::path::Path) -> PathBuf {
+    let name = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    PathBuf::from("/run/lbd").join(format!("{name}.vips"))
 }
 
 async fn sync_vips(vips: &mut Option<Vips>, wanted: &BTreeSet<IpAddr>) {

@@ -47,6 +47,9 @@ impl Vips {
     }
 
     fn save(&self) {
+        if let Some(dir) = self.record.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         let text: String = self.ours.iter().map(|a| format!("{a}\n")).collect();
         if let Err(e) = std::fs::write(&self.record, text) {
             log::warn!("writing {}: {e}", self.record.display());

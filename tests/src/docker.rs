@@ -255,9 +255,23 @@ impl Dockerd {
         Ok(d)
     }
 
+    /// [`Self::start`] with `daemon_json` as the engine's configuration
+    /// file instead of an empty one (`{"live-restore": true}`, say).
+    pub fn start_with_config(ns: &Netns, tag: &str, daemon_json: &str) -> Result<Self> {
+        let mut d = Self::spawn_with_config(ns, tag, daemon_json)?;
+        d.wait_ready()?;
+        Ok(d)
+    }
+
     /// Starts the process without waiting for it, so that a cluster's
     /// daemons can initialise in parallel.
     fn spawn(ns: &Netns, tag: &str) -> Result<Self> {
+        // An explicit, empty configuration keeps /etc/docker/daemon.json
+        // (a system Docker's) out of the picture.
+        Self::spawn_with_config(ns, tag, "{}\n")
+    }
+
+    fn spawn_with_config(ns: &Netns, tag: &str, daemon_json: &str) -> Result<Self> {
         ensure!(
             !tag.is_empty()
                 && tag.len() <= MAX_TAG_LEN
@@ -284,9 +298,7 @@ impl Dockerd {
             child: None,
             term_sent: false,
         };
-        // An explicit, empty configuration keeps /etc/docker/daemon.json
-        // (a system Docker's) out of the picture.
-        std::fs::write(d.dir.join("daemon.json"), "{}\n")?;
+        std::fs::write(d.dir.join("daemon.json"), daemon_json)?;
         d.launch()?;
         Ok(d)
     }
@@ -556,6 +568,29 @@ impl Dockerd {
     /// upgrade or `systemctl restart docker` would.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    /// Stops dockerd alone (SIGTERM, then wait) and starts it again. With
+    /// `"live-restore": true` its containers keep running meanwhile, which
+    /// [`Self::stop`] would count as processes outliving the daemon.
+    pub fn restart_live(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.pid() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while child.try_wait().is_none() {
+                if Instant::now() >= deadline {
+                    child.terminate();
+                    bail!(
+                        "dockerd {} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed\n{}",
+                        self.hostname,
+                        self.log_tail(40)
+                    );
+                }
+                sleep(POLL);
+            }
+        }
         self.launch()?;
         self.wait_ready()
     }
@@ -1154,7 +1189,7 @@ pub fn daemon_processes(dir: &Path, name: &str) -> BTreeMap<i32, String> {
             .unwrap_or_default();
         let in_cgroup = std::fs::read_to_string(proc_dir.join("cgroup"))
             .is_ok_and(|c| c.lines().any(|l| format!("{l}/").contains(&cgroup_parent)));
-        if cmdline.contains(&dir_arg) || in_cgroup {
+        if (cmdline.contains(&dir_arg) && is_engine_program(&cmdline)) || in_cgroup {
             found.insert(pid, cmdline);
         }
     }
@@ -1175,6 +1210,18 @@ pub fn daemon_processes(dir: &Path, name: &str) -> BTreeMap<i32, String> {
         }
     }
     found
+}
+
+/// Whether a command line belonging to the daemon's directory is the engine's
+/// own (dockerd, containerd, a shim, docker-proxy, runc) rather than a client
+/// of it, such as the docker CLI or lbd given `--docker-host` below that
+/// directory, which stopping the daemon must leave alone.
+fn is_engine_program(cmdline: &str) -> bool {
+    let argv0 = cmdline.split(' ').next().unwrap_or_default();
+    let name = argv0.rsplit('/').next().unwrap_or_default();
+    ["dockerd", "containerd", "docker-proxy", "runc"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// Waits up to `timeout` for the daemon's processes to exit by themselves

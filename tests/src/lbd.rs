@@ -16,6 +16,8 @@ use crate::topology::target_bin;
 pub struct Lbd {
     process: Option<ChildGuard>,
     dir: PathBuf,
+    /// Given on every start, restarts included (`--docker ...`, say).
+    extra_args: Vec<String>,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
@@ -25,11 +27,24 @@ impl Lbd {
     /// Starts lbd in `ns` with `config` as its configuration and waits until
     /// it answers on its socket with every interface in `interfaces` attached.
     pub fn start(ns: &Netns, tag: &str, config: &str, interfaces: &[&str]) -> Result<Lbd> {
+        Self::start_with(ns, tag, config, interfaces, &[])
+    }
+
+    /// [`Self::start`] with more arguments for lbd, such as `--docker
+    /// --docker-host unix://...`.
+    pub fn start_with(
+        ns: &Netns,
+        tag: &str,
+        config: &str,
+        interfaces: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Lbd> {
         let name = unique_name(tag);
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
         let mut lbd = Lbd {
             process: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             config: dir.join("lbd.toml"),
             socket: dir.join("lbd.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
@@ -54,29 +69,43 @@ impl Lbd {
             .arg(&lbd.socket)
             .arg("--pin-dir")
             .arg(&lbd.pin_dir)
+            .args(&lbd.extra_args)
             .env("RUST_LOG", "info,netlink_packet_route=error")
             .stdout(log.try_clone()?)
             .stderr(log);
-        lbd.process = Some(ChildGuard::spawn(&mut cmd)?);
+        let mut child = ChildGuard::spawn(&mut cmd)?;
         let wanted: Vec<String> = interfaces.iter().map(|s| s.to_string()).collect();
+        let mut exited = None;
         let ready = wait_until(Duration::from_secs(15), "lbd to attach", || {
-            lbd.status()
-                .map(|s| {
-                    let attached: Vec<String> = s["interfaces"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    wanted.iter().all(|w| attached.contains(w))
-                })
-                .unwrap_or(false)
+            // An lbd that refused its arguments would otherwise cost the
+            // whole wait.
+            exited = child.try_wait();
+            exited.is_some()
+                || lbd
+                    .status()
+                    .map(|s| {
+                        let attached: Vec<String> = s["interfaces"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|v| v.as_str().map(String::from))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        wanted.iter().all(|w| attached.contains(w))
+                    })
+                    .unwrap_or(false)
         });
+        if let Some(status) = exited {
+            bail!(
+                "lbd exited during start-up ({status})\nlbd's log:\n{}",
+                lbd.log()
+            );
+        }
         if let Err(e) = ready {
             bail!("{e:#}\nlbd's log:\n{}", lbd.log());
         }
+        lbd.process = Some(child);
         Ok(())
     }
 

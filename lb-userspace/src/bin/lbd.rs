@@ -67,6 +67,12 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.cleanup {
         remove_pins(&args.pin_dir);
+        let record = daemon::vips_record(&args.pin_dir);
+        lb_userspace::vips::Vips::new(record.clone())
+            .await?
+            .clear()
+            .await?;
+        let _ = std::fs::remove_file(record);
         return Ok(());
     }
     daemon::run(Options {

@@ -22,6 +22,8 @@ pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 const RESYNC: Duration = Duration::from_secs(30);
 /// Events that arrive together cause one resync.
 const DEBOUNCE: Duration = Duration::from_millis(5);
+/// How long an event waits for the change it causes to show up.
+const PENDING_EVENT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -127,6 +129,7 @@ async fn session(
     log::info!("connected to the docker engine at {host} (API {api})");
     let first = sync(&docker, exec_root, None).await?;
     let first_in_swarm = first.swarm_role != "inactive";
+    let (first_services, first_rejected) = (first.services.clone(), first.rejected.clone());
     *connected = true;
     if tx.send(Update::Connected { version: api }).await.is_err()
         || tx.send(Update::Snapshot(first)).await.is_err()
@@ -138,6 +141,11 @@ async fn session(
     let mut swarm_poll = tokio::time::interval(SWARM_POLL);
     swarm_poll.reset();
     let mut in_swarm = first_in_swarm;
+    let mut last = (first_services, first_rejected);
+    // The event a change is attributed to: the latest one before it. Swarm's
+    // view of a new task lags the container's event, so the change may only
+    // show at a later poll; it still counts from the event.
+    let mut pending: Option<SystemTime> = None;
     loop {
         let cause = tokio::select! {
             event = events.next() => match event {
@@ -162,8 +170,20 @@ async fn session(
                 },
             }
         }
-        let snapshot = sync(&docker, exec_root, cause).await?;
+        if cause.is_some() {
+            pending = cause;
+        }
+        if pending.is_some_and(|t| t.elapsed().unwrap_or_default() > PENDING_EVENT) {
+            pending = None;
+        }
+        let mut snapshot = sync(&docker, exec_root, None).await?;
         in_swarm = snapshot.swarm_role != "inactive";
+        let now = (snapshot.services.clone(), snapshot.rejected.clone());
+        if now == last {
+            continue;
+        }
+        last = now;
+        snapshot.event_time = pending.take();
         if tx.send(Update::Snapshot(snapshot)).await.is_err() {
             return Ok(());
         }

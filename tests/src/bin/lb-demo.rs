@@ -1,7 +1,9 @@
 //! The demo behind `cargo xtask demo`: a client, the load-balancer node and
 //! three backends in network namespaces; lbd balances the virtual addresses
-//! of a config file over the backends. Everything it creates is removed on
-//! exit, also on failure.
+//! of a config file over the backends. With `--docker` (`cargo xtask demo
+//! --docker`) it is a one-node Swarm instead, whose published port answers
+//! only once lbd runs, because this kernel has no IPVS for Docker's own
+//! routing mesh. Everything it creates is removed on exit, also on failure.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,33 +11,41 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+use lb_tests::docker::{http_whoami, wait_service_running, Cluster, CLIENT_ADDR};
 use lb_tests::echo::{tcp_request, udp_request};
 use lb_tests::lbd::{lbctl, Lbd};
+use lb_tests::process::wait_until;
 use lb_tests::topology::{echo_bin, Topology};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Args {
     config: PathBuf,
-    requests: usize,
+    requests: Option<usize>,
+    docker: bool,
 }
 
 fn args() -> Result<Args> {
     let mut args = Args {
         config: PathBuf::from("examples/demo.toml"),
-        requests: 300,
+        requests: None,
+        docker: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--config" => args.config = it.next().context("--config needs a path")?.into(),
             "--requests" => {
-                args.requests = it.next().context("--requests needs a number")?.parse()?;
-                if args.requests == 0 || args.requests > 10_000 {
+                let n: usize = it.next().context("--requests needs a number")?.parse()?;
+                if n == 0 || n > 10_000 {
                     bail!("--requests must be between 1 and 10000");
                 }
+                args.requests = Some(n);
             }
-            other => bail!("unknown argument {other} (known: --config PATH, --requests N)"),
+            "--docker" => args.docker = true,
+            other => {
+                bail!("unknown argument {other} (known: --config PATH, --requests N, --docker)")
+            }
         }
     }
     Ok(args)
@@ -43,6 +53,9 @@ fn args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = args()?;
+    if args.docker {
+        return docker_demo(args.requests.unwrap_or(60));
+    }
     let config = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
 
@@ -65,7 +78,7 @@ fn main() -> Result<()> {
     println!("== starting lbd with {}", args.config.display());
     let lbd = Lbd::start(&topo.lb, "demo", &config, &["lbc0", "lbb1", "lbb2", "lbb3"])?;
 
-    let n = args.requests;
+    let n = args.requests.unwrap_or(300);
     let targets: [(&str, SocketAddr, bool); 3] = [
         ("web  (tcp, IPv4)", web, false),
         ("dns  (udp, IPv4)", "10.73.0.10:53".parse()?, true),
@@ -87,10 +100,7 @@ fn main() -> Result<()> {
                 Ok(spread)
             })?;
         println!("\n== {label}: {n} requests to {target}, each a new flow");
-        for (name, count) in &spread {
-            let bar = "#".repeat(count * 50 / n);
-            println!("   {name}  {count:>5}  {bar}");
-        }
+        print_spread(&spread, n);
     }
 
     println!("\n== lbctl status");
@@ -98,5 +108,113 @@ fn main() -> Result<()> {
     println!("\n== cleaning up");
     drop(lbd);
     drop(topo);
+    Ok(())
+}
+
+fn print_spread(spread: &BTreeMap<String, usize>, n: usize) {
+    for (name, count) in spread {
+        let bar = "#".repeat(count * 50 / n);
+        println!("   {name}  {count:>5}  {bar}");
+    }
+}
+
+/// A one-node Swarm whose service publishes port 8080: closed without lbd,
+/// balanced over the tasks with it.
+fn docker_demo(n: usize) -> Result<()> {
+    const IMAGE: &str = "lbt-web";
+    const REPLICAS: usize = 3;
+
+    println!("== starting dockerd in a node namespace and forming a one-node Swarm");
+    let cluster = Cluster::new(1)?;
+    let node = &cluster.nodes[0];
+    let d = cluster.manager();
+    cluster.build_image(IMAGE)?;
+    println!("== docker service create --name web --replicas {REPLICAS} --publish 8080:80 {IMAGE}");
+    d.docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "web",
+        "--replicas",
+        &REPLICAS.to_string(),
+        "--publish",
+        "8080:80",
+        "--no-resolve-image",
+        IMAGE,
+    ])?;
+    let tasks = wait_service_running(d, "web", REPLICAS, Duration::from_secs(60))?;
+    println!("   {REPLICAS} tasks running:");
+    for t in &tasks {
+        let container = t.container_id.as_deref().unwrap_or("?");
+        let addr = t
+            .addr_on("ingress")
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        println!(
+            "   web.{}  container {}  ingress {addr}",
+            t.slot,
+            &container[..container.len().min(12)]
+        );
+    }
+
+    let target = SocketAddr::from((node.addr, 8080));
+    let before = cluster
+        .client
+        .run(move || http_whoami(target, Duration::from_secs(1)));
+    println!(
+        "\n== without lbd, client {} -> {target}: {}",
+        CLIENT_ADDR,
+        match before {
+            Ok(_) => "answered (unexpected: does the kernel have IPVS?)".to_string(),
+            Err(e) => format!("failed ({})", e.root_cause()),
+        }
+    );
+
+    println!("\n== starting lbd --docker on the node");
+    let host = format!("unix://{}", d.socket().display());
+    let exec_root = d.exec_root().display().to_string();
+    let lbd = Lbd::start_with(
+        &node.ns,
+        "demo",
+        "",
+        &["eth0"],
+        &[
+            "--docker",
+            "--docker-host",
+            &host,
+            "--docker-exec-root",
+            &exec_root,
+        ],
+    )?;
+    let served = cluster.client.run(move || {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{target} to answer"),
+            || http_whoami(target, Duration::from_secs(1)).is_ok(),
+        )
+    });
+    if let Err(e) = served {
+        bail!("{e:#}\nlbd's log:\n{}", lbd.log());
+    }
+
+    let spread = cluster
+        .client
+        .run(move || -> Result<BTreeMap<String, usize>> {
+            let mut spread = BTreeMap::new();
+            for _ in 0..n {
+                let (name, _peer) = http_whoami(target, TIMEOUT)?;
+                *spread.entry(name).or_insert(0) += 1;
+            }
+            Ok(spread)
+        })?;
+    println!("\n== with lbd: {n} requests to {target}, each a new flow, by task container");
+    print_spread(&spread, n);
+
+    println!("\n== lbctl status");
+    print!("{}", lbctl(&lbd.socket, &["status"])?);
+    println!("\n== cleaning up");
+    drop(lbd);
+    drop(cluster);
     Ok(())
 }
