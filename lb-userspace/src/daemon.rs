@@ -57,6 +57,7 @@ struct State {
     docker_status: Option<DockerStatus>,
     conflicts: Vec<Conflict>,
     latencies: VecDeque<Duration>,
+    reconcile: crate::status::Reconcile,
     /// Sources that have not delivered their first state yet. Until they
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
@@ -97,6 +98,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }),
         conflicts: Vec::new(),
         latencies: VecDeque::new(),
+        reconcile: Default::default(),
         awaiting_docker: opts.docker.is_some(),
         drained: Default::default(),
         checkers: Checkers::new(health_tx),
@@ -272,8 +274,13 @@ impl State {
             );
         }
         self.conflicts = conflicts;
+        let started = std::time::Instant::now();
         let changes = self.reconciler.apply(&desired)?;
         if changes != Default::default() {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            self.reconcile.count += 1;
+            self.reconcile.last_ms = ms;
+            self.reconcile.max_ms = self.reconcile.max_ms.max(ms);
             log::info!("applied {} services ({changes:?})", desired.services.len());
         }
         Ok(())
@@ -466,6 +473,9 @@ impl State {
                     docker: self.docker_status.clone(),
                     conflicts: self.conflicts.clone(),
                     convergence: self.convergence(),
+                    reconcile: self.reconcile.clone(),
+                    conntrack_entries: status::conntrack_entries(&self.reconciler),
+                    conntrack_capacity: u64::from(self.reconciler.maps().limits.max_flows),
                     datapath: status::datapath_counters(&self.reconciler),
                 })),
                 Err(e) => Response::Error(format!("{e:#}")),

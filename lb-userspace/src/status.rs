@@ -67,6 +67,14 @@ pub struct ConfigStatus {
     pub reloads: u64,
 }
 
+/// Reconciliations: how many changed the maps, and how long they took.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reconcile {
+    pub count: u64,
+    pub last_ms: f64,
+    pub max_ms: f64,
+}
+
 /// Time from a Docker event to the datapath change it caused.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Convergence {
@@ -86,12 +94,30 @@ pub struct Status {
     /// Services rejected because another owns their frontend.
     pub conflicts: Vec<Conflict>,
     pub convergence: Option<Convergence>,
+    /// How long applying a desired state to the maps took.
+    #[serde(default)]
+    pub reconcile: Reconcile,
+    /// Conntrack entries (client flows) and the table's capacity.
+    #[serde(default)]
+    pub conntrack_entries: u64,
+    #[serde(default)]
+    pub conntrack_capacity: u64,
     /// Datapath-wide counters by name.
     pub datapath: BTreeMap<String, u64>,
 }
 
 /// A flow counts as active while it saw a packet this recently.
 const ACTIVE_FLOW_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Entries in CONNTRACK (a walk over the map).
+pub fn conntrack_entries(reconciler: &Reconciler) -> u64 {
+    reconciler
+        .maps()
+        .conntrack
+        .keys()
+        .filter(|k| k.is_ok())
+        .count() as u64
+}
 
 /// Active flows per backend id, from a walk over CONNTRACK.
 fn active_flows(reconciler: &Reconciler) -> BTreeMap<u32, u64> {
@@ -274,5 +300,14 @@ pub fn render_table(status: &Status) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let _ = writeln!(out, "datapath: {}", counters.join(" "));
+    let _ = writeln!(
+        out,
+        "conntrack: {} of {} entries; reconcile: {} changes, last {:.2} ms, max {:.2} ms",
+        status.conntrack_entries,
+        status.conntrack_capacity,
+        status.reconcile.count,
+        status.reconcile.last_ms,
+        status.reconcile.max_ms
+    );
     out
 }

@@ -207,6 +207,10 @@ fn tcp_is_balanced_and_backends_see_the_client() {
         );
         assert!(counter(backend, "reply_packets") >= seen[&name] as u64);
     }
+    // Every connection is a conntrack entry, and the reload-free start counts
+    // as one reconciliation.
+    assert!(status["conntrack_entries"].as_u64().unwrap() >= 300, "{status:#}");
+    assert!(status["reconcile"]["count"].as_u64().unwrap() >= 1);
     // SIGTERM detaches and removes every pin.
     assert!(env.lbd.stop(), "lbd did not exit cleanly");
     assert!(!env.lbd.pin_dir.exists(), "pins left behind");

@@ -289,6 +289,36 @@ pub fn encode(status: &Status) -> String {
         );
     }
 
+    let ct = Gauge::<i64>::default();
+    ct.set(i64::try_from(status.conntrack_entries).unwrap_or(i64::MAX));
+    registry.register("conntrack_entries", "Flows in the conntrack table", ct);
+    let cap = Gauge::<i64>::default();
+    cap.set(i64::try_from(status.conntrack_capacity).unwrap_or(i64::MAX));
+    registry.register("conntrack_capacity", "Capacity of the conntrack table", cap);
+    let reconciles = U64Counter::default();
+    reconciles.inc_by(status.reconcile.count);
+    registry.register(
+        "reconciles",
+        "Reconciliations that changed the datapath's maps",
+        reconciles,
+    );
+    for (name, help, ms) in [
+        (
+            "reconcile_last",
+            "Duration of the latest reconciliation",
+            status.reconcile.last_ms,
+        ),
+        (
+            "reconcile_max",
+            "Longest reconciliation so far",
+            status.reconcile.max_ms,
+        ),
+    ] {
+        let gauge = F64Gauge::default();
+        gauge.set(ms / 1000.0);
+        registry.register_with_unit(name, help, Unit::Seconds, gauge);
+    }
+
     if let Some(conv) = &status.convergence {
         let what = "the time from a Docker event to the datapath change it caused, \
                     over the recent samples";
@@ -382,6 +412,9 @@ mod tests {
                 p99_ms: 40.0,
                 max_ms: 50.0,
             }),
+            reconcile: Default::default(),
+            conntrack_entries: 12,
+            conntrack_capacity: 1024,
             datapath: [("seen".to_string(), 7), ("malformed".to_string(), 1)]
                 .into_iter()
                 .collect(),
@@ -428,6 +461,8 @@ mod tests {
         line(&text, "lb_config_reloads_total 4");
         line(&text, "lb_config_last_reload_failed 1");
         line(&text, "lb_services 1");
+        line(&text, "lb_conntrack_entries 12");
+        line(&text, "lb_conntrack_capacity 1024");
         line(&text, "lb_conflicts 0");
         line(
             &text,
