@@ -58,6 +58,8 @@ struct State {
     conflicts: Vec<Conflict>,
     latencies: VecDeque<Duration>,
     reconcile: crate::status::Reconcile,
+    /// Where Docker backends run, for `lbctl status`.
+    backend_nodes: std::collections::BTreeMap<IpAddr, String>,
     /// Sources that have not delivered their first state yet. Until they
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
@@ -99,6 +101,7 @@ pub async fn run(opts: Options) -> Result<()> {
         conflicts: Vec::new(),
         latencies: VecDeque::new(),
         reconcile: Default::default(),
+        backend_nodes: Default::default(),
         awaiting_docker: opts.docker.is_some(),
         drained: Default::default(),
         checkers: Checkers::new(health_tx),
@@ -342,6 +345,7 @@ impl State {
                     .iter()
                     .map(|r| format!("{}: {}", r.container, r.reason))
                     .collect();
+                self.backend_nodes = snapshot.nodes;
                 let mut changed = self.docker_services != snapshot.services;
                 self.docker_services = snapshot.services;
                 if std::mem::take(&mut self.awaiting_docker) {
@@ -458,13 +462,14 @@ impl State {
             Request::Drain { service, backend } => self.drain(service, backend, true),
             Request::Undrain { service, backend } => self.drain(service, backend, false),
             Request::Status => match status::collect(&self.reconciler, &|s, b| {
-                if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
+                let state = if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
                     format!("down ({why})")
                 } else if b.weight == 0 {
                     "draining".to_string()
                 } else {
                     "active".to_string()
-                }
+                };
+                (state, self.backend_nodes.get(&b.addr).cloned())
             }) {
                 Ok(services) => Response::Status(Box::new(Status {
                     services,

@@ -43,6 +43,9 @@ pub struct BackendStatus {
     pub weight: u32,
     /// "active", "draining" (weight 0, or `lbctl drain`) or "down".
     pub state: String,
+    /// The node it runs on, when known (Docker backends).
+    #[serde(default)]
+    pub node: Option<String>,
     /// Conntrack entries for this backend that saw a packet in the last
     /// minute: what a draining backend still serves.
     pub active_flows: u64,
@@ -136,12 +139,14 @@ fn active_flows(reconciler: &Reconciler) -> BTreeMap<u32, u64> {
     out
 }
 
+/// A backend's state ("active", "draining", "down (why)") and the node it
+/// runs on, as the daemon sees them.
+pub type BackendView<'a> =
+    dyn Fn(&crate::model::ServiceSpec, &crate::model::BackendSpec) -> (String, Option<String>) + 'a;
+
 /// Reads the applied state and sums the per-CPU counters. `state_of` names
 /// a backend's state ("active", "draining", "down") from the daemon's view.
-pub fn collect(
-    reconciler: &Reconciler,
-    state_of: &dyn Fn(&crate::model::ServiceSpec, &crate::model::BackendSpec) -> String,
-) -> Result<Vec<ServiceStatus>> {
+pub fn collect(reconciler: &Reconciler, state_of: &BackendView) -> Result<Vec<ServiceStatus>> {
     let maps = reconciler.maps();
     let active = active_flows(reconciler);
     let mut out = Vec::new();
@@ -160,7 +165,8 @@ pub fn collect(
                 id: *id,
                 address: b.socket_addr().to_string(),
                 weight: b.weight,
-                state: state_of(&applied.spec, b),
+                state: state_of(&applied.spec, b).0,
+                node: state_of(&applied.spec, b).1,
                 active_flows: active.get(id).copied().unwrap_or(0),
                 counters: maps
                     .backend_stats
@@ -199,8 +205,8 @@ pub fn datapath_counters(reconciler: &Reconciler) -> BTreeMap<String, u64> {
 pub fn render_table(status: &Status) -> String {
     let mut out = String::new();
     let mut rows = vec![[
-        "SERVICE", "FRONTEND", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "FLOWS", "PACKETS", "BYTES",
-        "REPLIES",
+        "SERVICE", "FRONTEND", "BACKEND", "NODE", "STATE", "WEIGHT", "ACTIVE", "FLOWS", "PACKETS",
+        "BYTES", "REPLIES",
     ]
     .map(String::from)];
     for s in &status.services {
@@ -209,6 +215,7 @@ pub fn render_table(status: &Status) -> String {
             s.name.clone(),
             s.frontend.clone(),
             format!("({} backends)", s.backends.len()),
+            String::new(),
             String::new(),
             String::new(),
             s.backends
@@ -227,6 +234,7 @@ pub fn render_table(status: &Status) -> String {
                 String::new(),
                 String::new(),
                 b.address.clone(),
+                b.node.clone().unwrap_or_else(|| "-".into()),
                 b.state.clone(),
                 b.weight.to_string(),
                 b.active_flows.to_string(),

@@ -19,6 +19,9 @@ pub struct Vips {
     /// started after a crash knows them too.
     ours: BTreeSet<IpAddr>,
     record: std::path::PathBuf,
+    /// What the last successful `sync` was given: the loop calls `sync`
+    /// after every event, and most events change no frontend.
+    synced: BTreeSet<IpAddr>,
 }
 
 impl Vips {
@@ -43,6 +46,7 @@ impl Vips {
             lo,
             ours,
             record,
+            synced: BTreeSet::new(),
         })
     }
 
@@ -72,7 +76,11 @@ impl Vips {
     /// Makes every address of `wanted` local, and removes the ones this lbd
     /// added that are no longer wanted.
     pub async fn sync(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<()> {
+        if *wanted == self.synced {
+            return Ok(());
+        }
         let local = self.local().await?;
+        let mut added = false;
         for addr in wanted {
             if !local.contains(addr) {
                 let prefix = if addr.is_ipv4() { 32 } else { 128 };
@@ -83,13 +91,17 @@ impl Vips {
                     .await
                     .with_context(|| format!("adding {addr} to lo"))?;
                 self.ours.insert(*addr);
-                self.save();
+                added = true;
             }
         }
         let stale: Vec<IpAddr> = self.ours.difference(wanted).copied().collect();
-        for addr in stale {
-            self.remove(addr).await?;
+        if added || !stale.is_empty() {
+            for addr in stale {
+                self.remove(addr).await?;
+            }
+            self.save();
         }
+        self.synced = wanted.clone();
         Ok(())
     }
 
@@ -99,6 +111,8 @@ impl Vips {
         for addr in ours {
             self.remove(addr).await?;
         }
+        self.save();
+        self.synced.clear();
         Ok(())
     }
 
@@ -119,7 +133,6 @@ impl Vips {
                 .with_context(|| format!("removing {addr} from lo"))?;
         }
         self.ours.remove(&addr);
-        self.save();
         Ok(())
     }
 }

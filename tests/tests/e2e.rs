@@ -209,7 +209,10 @@ fn tcp_is_balanced_and_backends_see_the_client() {
     }
     // Every connection is a conntrack entry, and the reload-free start counts
     // as one reconciliation.
-    assert!(status["conntrack_entries"].as_u64().unwrap() >= 300, "{status:#}");
+    assert!(
+        status["conntrack_entries"].as_u64().unwrap() >= 300,
+        "{status:#}"
+    );
     assert!(status["reconcile"]["count"].as_u64().unwrap() >= 1);
     // SIGTERM detaches and removes every pin.
     assert!(env.lbd.stop(), "lbd did not exit cleanly");

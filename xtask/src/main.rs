@@ -1,5 +1,6 @@
 //! Workspace tasks, run as `cargo xtask <command>` from anywhere in the repo.
 
+mod bench;
 mod cargo;
 mod setup;
 
@@ -26,8 +27,20 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build, then run lb-demo against examples/demo.toml; arguments after `--` go to lb-demo
+    /// Build, then run the benchmarks and write BENCHMARKS.md (with --quick: target/bench-quick/)
+    Bench {
+        /// Shorter runs and fewer scales (under three minutes)
+        #[arg(long)]
+        quick: bool,
+        /// Extra lb-bench options, e.g. `--only pktcost`
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run lb-demo against examples/demo.toml (with --docker: a one-node Swarm); arguments after `--` go to lb-demo
     Demo {
+        /// Run the Docker Swarm demo: a published port that answers only with lbd
+        #[arg(long)]
+        docker: bool,
         /// Extra lb-demo options
         #[arg(last = true)]
         args: Vec<String>,
@@ -53,12 +66,22 @@ fn main() -> Result<()> {
                     .args(args),
             )?;
         }
-        Task::Demo { args } => {
+        Task::Bench { quick, args } => {
             let env = setup::run()?;
             build(&env)?;
+            bench::run(&env, quick, &args)?;
+        }
+        Task::Demo { docker, args } => {
+            let env = setup::run()?;
+            build(&env)?;
+            let mode: &[&str] = if docker {
+                &["--docker"]
+            } else {
+                &["--config", "examples/demo.toml"]
+            };
             cargo::run(
                 cargo::command(cargo::workspace_root().join("target/release/lb-demo"), &env)
-                    .args(["--config", "examples/demo.toml"])
+                    .args(mode)
                     .args(args),
             )?;
         }

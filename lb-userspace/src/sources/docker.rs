@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub swarm_role: String,
     /// The `ingress_sbox` namespace the datapath must also be attached in.
     pub sbox: Option<std::path::PathBuf>,
+    /// Backend address -> the node it runs on (containers: this engine).
+    pub nodes: std::collections::BTreeMap<std::net::IpAddr, String>,
     pub rejected: Vec<Rejected>,
     /// When the event that caused this snapshot happened, if one did.
     pub event_time: Option<SystemTime>,
@@ -244,12 +246,17 @@ async fn sync(
         .context("listing containers")?;
     let (mut services, rejected) = labels::services(&containers);
     let swarm = swarm::view(docker, exec_root).await?;
+    let mut nodes = swarm.nodes;
+    for b in services.iter().flat_map(|s| &s.backends) {
+        nodes.insert(b.addr, swarm.engine.clone());
+    }
     services.extend(swarm.services);
     Ok(Snapshot {
         services,
         rejected,
         swarm_role: swarm.role,
         sbox: swarm.sbox,
+        nodes,
         event_time: cause,
     })
 }

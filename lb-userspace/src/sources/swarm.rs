@@ -37,6 +37,10 @@ pub struct View {
     pub services: Vec<ServiceSpec>,
     /// The `ingress_sbox` namespace, when this node has one.
     pub sbox: Option<PathBuf>,
+    /// The engine's name for this node.
+    pub engine: String,
+    /// Task address -> the address of the node it runs on.
+    pub nodes: BTreeMap<IpAddr, String>,
 }
 
 pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
@@ -44,9 +48,11 @@ pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
         .info()
         .await
         .context("asking the engine for its Swarm state")?;
+    let engine = info.name.clone().unwrap_or_default();
     let swarm = info.swarm.unwrap_or_default();
     if swarm.local_node_state != Some(LocalNodeState::ACTIVE) {
         return Ok(View {
+            engine,
             role: "inactive".into(),
             ..Default::default()
         });
@@ -70,6 +76,7 @@ pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
             status_code: 404, ..
         }) => {
             return Ok(View {
+                engine,
                 role: role.into(),
                 ..Default::default()
             })
@@ -83,6 +90,7 @@ pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
     let sbox = exec_root.join("netns").join("ingress_sbox");
     let (Some(overlay), Some(gateway)) = (sbox_address(&ingress), sbox_address(&gwbridge)) else {
         return Ok(View {
+            engine,
             role: role.into(),
             ..Default::default()
         });
@@ -92,6 +100,8 @@ pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
         role: role.into(),
         services,
         sbox: sbox.exists().then_some(sbox),
+        engine,
+        nodes: task_nodes(&ingress),
     })
 }
 
@@ -115,6 +125,24 @@ fn node_addresses() -> Vec<Ipv4Addr> {
         .unwrap_or_default();
     out.sort();
     out.dedup();
+    out
+}
+
+/// Where each task runs, from the verbose view's "Host IP".
+fn task_nodes(ingress: &NetworkInspect) -> BTreeMap<IpAddr, String> {
+    let mut out = BTreeMap::new();
+    for raw in ingress.services.iter().flatten().map(|(_, v)| v) {
+        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
+            continue;
+        };
+        for task in info.tasks.iter().flatten() {
+            let ip = task.endpoint_ip.as_deref().and_then(|ip| ip.parse().ok());
+            let host = task.info.as_ref().and_then(|i| i.get("Host IP")).cloned();
+            if let (Some(ip), Some(host)) = (ip, host) {
+                out.insert(ip, host);
+            }
+        }
+    }
     out
 }
 

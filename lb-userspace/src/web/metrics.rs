@@ -377,6 +377,7 @@ mod tests {
                 },
                 backends: vec![
                     BackendStatus {
+                        node: None,
                         id: 1,
                         address: "10.72.1.2:8080".into(),
                         weight: 2,
@@ -385,6 +386,7 @@ mod tests {
                         counters: counters(30),
                     },
                     BackendStatus {
+                        node: None,
                         id: 2,
                         address: "10.72.2.2:8080".into(),
                         weight: 0,

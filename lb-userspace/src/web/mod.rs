@@ -191,6 +191,7 @@ mod tests {
                     ..Default::default()
                 },
                 backends: vec![BackendStatus {
+                    node: None,
                     id: 1,
                     address: "10.72.1.2:8080".into(),
                     weight: 1,

@@ -1,0 +1,450 @@
+//! Per-packet cost of the datapath's main paths, measured in the kernel with
+//! BPF_PROG_TEST_RUN (the kernel times the runs; no syscall is counted),
+//! side by side with a program that only passes.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use etherparse::PacketBuilder;
+use lb_tests::netns::{unique_name, Netns};
+use lb_userspace::datapath::{Datapath, Limits};
+use lb_userspace::model::{DesiredState, Frontend, Proto, ServiceSpec};
+use lb_userspace::reconciler::Reconciler;
+
+use crate::report::{self, thousands, Goal, Section, Table};
+use crate::{goal_not_measured, Config};
+
+const CLIENT: [u8; 4] = [10, 71, 0, 2];
+
+/// The figures of one scale.
+#[derive(Clone, Debug)]
+pub struct Scale {
+    pub services: u32,
+    pub backends: u32,
+    /// How long the reconciler took to write this state into empty maps.
+    pub program_time: Duration,
+    /// (path, mean ns per packet); the floor comes first.
+    pub rows: Vec<(String, f64)>,
+}
+
+pub const FLOOR: &str = "floor: a TC program that only passes";
+pub const NO_SERVICE: &str = "packet for no service";
+pub const NEW_FLOW: &str = "new flow (Maglev pick, conntrack + reverse-NAT insert)";
+pub const ESTABLISHED: &str = "established flow, client → backend";
+pub const REPLY: &str = "reply, backend → client";
+
+pub fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 65535)
+        .write(&mut out, &[0u8; 6])
+        .expect("a TCP packet always serializes");
+    out
+}
+
+/// The frontend of service `i`: 10.80.x.y:80/tcp.
+pub fn frontend(i: u32) -> Frontend {
+    let [_, _, a, b] = i.to_be_bytes();
+    Frontend {
+        addr: IpAddr::V4(Ipv4Addr::new(10, 80, a, b)),
+        port: 80,
+        proto: Proto::Tcp,
+    }
+}
+
+/// `services` services of `backends` backends each; every backend address
+/// is distinct (10.9x.y.z), as it would be with one container per backend.
+pub fn state(services: u32, backends: u32) -> DesiredState {
+    let services = (0..services)
+        .map(|i| {
+            let [_, _, a, b] = i.to_be_bytes();
+            let backends = (0..backends).map(|j| {
+                (
+                    IpAddr::V4(Ipv4Addr::new(10, 90 + (j / 256) as u8, b, j as u8)),
+                    8080 + a as u16,
+                )
+            });
+            service(&format!("s{i}"), frontend(i), backends)
+        })
+        .collect();
+    DesiredState { services }
+}
+
+/// A service as a source would produce it. Built through serde so that
+/// every field the model grows later takes its default, as in a config file.
+pub fn service(
+    name: &str,
+    frontend: Frontend,
+    backends: impl Iterator<Item = (IpAddr, u16)>,
+) -> ServiceSpec {
+    let backends: Vec<serde_json::Value> = backends
+        .map(|(addr, port)| serde_json::json!({ "addr": addr, "port": port, "weight": 1 }))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "frontend": frontend,
+        "backends": backends,
+        "source": "bench",
+    }))
+    .expect("a service of the model's own types deserializes")
+}
+
+/// Map capacities that hold `services` × `backends` and `flows` flows.
+pub fn limits(services: u32, backends: u32, flows: u32) -> Limits {
+    Limits {
+        max_services: services.max(1),
+        max_backends: (services * backends).max(16),
+        max_flows: flows.max(1024),
+    }
+}
+
+fn test_run(
+    prog: &mut SchedClassifier,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<(u32, Duration, Vec<u8>)> {
+    let mut out = vec![0u8; packet.len() + 64];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, r.duration, out))
+}
+
+/// Mean cost of running `prog` once on each packet. Every packet runs with
+/// repeat = 1, because a repeated run reuses the skb that the first run
+/// already translated, and would measure some other path. The kernel times
+/// each run itself, so no syscall is counted; its timer's own cost is in
+/// every figure alike, the floor's included.
+fn per_packet(prog: &mut SchedClassifier, packets: &[Vec<u8>]) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    for p in packets {
+        total += test_run(prog, p, 1)?.1;
+    }
+    Ok(total.as_nanos() as f64 / packets.len() as f64)
+}
+
+/// The rounds the measurement of every scale is cut into. Scales take turns
+/// round by round, so a burst of load from elsewhere on a shared machine
+/// lands on all of them alike, and the median round discards it.
+pub const ROUNDS: u32 = 10;
+
+/// A private copy of the datapath (nothing pinned, nothing attached),
+/// programmed with one scale, measured round by round.
+pub struct Prepared {
+    services: u32,
+    backends: u32,
+    program_time: Duration,
+    dp: Datapath,
+    /// Holds the maps, which the kernel frees with the last handle.
+    _rec: Reconciler,
+    vip: [u8; 4],
+    reply: Vec<u8>,
+    next_flow: u32,
+    /// Mean ns per packet of each round, one entry per path.
+    rounds: Vec<[f64; 5]>,
+}
+
+impl Prepared {
+    /// Loads and programs `services` × `backends` through the real reconciler,
+    /// with room for `flows` new flows. Call it, and `round`, from a thread
+    /// inside a network namespace without routes, so the FIB lookup fails the
+    /// same way everywhere and the packet goes back to the stack: the
+    /// redirect is not in the figures.
+    pub fn new(services: u32, backends: u32, flows: u32) -> Result<Prepared> {
+        if services == 0 || backends == 0 {
+            bail!("services and backends must both be at least 1");
+        }
+        let (mut dp, maps) = Datapath::load(None, limits(services, backends, 2 * flows + 16))?;
+        let mut rec = Reconciler::new(maps)?;
+        let desired = state(services, backends);
+        let started = Instant::now();
+        rec.apply(&desired)?;
+        let program_time = started.elapsed();
+        drop(desired);
+
+        // The last service: the one a lookup is least likely to find in cache.
+        let [_, _, a, b] = (services - 1).to_be_bytes();
+        let vip = [10, 80, a, b];
+        let prog = dp.program()?;
+        let (action, _, out) = test_run(prog, &tcp(CLIENT, vip, 40000, 80), 1)?;
+        if action != 0 || out[30..34] == vip {
+            bail!("the forward packet was not translated (action {action})");
+        }
+        let backend: [u8; 4] = out[30..34].try_into()?;
+        let bport = u16::from_be_bytes([out[36], out[37]]);
+        let reply = tcp(backend, CLIENT, bport, 40000);
+        let (_, _, out) = test_run(prog, &reply, 1)?;
+        if out[26..30] != vip {
+            bail!("the reply was not translated");
+        }
+        Ok(Prepared {
+            services,
+            backends,
+            program_time,
+            dp,
+            _rec: rec,
+            vip,
+            reply,
+            next_flow: 0,
+            rounds: Vec::new(),
+        })
+    }
+
+    /// Times `n` packets on each path.
+    pub fn round(&mut self, n: u32) -> Result<()> {
+        let vip = self.vip;
+        let count = n as usize;
+        let forward = tcp(CLIENT, vip, 40000, 80);
+        let floor = per_packet(self.dp.pass_program()?, &vec![forward; count])?;
+        let prog = self.dp.program()?;
+        let other = vec![tcp(CLIENT, [10, 99, 0, 1], 40000, 80); count];
+        let no_service = per_packet(prog, &other)?;
+        // Distinct flows, each seen for the first time in any round.
+        let flows: Vec<Vec<u8>> = (self.next_flow..self.next_flow + n)
+            .map(|i| {
+                tcp(
+                    [10, 71, (i / 60000) as u8 + 1, 2],
+                    vip,
+                    1024 + (i % 60000) as u16,
+                    80,
+                )
+            })
+            .collect();
+        self.next_flow += n;
+        let new_flow = per_packet(prog, &flows)?;
+        // The same flows again: now established.
+        let established = per_packet(prog, &flows)?;
+        let reply = per_packet(prog, &vec![self.reply.clone(); count])?;
+        self.rounds
+            .push([floor, no_service, new_flow, established, reply]);
+        Ok(())
+    }
+
+    /// The median round of every path.
+    pub fn scale(&self) -> Scale {
+        let rows = [FLOOR, NO_SERVICE, NEW_FLOW, ESTABLISHED, REPLY]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let mut v: Vec<f64> = self.rounds.iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                let median = match v.len() {
+                    0 => f64::NAN,
+                    n if !n.is_multiple_of(2) => v[n / 2],
+                    n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+                };
+                (name.to_string(), median)
+            })
+            .collect();
+        Scale {
+            services: self.services,
+            backends: self.backends,
+            program_time: self.program_time,
+            rows,
+        }
+    }
+}
+
+/// One scale on its own: `runs` packets per path in `ROUNDS` rounds.
+pub fn measure(services: u32, backends: u32, runs: u32) -> Result<Scale> {
+    let per_round = (runs / ROUNDS).max(1);
+    let mut p = Prepared::new(services, backends, per_round * ROUNDS)?;
+    for _ in 0..ROUNDS {
+        p.round(per_round)?;
+    }
+    Ok(p.scale())
+}
+
+/// Runs every configured scale, each in a namespace of its own.
+pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goal>) {
+    const TITLE: &str = "Per-packet cost of the datapath";
+    let mut section = Section {
+        title: TITLE.into(),
+        command: command.into(),
+        text: vec![format!(
+            "Each figure is the mean of `BPF_PROG_TEST_RUN` over {} packets, one packet \
+             per run (repeat = 1: a repeated run would reuse the skb that the first run \
+             already translated); the packets are cut into {ROUNDS} rounds in which the \
+             scales take turns, and the table gives the median round, so that load from \
+             elsewhere on the machine falls on every scale alike. The kernel times every run itself, so no syscall \
+             is counted; the timer's own cost is in every row alike, the floor's \
+             included. The maps are written by the real reconciler; packets go to the \
+             last service. The datapath runs in a namespace without routes, so the FIB \
+             lookup fails and the packet goes back to the stack: the redirect itself is \
+             not in these figures (the forwarding benchmark has it). The same figures \
+             come from `target/release/lb-pktcost --runs {} --scale S B ...`.",
+            thousands((config.pktcost_runs / ROUNDS).max(1) as u64 * ROUNDS as u64),
+            config.pktcost_runs,
+        )],
+        ..Default::default()
+    };
+    let ns = match Netns::new(&unique_name("bpc")) {
+        Ok(ns) => ns,
+        Err(e) => {
+            section.not_measured.push(format!("a namespace: {e:#}"));
+            return (section, Vec::new());
+        }
+    };
+    let per_round = (config.pktcost_runs / ROUNDS).max(1);
+    let mut prepared: Vec<Prepared> = Vec::new();
+    for &(s, b) in &config.pktcost_scales {
+        if let (Some(budget), Some(known)) = (config.pktcost_program_budget, prepared.last()) {
+            // Programming is dominated by the Maglev tables, one per service.
+            let per_service = known.program_time.as_secs_f64() / known.services as f64;
+            let estimate = Duration::from_secs_f64(per_service * s as f64);
+            if estimate > budget {
+                section.not_measured.push(format!(
+                    "{} in quick mode: programming it is estimated at {:.0} s here \
+                     (the full run measures it)",
+                    scale_name(s, b),
+                    estimate.as_secs_f64()
+                ));
+                continue;
+            }
+        }
+        eprintln!("lb-bench: pktcost: programming {s} x {b}");
+        match ns.run(|| Prepared::new(s, b, per_round * ROUNDS)) {
+            Ok(p) => prepared.push(p),
+            Err(e) => section
+                .not_measured
+                .push(format!("{}: {e:#}", scale_name(s, b))),
+        }
+    }
+    eprintln!("lb-bench: pktcost: {ROUNDS} rounds");
+    let mut failed = Vec::new();
+    for _ in 0..ROUNDS {
+        for (i, p) in prepared.iter_mut().enumerate() {
+            if failed.contains(&i) {
+                continue;
+            }
+            if let Err(e) = ns.run(|| p.round(per_round)) {
+                section
+                    .not_measured
+                    .push(format!("{}: {e:#}", scale_name(p.services, p.backends)));
+                failed.push(i);
+            }
+        }
+    }
+    let scales: Vec<Scale> = prepared
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !failed.contains(i))
+        .map(|(_, p)| p.scale())
+        .collect();
+    drop(prepared);
+    let goal = "per-packet cost at 10,000 services within 1.2x of that at 1 service";
+    if scales.is_empty() {
+        return (section, vec![goal_not_measured(goal, "no scale ran")]);
+    }
+
+    let mut header = vec!["path".to_string()];
+    for sc in &scales {
+        header.push(format!(
+            "{} service{} × {}",
+            thousands(sc.services as u64),
+            if sc.services == 1 { "" } else { "s" },
+            sc.backends
+        ));
+        header.push("× floor".into());
+    }
+    let mut table = report::Table {
+        header,
+        rows: Vec::new(),
+    };
+    for (i, (path, _)) in scales[0].rows.iter().enumerate() {
+        let mut row = vec![path.clone()];
+        for sc in &scales {
+            let ns = sc.rows[i].1;
+            row.push(format!("{ns:.0} ns"));
+            row.push(format!("{:.1}", ns / sc.rows[0].1));
+        }
+        table.row(row);
+    }
+    section.tables.push(table);
+
+    let mut program = Table::new(&["scale", "reconciler: program into empty maps"]);
+    for sc in &scales {
+        program.row(vec![
+            scale_name(sc.services, sc.backends),
+            format!("{:.2} s", sc.program_time.as_secs_f64()),
+        ]);
+    }
+    section.tables.push(program);
+
+    let plot = plot_dir.join("pktcost.svg");
+    let series: Vec<(String, Vec<(f64, f64)>)> = scales[0]
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, (path, _))| {
+            let points = scales
+                .iter()
+                .map(|sc| (sc.services as f64, sc.rows[i].1))
+                .collect();
+            (path.clone(), points)
+        })
+        .collect();
+    match report::line_chart(
+        &plot,
+        "Per-packet cost vs number of services (BPF_PROG_TEST_RUN)",
+        &format!(
+            "services (backends per service: {})",
+            scales
+                .iter()
+                .map(|s| s.backends.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        "ns per packet",
+        &series,
+    ) {
+        Ok(()) => section.plots.push(plot),
+        Err(e) => section.not_measured.push(format!("the plot: {e:#}")),
+    }
+
+    let one = scales.iter().find(|s| s.services == 1);
+    let big = scales.iter().find(|s| s.services == 10_000);
+    let goals = match (one, big) {
+        (Some(one), Some(big)) => {
+            let worst = [NEW_FLOW, ESTABLISHED, REPLY]
+                .iter()
+                .map(|p| {
+                    let get =
+                        |sc: &Scale| sc.rows.iter().find(|r| r.0 == *p).map_or(f64::NAN, |r| r.1);
+                    (*p, get(big) / get(one))
+                })
+                .fold(("", 0.0f64), |a, b| if b.1 > a.1 { b } else { a });
+            vec![Goal {
+                goal: goal.into(),
+                measured: format!(
+                    "{:.2}x on the worst translated path ({}; 10,000 × {} vs 1 × {})",
+                    worst.1, worst.0, big.backends, one.backends
+                ),
+                met: Some(worst.1 <= 1.2),
+            }]
+        }
+        _ => vec![goal_not_measured(
+            goal,
+            "the 10,000-service scale did not run",
+        )],
+    };
+    (section, goals)
+}
+
+/// "1,000 services × 10 backends"
+pub fn scale_name(services: u32, backends: u32) -> String {
+    format!(
+        "{} service{} × {backends} backend{}",
+        thousands(services as u64),
+        if services == 1 { "" } else { "s" },
+        if backends == 1 { "" } else { "s" }
+    )
+}
