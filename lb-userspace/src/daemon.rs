@@ -461,30 +461,35 @@ impl State {
         match request {
             Request::Drain { service, backend } => self.drain(service, backend, true),
             Request::Undrain { service, backend } => self.drain(service, backend, false),
-            Request::Status => match status::collect(&self.reconciler, &|s, b| {
-                let state = if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
-                    format!("down ({why})")
-                } else if b.weight == 0 {
-                    "draining".to_string()
-                } else {
-                    "active".to_string()
-                };
-                (state, self.backend_nodes.get(&b.addr).cloned())
-            }) {
-                Ok(services) => Response::Status(Box::new(Status {
-                    services,
-                    interfaces: self.datapath.attached(),
-                    config: self.config_status.clone(),
-                    docker: self.docker_status.clone(),
-                    conflicts: self.conflicts.clone(),
-                    convergence: self.convergence(),
-                    reconcile: self.reconcile.clone(),
-                    conntrack_entries: status::conntrack_entries(&self.reconciler),
-                    conntrack_capacity: u64::from(self.reconciler.maps().limits.max_flows),
-                    datapath: status::datapath_counters(&self.reconciler),
-                })),
-                Err(e) => Response::Error(format!("{e:#}")),
-            },
+            Request::Status => self.status(),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let census = status::census(&self.reconciler);
+        match status::collect(&self.reconciler, &census, &|s, b| {
+            let state = if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
+                format!("down ({why})")
+            } else if b.weight == 0 {
+                "draining".to_string()
+            } else {
+                "active".to_string()
+            };
+            (state, self.backend_nodes.get(&b.addr).cloned())
+        }) {
+            Ok(services) => Response::Status(Box::new(Status {
+                services,
+                interfaces: self.datapath.attached(),
+                config: self.config_status.clone(),
+                docker: self.docker_status.clone(),
+                conflicts: self.conflicts.clone(),
+                convergence: self.convergence(),
+                reconcile: self.reconcile.clone(),
+                conntrack_entries: census.entries,
+                conntrack_capacity: u64::from(self.reconciler.maps().limits.max_flows),
+                datapath: status::datapath_counters(&self.reconciler),
+            })),
+            Err(e) => Response::Error(format!("{e:#}")),
         }
     }
 }

@@ -112,28 +112,27 @@ pub struct Status {
 /// A flow counts as active while it saw a packet this recently.
 const ACTIVE_FLOW_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Entries in CONNTRACK (a walk over the map).
-pub fn conntrack_entries(reconciler: &Reconciler) -> u64 {
-    reconciler
-        .maps()
-        .conntrack
-        .keys()
-        .filter(|k| k.is_ok())
-        .count() as u64
+/// What one walk over CONNTRACK tells: how many entries there are, and how
+/// many of them are active, per backend id.
+#[derive(Default)]
+pub struct Census {
+    pub entries: u64,
+    pub active: BTreeMap<u32, u64>,
 }
 
-/// Active flows per backend id, from a walk over CONNTRACK.
-fn active_flows(reconciler: &Reconciler) -> BTreeMap<u32, u64> {
-    let mut out = BTreeMap::new();
+pub fn census(reconciler: &Reconciler) -> Census {
+    let mut out = Census::default();
     // bpf_ktime_get_ns is CLOCK_MONOTONIC.
-    let Ok(now) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) else {
-        return out;
-    };
-    let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    let horizon = now.saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64);
+    let horizon = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|now| {
+            let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+            now.saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64)
+        })
+        .ok();
     for (_, ct) in reconciler.maps().conntrack.iter().filter_map(|r| r.ok()) {
-        if ct.last_seen_ns >= horizon {
-            *out.entry(ct.backend_id).or_insert(0) += 1;
+        out.entries += 1;
+        if horizon.is_some_and(|h| ct.last_seen_ns >= h) {
+            *out.active.entry(ct.backend_id).or_insert(0) += 1;
         }
     }
     out
@@ -146,9 +145,12 @@ pub type BackendView<'a> =
 
 /// Reads the applied state and sums the per-CPU counters. `state_of` names
 /// a backend's state ("active", "draining", "down") from the daemon's view.
-pub fn collect(reconciler: &Reconciler, state_of: &BackendView) -> Result<Vec<ServiceStatus>> {
+pub fn collect(
+    reconciler: &Reconciler,
+    census: &Census,
+    state_of: &BackendView,
+) -> Result<Vec<ServiceStatus>> {
     let maps = reconciler.maps();
-    let active = active_flows(reconciler);
     let mut out = Vec::new();
     for applied in reconciler.applied() {
         let counters = maps
@@ -161,18 +163,21 @@ pub fn collect(reconciler: &Reconciler, state_of: &BackendView) -> Result<Vec<Se
             .backends
             .iter()
             .zip(&applied.backend_ids)
-            .map(|(b, id)| BackendStatus {
-                id: *id,
-                address: b.socket_addr().to_string(),
-                weight: b.weight,
-                state: state_of(&applied.spec, b).0,
-                node: state_of(&applied.spec, b).1,
-                active_flows: active.get(id).copied().unwrap_or(0),
-                counters: maps
-                    .backend_stats
-                    .get(id, 0)
-                    .map(|v| Counters::sum(&v))
-                    .unwrap_or_default(),
+            .map(|(b, id)| {
+                let (state, node) = state_of(&applied.spec, b);
+                BackendStatus {
+                    id: *id,
+                    address: b.socket_addr().to_string(),
+                    weight: b.weight,
+                    state,
+                    node,
+                    active_flows: census.active.get(id).copied().unwrap_or(0),
+                    counters: maps
+                        .backend_stats
+                        .get(id, 0)
+                        .map(|v| Counters::sum(&v))
+                        .unwrap_or_default(),
+                }
             })
             .collect();
         out.push(ServiceStatus {

@@ -164,10 +164,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -642,54 +641,8 @@ fn sbin_path() -> String {
     dirs.join(":")
 }
 
-/// Like `Netns::command`, for a namespace known by its path: the child
-/// changes only its network namespace and keeps the host's mounts, so the
-/// namespaces and overlay mounts dockerd creates are visible to the test
-/// (and to lbd) at the same paths.
-pub fn netns_command(netns: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let path = CString::new(netns.as_os_str().as_bytes()).expect("namespace path contains no NUL");
-    let mut cmd = Command::new(program);
-    // SAFETY: open, setns and close are async-signal-safe and use memory
-    // allocated before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::setns(fd, libc::CLONE_NEWNET);
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            if rc != 0 {
-                return Err(err);
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `f` on a thread inside the network namespace pinned at `path` (one
-/// of dockerd's, such as [`Dockerd::ingress_sbox`]). Panics in `f`
-/// propagate.
-pub fn in_netns<F, R>(path: &Path, f: F) -> Result<R>
-where
-    F: FnOnce() -> R + Send,
-    R: Send,
-{
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns({})", path.display()))?;
-            Ok(f())
-        });
-        match handle.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
+/// Commands and threads inside one of dockerd's namespaces, known by path.
+pub use crate::netns::{command_in as netns_command, run_in as in_netns};
 
 fn parse_http(raw: &[u8]) -> Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);

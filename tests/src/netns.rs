@@ -173,19 +173,24 @@ impl Netns {
         F: FnOnce() -> R + Send,
         R: Send,
     {
+        run_in(&self.path(), f).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Self::run`], for work that goes on while the test does other
+    /// things (a load, long-lived connections): the thread is joined by
+    /// the caller.
+    pub fn spawn<F, R>(&self, f: F) -> std::thread::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
         let path = self.path();
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(move || {
-                let file =
-                    File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns({}): {e}", path.display()));
-                f()
-            });
-            match handle.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+        std::thread::spawn(move || {
+            let file =
+                File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns({}): {e}", path.display()));
+            f()
         })
     }
 
@@ -194,27 +199,7 @@ impl Netns {
     /// Unlike `ip netns exec`, only the network namespace changes: the child
     /// keeps the host's mounts, in particular the bpffs at /sys/fs/bpf.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let path = CString::new(self.path().as_os_str().as_bytes())
-            .expect("namespace path contains no NUL");
-        let mut cmd = Command::new(program);
-        // SAFETY: the closure only makes async-signal-safe syscalls
-        // (open, setns, close) on memory allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let rc = libc::setns(fd, libc::CLONE_NEWNET);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if rc != 0 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        cmd
+        command_in(&self.path(), program)
     }
 }
 
@@ -222,4 +207,52 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run_ip(&["netns", "del", &self.name]);
     }
+}
+
+/// A command that starts inside the network namespace pinned at `netns`
+/// (one of ours, or one of dockerd's). Only the network namespace changes:
+/// the child keeps the host's mounts, in particular the bpffs at
+/// /sys/fs/bpf and the namespaces and overlay mounts dockerd creates.
+pub fn command_in(netns: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let path = CString::new(netns.as_os_str().as_bytes()).expect("namespace path contains no NUL");
+    let mut cmd = Command::new(program);
+    // SAFETY: the closure only makes async-signal-safe syscalls
+    // (open, setns, close) on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::setns(fd, libc::CLONE_NEWNET);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Runs `f` on a thread inside the network namespace pinned at `path`.
+/// Panics in `f` propagate.
+pub fn run_in<F, R>(path: &Path, f: F) -> Result<R>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns({})", path.display()))?;
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }

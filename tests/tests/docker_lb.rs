@@ -679,14 +679,10 @@ fn engine_restart_under_lbd_is_resynced() {
         let _stop = StopOnDrop(&stop);
         let restarted = env.dockerd.restart();
         // Long enough for lbd to reconnect and the containers to return.
-        let mut connected_again = false;
-        for _ in 0..100 {
-            if lbd.status().is_ok_and(|s| s["docker"]["connected"] == true) {
-                connected_again = true;
-                break;
-            }
-            sleep(Duration::from_millis(100));
-        }
+        let connected_again = wait_until(Duration::from_secs(10), "lbd to reconnect", || {
+            lbd.status().is_ok_and(|s| s["docker"]["connected"] == true)
+        })
+        .is_ok();
         sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let log = watcher.join().expect("status thread");
@@ -750,14 +746,10 @@ fn requests_keep_being_answered_while_the_engine_is_away() {
         let _stop = StopOnDrop(&stop);
         sleep(Duration::from_millis(300));
         let restarted = env.dockerd.restart_live();
-        let mut connected_again = false;
-        for _ in 0..100 {
-            if lbd.status().is_ok_and(|s| s["docker"]["connected"] == true) {
-                connected_again = true;
-                break;
-            }
-            sleep(Duration::from_millis(100));
-        }
+        let connected_again = wait_until(Duration::from_secs(10), "lbd to reconnect", || {
+            lbd.status().is_ok_and(|s| s["docker"]["connected"] == true)
+        })
+        .is_ok();
         sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         let log = watcher.join().expect("status thread");

@@ -133,12 +133,9 @@ struct Sessions {
 
 impl Sessions {
     fn open(env: &Env, count: usize) -> Sessions {
-        let ns = env.topo.client.name().to_string();
         let (to_client, requests) = std::sync::mpsc::channel::<()>();
         let (replies, from_client) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let thread = env.topo.client.spawn(move || {
             let mut sessions: Vec<TcpSession> = (0..count)
                 .map(|_| TcpSession::connect(web(), TIMEOUT).expect("connect"))
                 .collect();
@@ -394,10 +391,7 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
     let failed = Arc::new(AtomicUsize::new(0));
     let load = {
         let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        let ns = env.topo.client.name().to_string();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        env.topo.client.spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             // Bounded in count and time.
             while !stop.load(Ordering::Relaxed)
@@ -558,10 +552,7 @@ fn a_failed_backend_leaves_and_returns_and_no_backend_means_a_reset() {
     let log: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
     let load = {
         let (stop, log) = (stop.clone(), log.clone());
-        let ns = env.topo.client.name().to_string();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        env.topo.client.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 50_000 {
