@@ -17,7 +17,9 @@ pub const RINGS_PER_SERVICE: u32 = 2;
 pub const DEFAULT_MAX_SERVICES: u32 = 1024;
 /// Default number of backends over all services.
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
-/// Default connection-tracking capacity (flows, per direction).
+/// Default connection-tracking capacity: established connections. CONNTRACK
+/// holds two entries per connection (one per direction) and CT_PENDING, for
+/// connections not yet confirmed, as many entries as there are connections.
 pub const DEFAULT_MAX_FLOWS: u32 = 262144;
 
 pub const PROTO_TCP: u8 = 6;
@@ -29,7 +31,8 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     pub const CONNTRACK: &str = "CONNTRACK";
-    pub const REVNAT: &str = "REVNAT";
+    pub const CT_PENDING: &str = "CT_PENDING";
+    pub const CONFIG: &str = "CONFIG";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -132,34 +135,128 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// CONNTRACK value, keyed by the client's flow (client -> frontend).
+/// CONNTRACK and CT_PENDING value. A connection has two entries, one per
+/// direction, and both carry the whole connection, so either can restore
+/// the other:
+/// - the forward half is keyed by the client's flow as it arrives
+///   (client:client_port -> frontend:frontend_port);
+/// - the reply half (`CT_REPLY`) by the backend's answer as it arrives
+///   (backend:backend_port -> client:client_port, or with a translated
+///   source `CT_SNAT`, -> nat_addr:nat_port).
+///
+/// State changes (reply seen, FIN, RST) are rare and written to both halves;
+/// `last_seen_ns` is per half, and each half refreshes the other at most
+/// once per `CT_PEER_REFRESH_NS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
+    pub client: [u8; 16],
+    pub frontend: [u8; 16],
+    pub backend: [u8; 16],
+    /// With `CT_SNAT`: the source the backend sees. Zero otherwise.
+    pub nat_addr: [u8; 16],
+    /// Network byte order, all four.
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub nat_port: u16,
     pub backend_id: u32,
     pub service_slot: u32,
-    /// bpf_ktime_get_ns of the last packet seen in this direction.
+    /// The datapath's clock (see `Config`) at this half's latest packet.
     pub last_seen_ns: u64,
-    /// With full NAT: the source port towards the backend (network order).
-    pub snat_port: u16,
-    pub _pad: [u8; 6],
+    pub proto: u8,
+    /// `CT_REPLY`, `CT_SNAT`.
+    pub flags: u8,
+    /// `ST_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 5],
 }
 
-/// REVNAT value, keyed by the backend's reply flow (backend -> client):
-/// what the reply's source must be rewritten back to.
+/// CtEntry::flags: this half is keyed by the backend's reply.
+pub const CT_REPLY: u8 = 1;
+/// CtEntry::flags: the source is translated too (full NAT, or a hairpin
+/// connection from a backend to its own service).
+pub const CT_SNAT: u8 = 2;
+
+/// CtEntry::state: the backend has answered.
+pub const ST_SEEN_REPLY: u8 = 1;
+/// CtEntry::state: confirmed (TCP: the client acknowledged after the backend
+/// answered; UDP: the backend answered). Confirmed connections live in
+/// CONNTRACK, the others in CT_PENDING.
+pub const ST_CONFIRMED: u8 = 2;
+pub const ST_FIN_CLIENT: u8 = 4;
+pub const ST_FIN_BACKEND: u8 = 8;
+pub const ST_RST: u8 = 16;
+/// Any of these: the connection is closing, and a new SYN on its tuple
+/// starts a new connection.
+pub const ST_CLOSING: u8 = ST_FIN_CLIENT | ST_FIN_BACKEND | ST_RST;
+
+/// A half refreshes the other half's `last_seen_ns` (recreating it if it
+/// was evicted) when its own is older than this.
+pub const CT_PEER_REFRESH_NS: u64 = 1_000_000_000;
+
+/// The single CONFIG entry, written by lbd: conntrack timeouts, the full
+/// NAT source port range and the datapath's clock.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct RevNatEntry {
-    pub frontend_addr: [u8; 16],
-    /// With FLAG_FULLNAT: the client, the reply's destination.
-    pub client_addr: [u8; 16],
-    /// Network byte order.
-    pub frontend_port: u16,
-    pub client_port: u16,
-    pub service_slot: u32,
-    pub backend_id: u32,
-    pub flags: u32,
-    pub last_seen_ns: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// TCP connections not confirmed yet (SYN sent, handshake incomplete).
+    pub timeout_syn_ns: u64,
+    /// Confirmed TCP connections.
+    pub timeout_tcp_ns: u64,
+    /// TCP connections after a FIN or an RST.
+    pub timeout_closing_ns: u64,
+    /// UDP flows.
+    pub timeout_udp_ns: u64,
+    /// Added to bpf_ktime_get_ns (CLOCK_MONOTONIC): tests move time forward.
+    pub clock_offset_ns: u64,
+    /// When non-zero the datapath's clock reads this value and nothing else
+    /// (reproducible tests).
+    pub clock_frozen_ns: u64,
+    /// Full NAT source ports, inclusive, host byte order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
+pub const DEFAULT_TIMEOUT_SYN_SECS: u64 = 60;
+/// Six hours: an idle established connection keeps working (Docker's IPVS
+/// mesh cuts them after 900 s).
+pub const DEFAULT_TIMEOUT_TCP_SECS: u64 = 6 * 3600;
+pub const DEFAULT_TIMEOUT_CLOSING_SECS: u64 = 30;
+pub const DEFAULT_TIMEOUT_UDP_SECS: u64 = 120;
+
+impl Default for Config {
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        Config {
+            timeout_syn_ns: DEFAULT_TIMEOUT_SYN_SECS * S,
+            timeout_tcp_ns: DEFAULT_TIMEOUT_TCP_SECS * S,
+            timeout_closing_ns: DEFAULT_TIMEOUT_CLOSING_SECS * S,
+            timeout_udp_ns: DEFAULT_TIMEOUT_UDP_SECS * S,
+            clock_offset_ns: 0,
+            clock_frozen_ns: 0,
+            snat_port_min: 1024,
+            snat_port_max: 32767,
+            _pad: 0,
+        }
+    }
+}
+
+impl Config {
+    /// How long an entry in `state` lives without a packet.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto: u8, state: u8) -> u64 {
+        if proto != PROTO_TCP {
+            self.timeout_udp_ns
+        } else if state & ST_CLOSING != 0 {
+            self.timeout_closing_ns
+        } else if state & ST_CONFIRMED != 0 {
+            self.timeout_tcp_ns
+        } else {
+            self.timeout_syn_ns
+        }
+    }
 }
 
 /// Per-CPU counters for a service or a backend.
@@ -186,29 +283,61 @@ pub mod global {
     pub const TRANSLATED: u32 = 1;
     /// Translated and redirected by the datapath itself.
     pub const REDIRECTED: u32 = 2;
-    /// Translated and handed to the kernel stack to route.
-    pub const PASSED_TO_STACK: u32 = 3;
+    /// For a service or a reply, but the FIB could not forward it (no
+    /// route, forwarding off): passed on untranslated.
+    pub const NOT_FORWARDED: u32 = 3;
     /// IP fragments: never translated (a non-first fragment has no ports).
     pub const FRAGMENTS: u32 = 4;
     /// Headers that were truncated or malformed.
     pub const MALFORMED: u32 = 5;
     /// A helper failed while rewriting; the packet was dropped.
     pub const REWRITE_ERRORS: u32 = 6;
-    /// Conntrack entries whose backend was gone, so the flow re-picked.
+    /// Conntrack entries whose backend was gone or down, so the flow re-picked.
     pub const CT_STALE: u32 = 7;
     /// Full NAT found no free source port for a new flow (it was dropped).
     pub const SNAT_EXHAUSTED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// ICMP errors about a balanced flow, translated back.
+    pub const ICMP_TRANSLATED: u32 = 9;
+    /// ICMP errors the datapath sent itself (fragmentation needed / packet
+    /// too big, time exceeded), quoting the packet as its sender sent it.
+    pub const ICMP_SENT: u32 = 10;
+    /// Too big for the egress link and not allowed to be fragmented by the
+    /// datapath (IPv4 without DF): dropped.
+    pub const TOO_BIG_DROPPED: u32 = 11;
+    /// A new connection whose reply tuple belongs to another live
+    /// connection (the backend could not tell them apart): dropped.
+    pub const CT_COLLISIONS: u32 = 12;
+    /// A SYN on a closing connection, or on one whose backend takes no new
+    /// flows: a new connection, balanced afresh.
+    pub const CT_REOPENED: u32 = 13;
+    /// Connections confirmed (moved from CT_PENDING to CONNTRACK).
+    pub const CT_CONFIRMED: u32 = 14;
+    /// Entries found past their timeout and ignored.
+    pub const CT_EXPIRED: u32 = 15;
+    /// Half of a connection recreated from the other after an eviction.
+    pub const CT_RESTORED: u32 = 16;
+    /// Inserting a conntrack entry failed (the packet was dropped).
+    pub const CT_INSERT_FAILED: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
         "translated",
         "redirected",
-        "passed_to_stack",
+        "not_forwarded",
         "fragments",
         "malformed",
         "rewrite_errors",
         "ct_stale",
         "snat_exhausted",
+        "icmp_translated",
+        "icmp_sent",
+        "too_big_dropped",
+        "ct_collisions",
+        "ct_reopened",
+        "ct_confirmed",
+        "ct_expired",
+        "ct_restored",
+        "ct_insert_failed",
     ];
 }
 
@@ -222,7 +351,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for RevNatEntry {}
+    unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
@@ -235,8 +364,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
-const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address.

@@ -1,72 +1,76 @@
-//! Sending a translated packet on its way.
+//! Sending a packet on its way (docs/datapath.md, section 6).
 //!
-//! The FIB is asked for the next hop and the packet is redirected straight
-//! to the egress device. This skips the host's netfilter FORWARD and nat
-//! chains (on a Docker host, FORWARD drops by default and POSTROUTING
-//! masquerades container traffic), so both directions of a balanced flow are
-//! handled by the datapath alone. When the FIB cannot decide (no route,
-//! forwarding disabled, packet too big, a VLAN tag) the packet goes to the
-//! kernel stack instead, already translated, and the kernel does what it
-//! would do for any routed packet.
+//! Where a translated packet goes is decided before it is changed: the FIB
+//! is asked for the next hop with the translated addresses, and the egress
+//! MTU is checked segment by segment (a GSO packet is a burst of segments
+//! that the kernel cuts up on the way out). Only then is the packet
+//! translated and redirected straight to the egress device. That skips the
+//! host's netfilter FORWARD and nat chains (on a Docker host FORWARD drops
+//! by default and POSTROUTING masquerades container traffic), so both
+//! directions of a balanced flow are handled by the datapath alone, and a
+//! translated packet never reaches the stack, which would drop it as a
+//! martian when its new source is one of the node's own addresses.
 
 use core::mem;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::global;
 
-use crate::{maps::count, parse::Packet};
+use crate::parse::Packet;
 
+/// bpf_check_mtu: check each GSO segment rather than the whole burst.
+const BPF_MTU_CHK_SEGS: u64 = 1;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// `src`/`dst` are the packet's addresses after translation.
-// A separate BPF function: its stack frame is not live while the
-// caller's large locals are, which keeps the program within 512 bytes.
-#[inline(never)]
-pub fn forward(ctx: &TcContext, p: &Packet, src: &[u8; 16], dst: &[u8; 16]) -> i32 {
-    match try_redirect(ctx, p, src, dst) {
-        Some(action) => {
-            count(global::REDIRECTED);
-            action
-        }
-        None => {
-            count(global::PASSED_TO_STACK);
-            TC_ACT_OK as i32
-        }
-    }
+/// The outcome of `decide`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Route {
+    /// Next hop known: `fib` holds the egress interface and both MACs.
+    Direct,
+    /// Egress interface known, the neighbour not resolved yet.
+    Neighbour,
+    /// The hop limit runs out here.
+    TimeExceeded,
+    /// Too big for the egress link; `fib.__bindgen_anon_1.mtu_result` holds its MTU.
+    TooBig,
+    /// No route, forwarding disabled, or anything else the FIB refuses.
+    Unroutable,
 }
 
-#[inline(always)]
-fn try_redirect(ctx: &TcContext, p: &Packet, src: &[u8; 16], dst: &[u8; 16]) -> Option<i32> {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let skb = unsafe { &*ctx.skb.skb };
-    if p.vlan || skb.vlan_present != 0 {
-        return None;
+/// Where the packet `p` would go with `src`/`dst` as its addresses.
+// A separate BPF function: its stack frame is not live while the caller's
+// locals are.
+#[inline(never)]
+pub fn decide(
+    ctx: &TcContext,
+    p: &Packet,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    fib: &mut FibParams,
+) -> Route {
+    if p.ttl <= 1 {
+        return Route::TimeExceeded;
     }
-    // A packet whose hop limit runs out here must reach the stack so that it
-    // answers with ICMP time exceeded.
-    let ttl_off = p.l3_off + if p.v6 { 7 } else { 8 };
-    let ttl: u8 = ctx.load(ttl_off).ok()?;
-    if ttl <= 1 {
-        return None;
-    }
-
     // SAFETY: a plain C struct of integers and unions of integers.
-    let mut fib: FibParams = unsafe { mem::zeroed() };
+    *fib = unsafe { mem::zeroed() };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
     fib.dport = p.dport;
-    fib.__bindgen_anon_1.tot_len = p.tot_len;
-    fib.ifindex = skb.ingress_ifindex;
-    if p.v6 {
+    // No length: with one the kernel checks it against the route's MTU and
+    // reports every GSO packet as too big. The MTU is checked below instead.
+    fib.__bindgen_anon_1.tot_len = 0;
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if p.is_v6() {
         fib.family = AF_INET6;
         fib.__bindgen_anon_3.ipv6_src = words(src);
         fib.__bindgen_anon_4.ipv6_dst = words(dst);
@@ -76,50 +80,68 @@ fn try_redirect(ctx: &TcContext, p: &Packet, src: &[u8; 16], dst: &[u8; 16]) -> 
         fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
     }
     // SAFETY: fib is a valid, correctly sized bpf_fib_lookup.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            mem::size_of::<FibParams>() as i32,
-            0,
-        )
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, mem::size_of::<FibParams>() as i32, 0) };
+    let route = if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        Route::Direct
+    } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        Route::Neighbour
+    } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return Route::TooBig;
+    } else {
+        return Route::Unroutable;
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return None;
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper call; `mtu` is a valid u32 (0: measure the skb).
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), fib.ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS) };
+    if rc != 0 {
+        fib.__bindgen_anon_1.mtu_result = mtu as u16;
+        return Route::TooBig;
     }
-    decrement_ttl(ctx, p, ttl).ok()?;
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    route
+}
+
+/// Decrements the TTL, sets the MACs and redirects: the last step for a
+/// packet that `decide` routed (Direct or Neighbour) and that has been
+/// translated since.
+#[inline(never)]
+pub fn send(ctx: &TcContext, p: &Packet, route: Route, fib: &FibParams) -> i32 {
+    if decrement_ttl(ctx, p).is_err() {
+        return aya_ebpf::bindings::TC_ACT_SHOT as i32;
+    }
+    if route == Route::Direct {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&fib.dmac);
         macs[6..].copy_from_slice(&fib.smac);
-        ctx.store(0, &macs, 0).ok()?;
+        if ctx.store(0, &macs, 0).is_err() {
+            return aya_ebpf::bindings::TC_ACT_SHOT as i32;
+        }
         // SAFETY: plain helper call.
-        Some(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+        return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+    }
+    // The next hop's MAC is not known yet: the neighbour subsystem resolves
+    // it and sends the packet.
+    // SAFETY: a plain C struct of integers.
+    let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
+    if p.is_v6() {
+        nh.nh_family = AF_INET6 as u32;
+        nh.__bindgen_anon_1.ipv6_nh = unsafe { fib.__bindgen_anon_4.ipv6_dst };
     } else {
-        // The next hop's MAC is not known yet: let the neighbour subsystem
-        // resolve it and send the packet.
-        // SAFETY: a plain C struct of integers.
-        let mut nh: bpf_redir_neigh = unsafe { mem::zeroed() };
-        if p.v6 {
-            nh.nh_family = AF_INET6 as u32;
-            nh.__bindgen_anon_1.ipv6_nh = unsafe { fib.__bindgen_anon_4.ipv6_dst };
-        } else {
-            nh.nh_family = AF_INET as u32;
-            nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-        }
-        let rc = unsafe {
-            bpf_redirect_neigh(
-                fib.ifindex,
-                &mut nh,
-                mem::size_of::<bpf_redir_neigh>() as i32,
-                0,
-            )
-        };
-        if rc == TC_ACT_REDIRECT as i64 {
-            Some(rc as i32)
-        } else {
-            None
-        }
+        nh.nh_family = AF_INET as u32;
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+    }
+    // SAFETY: nh is a valid bpf_redir_neigh of the size passed.
+    let rc = unsafe {
+        bpf_redirect_neigh(
+            fib.ifindex,
+            &mut nh,
+            mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    if rc == TC_ACT_REDIRECT as i64 {
+        rc as i32
+    } else {
+        aya_ebpf::bindings::TC_ACT_SHOT as i32
     }
 }
 
@@ -134,14 +156,21 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, p: &Packet, ttl: u8) -> Result<(), ()> {
-    if p.v6 {
-        return ctx.store(p.l3_off + 7, &(ttl - 1), 0).map_err(|_| ());
+fn decrement_ttl(ctx: &TcContext, p: &Packet) -> Result<(), ()> {
+    let ttl = p.ttl;
+    let l3 = p.l3_off as usize;
+    if p.is_v6() {
+        // No header checksum: let the kernel keep skb->csum in step.
+        return ctx
+            .store(l3 + 7, &(ttl - 1), aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64)
+            .map_err(|_| ());
     }
-    // The checksum covers TTL and protocol as one 16-bit word.
-    let old = u16::from_ne_bytes([ttl, p.proto]);
-    let new = u16::from_ne_bytes([ttl - 1, p.proto]);
-    ctx.store(p.l3_off + 8, &(ttl - 1), 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(p.l3_off + 10, old as u64, new as u64, 2)
+    // The checksum covers TTL and protocol as one 16-bit word; the change
+    // and the checksum's cancel out in skb->csum.
+    let proto: u8 = ctx.load(l3 + 9).map_err(|_| ())?;
+    let old = u16::from_ne_bytes([ttl, proto]);
+    let new = u16::from_ne_bytes([ttl - 1, proto]);
+    ctx.store(l3 + 8, &(ttl - 1), 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(l3 + 10, old as u64, new as u64, 2)
         .map_err(|_| ())
 }

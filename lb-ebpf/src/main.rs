@@ -1,58 +1,65 @@
 //! The load balancer's datapath: a TC ingress classifier attached to every
-//! interface of the node. A packet for a frontend is DNATed to a backend
-//! chosen by Maglev and remembered in CONNTRACK; a backend's reply is
-//! translated back to the frontend address through REVNAT. Everything else
-//! passes untouched.
+//! Ethernet interface of the node. docs/datapath.md is its contract: a
+//! packet for a frontend is DNATed to a backend chosen by Maglev and
+//! tracked; replies and ICMP errors are translated back; anything else
+//! continues untouched to the next program or the stack.
 //!
 //! Built for the BPF target by lb-userspace's build script; a host build
 //! (`cargo build --workspace`) only checks that it compiles.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod conntrack;
 mod forward;
+mod icmp;
+mod lb;
 mod maps;
 mod nat;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    global, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey,
-    ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DOWN, FLAG_FULLNAT, FLAG_LOCAL_VIP,
-    MAGLEV_M,
+    global, Backend, Config, CtEntry, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE,
+    BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, PROTO_TCP, PROTO_UDP, ST_CLOSING,
+    ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
-/// Full NAT source ports: above the well-known range.
-const SNAT_PORT_MIN: u16 = 1024;
-const SNAT_PORTS: u32 = 65536 - SNAT_PORT_MIN as u32;
-/// Candidate ports tried for a new flow before giving up.
-const SNAT_ATTEMPTS: u32 = 8;
-const TRACK_FAILED: u32 = u32::MAX;
-
-use maps::{
-    count, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, RINGS, SERVICES, SERVICE_STATS,
-};
+use forward::Route;
+use maps::{count, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH, SERVICES, SERVICE_STATS};
 use nat::Side;
-use parse::{Packet, Parsed};
+use parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+const UNSPEC: i32 = TC_ACT_UNSPEC;
+const SHOT: i32 = TC_ACT_SHOT as i32;
+/// `continue_flow`'s answer when the packet must be balanced afresh.
+const NEW_FLOW: i32 = i32::MIN;
 
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     count(global::SEEN);
-    let mut p = Packet::zeroed();
-    match parse::parse(&ctx, &mut p) {
-        Parsed::Candidate => handle(&ctx, &p),
-        Parsed::Other => TC_ACT_OK as i32,
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return UNSPEC;
+    };
+    // SAFETY: this CPU's scratch entry; the program is not preempted on it.
+    let s = unsafe { &mut *s };
+    let Some(cfg) = CONFIG.get(0) else {
+        return UNSPEC;
+    };
+    match parse::parse(&ctx, &mut s.pkt) {
+        Parsed::Candidate => transport(&ctx, s, cfg),
+        Parsed::IcmpError => icmp_error(&ctx, s, cfg),
+        Parsed::Other => UNSPEC,
         Parsed::Fragment => {
             count(global::FRAGMENTS);
-            TC_ACT_OK as i32
+            UNSPEC
         }
         Parsed::Malformed => {
             count(global::MALFORMED);
-            TC_ACT_OK as i32
+            UNSPEC
         }
     }
 }
@@ -63,303 +70,302 @@ pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
+/// A TCP or UDP packet: section 2's lookup order.
 #[inline(always)]
-fn handle(ctx: &TcContext, p: &Packet) -> i32 {
+fn transport(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
+    let now = conntrack::now(cfg);
+    let p = &s.pkt;
+    s.key.src = p.src;
+    s.key.dst = p.dst;
+    s.key.sport = p.sport;
+    s.key.dport = p.dport;
+    s.key.proto = p.proto;
+    s.key._pad = [0; 3];
+    let e = conntrack::lookup(s, cfg, now);
+    if !e.is_null() {
+        // SAFETY: pointer from a successful lookup.
+        s.entry = unsafe { *e };
+        if s.entry.flags & lb_common::CT_REPLY != 0 {
+            return to_client(ctx, s, e, now);
+        }
+        let action = continue_flow(ctx, s, e, now);
+        if action != NEW_FLOW {
+            return action;
+        }
+    }
+    let p = &s.pkt;
     let key = ServiceKey {
         addr: p.dst,
         port: p.dport,
         proto: p.proto,
         _pad: 0,
     };
-    // SAFETY: values are plain data; a concurrent update can only make us
-    // read a whole old or whole new entry of this size-aligned value.
-    if let Some(svc) = unsafe { SERVICES.get(&key) } {
-        return to_backend(ctx, p, svc);
-    }
-    let flow = flow_key(p);
-    if let Some(rev) = REVNAT.get_ptr_mut(&flow) {
-        // SAFETY: pointer from a successful lookup.
-        return to_client(ctx, p, unsafe { &mut *rev });
-    }
-    TC_ACT_OK as i32
-}
-
-#[inline(always)]
-fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
+    // SAFETY: plain data, written whole by the reconciler.
+    match unsafe { SERVICES.get(&key) } {
+        Some(svc) => new_flow(ctx, s, svc, cfg, now),
+        None => UNSPEC,
     }
 }
 
-/// Client -> frontend: find or pick the backend, DNAT (and with full NAT,
-/// SNAT), forward.
+/// A client's packet on a known connection (section 3.1).
 #[inline(never)]
-fn to_backend(ctx: &TcContext, p: &Packet, svc: &ServiceValue) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let flow = flow_key(p);
-    let fullnat = svc.flags & FLAG_FULLNAT != 0;
-    let mut new_flow = false;
-    let mut chosen: Option<(u32, &Backend)> = None;
-    let mut snat_port = 0u16;
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&flow) {
-        // SAFETY: pointer from a successful lookup.
-        let ct = unsafe { &mut *ct };
-        match unsafe { BACKENDS.get(&ct.backend_id) } {
-            // The backend must still exist and still belong to this service
-            // (the slot may have been given to another service since).
-            Some(b) if b.service_slot == svc.slot && b.state != BACKEND_DOWN => {
-                ct.last_seen_ns = now;
-                snat_port = ct.snat_port;
-                chosen = Some((ct.backend_id, b));
-            }
-            _ => count(global::CT_STALE),
+fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32 {
+    // SAFETY: plain data.
+    let backend = unsafe { BACKENDS.get(&s.entry.backend_id) };
+    let (serves, takes_new) = match backend {
+        Some(b) if b.service_slot == s.entry.service_slot && b.state != BACKEND_DOWN => {
+            (true, b.state == BACKEND_ACTIVE)
         }
+        _ => (false, false),
+    };
+    let flags = s.pkt.tcp_flags;
+    let tcp = s.pkt.proto == PROTO_TCP;
+    let syn = tcp && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && (s.entry.state & ST_CLOSING != 0 || !takes_new) {
+        conntrack::delete(s);
+        count(global::CT_REOPENED);
+        return NEW_FLOW;
     }
-    if chosen.is_none() {
-        chosen = pick(svc, &flow);
-        new_flow = true;
+    if !serves {
+        conntrack::delete(s);
+        count(global::CT_STALE);
+        return NEW_FLOW;
     }
-    let Some((backend_id, backend)) = chosen else {
-        add_stats(service_stats(svc.slot), |s| s.no_backend += 1);
+    let snat = s.entry.flags & CT_SNAT != 0;
+    let src = if snat { s.entry.nat_addr } else { s.entry.client };
+    let backend_addr = s.entry.backend;
+    let route = forward::decide(ctx, &s.pkt, &src, &backend_addr, &mut s.fib);
+    if let Some(action) = unforwardable(ctx, s, route) {
+        return action;
+    }
+    let bits = tcp_bits(flags, ST_FIN_CLIENT);
+    if bits & !s.entry.state != 0 {
+        conntrack::set_state(s, e, bits);
+    }
+    if s.pending != 0 && tcp && flags & TCP_SYN == 0 && s.entry.state & ST_SEEN_REPLY != 0 {
+        conntrack::confirm(s, now);
+    } else {
+        conntrack::touch(s, e, now);
+    }
+    to_backend(ctx, s, route, false)
+}
+
+/// Section 3.2: a new flow for `svc`.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, now: u64) -> i32 {
+    let hash = lb::flow_hash(&s.key);
+    let Some((backend_id, backend)) = lb::pick(svc, &s.key, hash, now) else {
+        add_stats(SERVICE_STATS.get_ptr_mut(svc.slot), |st| st.no_backend += 1);
         return if svc.flags & FLAG_LOCAL_VIP != 0 {
-            TC_ACT_OK as i32
+            UNSPEC
         } else {
-            TC_ACT_SHOT as i32
+            SHOT
         };
     };
-    if new_flow {
-        match track(p, svc, &flow, backend_id, backend) {
-            TRACK_FAILED => return TC_ACT_SHOT as i32,
-            port => snat_port = port as u16,
-        }
+    let p = &s.pkt;
+    let hairpin = backend.addr == p.src;
+    let fullnat = svc.flags & FLAG_FULLNAT != 0;
+    let snat = fullnat || hairpin;
+    let nat_addr = if fullnat { svc.snat_addr } else { p.dst };
+    let src = if snat { nat_addr } else { p.src };
+    let route = forward::decide(ctx, &s.pkt, &src, &backend.addr, &mut s.fib);
+    if let Some(action) = unforwardable(ctx, s, route) {
+        return action;
     }
-    let backend_addr = backend.addr;
-    let backend_port = backend.port;
-    if nat::rewrite(ctx, p, Side::Destination, &backend_addr, backend_port).is_err()
-        || (fullnat && nat::rewrite(ctx, p, Side::Source, &svc.snat_addr, snat_port).is_err())
-    {
-        count(global::REWRITE_ERRORS);
-        return TC_ACT_SHOT as i32;
-    }
-    count(global::TRANSLATED);
-    let bytes = ctx.len() as u64;
-    let update = |s: &mut TrafficStats| {
-        s.packets += 1;
-        s.bytes += bytes;
-        if new_flow {
-            s.new_flows += 1;
+    new_entry(s, svc, backend_id, backend, if snat { Some(&nat_addr) } else { None }, now);
+    match conntrack::insert(s, cfg, now, hash) {
+        conntrack::INSERTED => to_backend(ctx, s, route, true),
+        conntrack::RACED => {
+            let e = conntrack::lookup(s, cfg, now);
+            if e.is_null() {
+                count(global::CT_INSERT_FAILED);
+                return SHOT;
+            }
+            // SAFETY: pointer from a successful lookup.
+            s.entry = unsafe { *e };
+            to_backend(ctx, s, route, false)
         }
-    };
-    add_stats(service_stats(svc.slot), update);
-    add_stats(BACKEND_STATS.get_ptr_mut(&backend_id), update);
-    let src = if fullnat { &svc.snat_addr } else { &p.src };
-    forward::forward(ctx, p, src, &backend_addr)
+        _ => SHOT,
+    }
 }
 
-/// Records a new flow in CONNTRACK and REVNAT. With full NAT it also picks
-/// the source port towards the backend: one whose reply flow is not in use,
-/// claimed atomically with BPF_NOEXIST. Returns that port (0 without full
-/// NAT) or TRACK_FAILED. A separate BPF function, so that its entries are not
-/// on the stack while the caller rewrites the packet; hence also a plain
-/// integer result (a BPF call takes at most five arguments, and a Result
-/// would need a sixth, hidden one).
-#[inline(never)]
-fn track(
-    p: &Packet,
+/// Fills `s.entry` as the forward half of a new connection.
+#[inline(always)]
+fn new_entry(
+    s: &mut Scratch,
     svc: &ServiceValue,
-    flow: &FlowKey,
     backend_id: u32,
     backend: &Backend,
-) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let fullnat = svc.flags & FLAG_FULLNAT != 0;
-    let rev = RevNatEntry {
-        frontend_addr: p.dst,
-        client_addr: p.src,
-        frontend_port: p.dport,
+    nat: Option<&[u8; 16]>,
+    now: u64,
+) {
+    let p = &s.pkt;
+    s.entry = CtEntry {
+        client: p.src,
+        frontend: p.dst,
+        backend: backend.addr,
+        nat_addr: nat.copied().unwrap_or([0; 16]),
         client_port: p.sport,
-        service_slot: svc.slot,
+        frontend_port: p.dport,
+        backend_port: backend.port,
+        nat_port: 0,
         backend_id,
-        flags: svc.flags & FLAG_FULLNAT,
+        service_slot: svc.slot,
         last_seen_ns: now,
-    };
-    let mut reply = FlowKey {
-        src: backend.addr,
-        dst: p.src,
-        sport: backend.port,
-        dport: p.sport,
         proto: p.proto,
-        _pad: [0; 3],
+        flags: if nat.is_some() { CT_SNAT } else { 0 },
+        state: 0,
+        _pad: [0; 5],
     };
-    let mut snat_port = 0u16;
-    if fullnat {
-        reply.dst = svc.snat_addr;
-        let seed = flow_hash(flow);
-        let mut claimed = false;
-        let mut attempt = 0u32;
-        while attempt < SNAT_ATTEMPTS {
-            let port =
-                SNAT_PORT_MIN + (seed.wrapping_add(attempt.wrapping_mul(7919)) % SNAT_PORTS) as u16;
-            reply.dport = port.to_be();
-            if REVNAT.insert(&reply, &rev, BPF_NOEXIST as u64).is_ok() {
-                snat_port = port.to_be();
-                claimed = true;
-                break;
-            }
-            attempt += 1;
-        }
-        if !claimed {
-            count(global::SNAT_EXHAUSTED);
-            return TRACK_FAILED;
-        }
-    } else if REVNAT.insert(&reply, &rev, 0).is_err() {
-        count(global::REWRITE_ERRORS);
-        return TRACK_FAILED;
-    }
-    let ct = CtEntry {
-        backend_id,
-        service_slot: svc.slot,
-        last_seen_ns: now,
-        snat_port,
-        _pad: [0; 6],
-    };
-    // An LRU map only fails here under memory pressure; the next packet retries.
-    if CONNTRACK.insert(flow, &ct, 0).is_err() {
-        count(global::REWRITE_ERRORS);
-        return TRACK_FAILED;
-    }
-    snat_port as u32
 }
 
-/// Backend -> client: restore the frontend as the source (and with full NAT
-/// the client as the destination), forward.
+/// Translates a client's packet with the connection `s.entry` and sends it.
 #[inline(never)]
-fn to_client(ctx: &TcContext, p: &Packet, rev: &mut RevNatEntry) -> i32 {
-    rev.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-    let fullnat = rev.flags & FLAG_FULLNAT != 0;
-    let frontend_addr = rev.frontend_addr;
-    let client_addr = rev.client_addr;
-    if nat::rewrite(ctx, p, Side::Source, &frontend_addr, rev.frontend_port).is_err()
-        || (fullnat
-            && nat::rewrite(ctx, p, Side::Destination, &client_addr, rev.client_port).is_err())
+fn to_backend(ctx: &TcContext, s: &mut Scratch, route: Route, new: bool) -> i32 {
+    let e = &s.entry;
+    let p = &s.pkt;
+    if nat::rewrite(ctx, p, Side::Destination, &e.backend, e.backend_port).is_err()
+        || (e.flags & CT_SNAT != 0
+            && nat::rewrite(ctx, p, Side::Source, &e.nat_addr, e.nat_port).is_err())
     {
         count(global::REWRITE_ERRORS);
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     count(global::TRANSLATED);
     let bytes = ctx.len() as u64;
-    let update = |s: &mut TrafficStats| {
-        s.reply_packets += 1;
-        s.reply_bytes += bytes;
+    let update = |st: &mut TrafficStats| {
+        st.packets += 1;
+        st.bytes += bytes;
+        if new {
+            st.new_flows += 1;
+        }
     };
-    add_stats(service_stats(rev.service_slot), update);
-    add_stats(BACKEND_STATS.get_ptr_mut(&rev.backend_id), update);
-    let dst = if fullnat { &client_addr } else { &p.dst };
-    forward::forward(ctx, p, &frontend_addr, dst)
+    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
+    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+    count(global::REDIRECTED);
+    forward::send(ctx, p, route, &s.fib)
 }
 
-/// A new flow's backend: the client's previous one while affinity holds,
-/// else Maglev (the flow's hash selects a slot of the service's live ring).
-#[inline(always)]
-fn pick(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, &'static Backend)> {
-    if svc.backend_count == 0 {
-        return None;
+/// A backend's reply (section 4).
+#[inline(never)]
+fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32 {
+    let snat = s.entry.flags & CT_SNAT != 0;
+    let frontend = s.entry.frontend;
+    let dst = if snat { s.entry.client } else { s.pkt.dst };
+    let route = forward::decide(ctx, &s.pkt, &frontend, &dst, &mut s.fib);
+    if let Some(action) = unforwardable(ctx, s, route) {
+        return action;
     }
-    if svc.affinity_ns == 0 {
-        return maglev(svc, flow);
+    let bits = ST_SEEN_REPLY | tcp_bits(s.pkt.tcp_flags, ST_FIN_BACKEND);
+    if bits & !s.entry.state != 0 {
+        conntrack::set_state(s, e, bits);
     }
-    let key = AffinityKey {
-        service_slot: svc.slot,
-        client: flow.src,
+    if s.pending != 0 && s.pkt.proto == PROTO_UDP {
+        conntrack::confirm(s, now);
+    } else {
+        conntrack::touch(s, e, now);
+    }
+    let e = &s.entry;
+    let p = &s.pkt;
+    if nat::rewrite(ctx, p, Side::Source, &e.frontend, e.frontend_port).is_err()
+        || (snat && nat::rewrite(ctx, p, Side::Destination, &e.client, e.client_port).is_err())
+    {
+        count(global::REWRITE_ERRORS);
+        return SHOT;
+    }
+    count(global::TRANSLATED);
+    let bytes = ctx.len() as u64;
+    let update = |st: &mut TrafficStats| {
+        st.reply_packets += 1;
+        st.reply_bytes += bytes;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup.
-        let entry = unsafe { &mut *entry };
-        if now.saturating_sub(entry.last_ns) < svc.affinity_ns {
-            if let Some(b) = usable(svc, entry.backend_id) {
-                entry.last_ns = now;
-                return Some((entry.backend_id, b));
-            }
+    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
+    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+    count(global::REDIRECTED);
+    forward::send(ctx, p, route, &s.fib)
+}
+
+/// What happens to a packet `decide` would not route: an ICMP error back
+/// to its sender, a drop, or the packet continuing untranslated. None when
+/// it can be forwarded.
+#[inline(always)]
+fn unforwardable(ctx: &TcContext, s: &mut Scratch, route: Route) -> Option<i32> {
+    match route {
+        Route::Direct | Route::Neighbour => None,
+        Route::Unroutable => {
+            count(global::NOT_FORWARDED);
+            Some(UNSPEC)
+        }
+        Route::TooBig if s.pkt.df == 0 => {
+            count(global::TOO_BIG_DROPPED);
+            Some(SHOT)
+        }
+        Route::TooBig | Route::TimeExceeded => {
+            // SAFETY: reading a union field the FIB lookup or decide wrote.
+            let mtu = unsafe { s.fib.__bindgen_anon_1.mtu_result } as u32;
+            Some(icmp::reply_error(ctx, s, route, mtu))
         }
     }
-    let chosen = maglev(svc, flow)?;
-    let entry = AffinityEntry {
-        backend_id: chosen.0,
-        _pad: 0,
-        last_ns: now,
-    };
-    let _ = AFFINITY.insert(&key, &entry, 0);
-    Some(chosen)
 }
 
+/// State bits for a packet's TCP flags: `fin` for a FIN, ST_RST for a reset.
 #[inline(always)]
-fn usable(svc: &ServiceValue, id: u32) -> Option<&'static Backend> {
-    // SAFETY: plain data, see `handle`.
-    let backend = unsafe { BACKENDS.get(&id) }?;
-    (backend.state == BACKEND_ACTIVE && backend.service_slot == svc.slot).then_some(backend)
-}
-
-#[inline(always)]
-fn maglev(svc: &ServiceValue, flow: &FlowKey) -> Option<(u32, &'static Backend)> {
-    let slot = flow_hash(flow) % MAGLEV_M;
-    let id = *RINGS.get(svc.ring.checked_mul(MAGLEV_M)?.checked_add(slot)?)?;
-    Some((id, usable(svc, id)?))
-}
-
-/// A well-mixed hash of the 5-tuple (murmur3's finaliser over each word),
-/// so flows that differ only in the source port spread over the ring.
-#[inline(never)]
-fn flow_hash(f: &FlowKey) -> u32 {
-    let mut h: u32 = 0x9747_b28c;
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([f.src[i], f.src[i + 1], f.src[i + 2], f.src[i + 3]]),
-        );
-        h = mix(
-            h,
-            u32::from_ne_bytes([f.dst[i], f.dst[i + 1], f.dst[i + 2], f.dst[i + 3]]),
-        );
-        i += 4;
+fn tcp_bits(flags: u8, fin: u8) -> u8 {
+    let mut bits = 0;
+    if flags & TCP_FIN != 0 {
+        bits |= fin;
     }
-    h = mix(h, (f.sport as u32) << 16 | f.dport as u32);
-    h = mix(h, f.proto as u32);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    if flags & TCP_RST != 0 {
+        bits |= ST_RST;
+    }
+    bits
 }
 
-#[inline(always)]
-fn mix(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
-#[inline(always)]
-fn service_stats(slot: u32) -> Option<*mut TrafficStats> {
-    SERVICE_STATS.get_ptr_mut(slot)
+/// An ICMP error about a balanced flow (section 5).
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
+    let now = conntrack::now(cfg);
+    let q = &s.pkt.inner;
+    s.key.src = q.dst;
+    s.key.dst = q.src;
+    s.key.sport = q.dport;
+    s.key.dport = q.sport;
+    s.key.proto = q.proto;
+    s.key._pad = [0; 3];
+    let e = conntrack::lookup(s, cfg, now);
+    if e.is_null() {
+        return UNSPEC;
+    }
+    // SAFETY: pointer from a successful lookup.
+    s.entry = unsafe { *e };
+    if !icmp::plan(&s.pkt, &s.entry, &mut s.plan) {
+        return UNSPEC;
+    }
+    let (src, dst) = (s.plan.outer_src, s.plan.outer_dst);
+    let route = forward::decide(ctx, &s.pkt, &src, &dst, &mut s.fib);
+    match route {
+        Route::Direct | Route::Neighbour => {}
+        Route::Unroutable => {
+            count(global::NOT_FORWARDED);
+            return UNSPEC;
+        }
+        // No ICMP error about an ICMP error.
+        _ => return UNSPEC,
+    }
+    if icmp::translate(ctx, &s.pkt, &s.plan).is_err() {
+        count(global::REWRITE_ERRORS);
+        return SHOT;
+    }
+    count(global::ICMP_TRANSLATED);
+    count(global::REDIRECTED);
+    forward::send(ctx, &s.pkt, route, &s.fib)
 }
 
 #[inline(always)]
 fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficStats)) {
-    if let Some(s) = stats {
+    if let Some(st) = stats {
         // SAFETY: per-CPU value from a successful lookup.
-        f(unsafe { &mut *s });
+        f(unsafe { &mut *st });
     }
 }
 

@@ -1,58 +1,73 @@
-//! Every map of the datapath. Userspace (the reconciler in lbd) is the only
-//! writer of SERVICES, BACKENDS and RINGS; the datapath writes CONNTRACK,
-//! REVNAT and the statistics. Sizes here are defaults: lbd sets the real
-//! ones at load time.
+//! Every map of the datapath, with its key, its value and its writer.
+//! Userspace (the reconciler in lbd) is the only writer of SERVICES,
+//! BACKENDS, RINGS and CONFIG; the datapath writes the conntrack tables,
+//! AFFINITY and the statistics, and lbd's garbage collector deletes expired
+//! conntrack entries. Sizes here are defaults: lbd sets the real ones at
+//! load time.
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    global, AffinityEntry, AffinityKey, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey,
+    global, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, ServiceKey,
     ServiceValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
     MAGLEV_M, RINGS_PER_SERVICE,
 };
 
-/// Frontend (address, port, protocol) -> service slot, live ring, backend count.
+use crate::parse::Packet;
+
+/// Frontend (address, port, protocol) -> service slot, live ring, backend
+/// count, flags. Written by the reconciler.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
-/// Backend id -> address, port, state and owning service slot. Ids are never
-/// reused while the maps live, so a conntrack entry cannot outlive its backend
-/// and silently point at a different one.
+/// Backend id -> address, port, state and owning service slot. Written by
+/// the reconciler. Ids are never reused while the maps live, so a conntrack
+/// entry cannot outlive its backend and silently point at a different one.
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Maglev lookup tables, flattened: ring r occupies [r * MAGLEV_M, (r + 1) * MAGLEV_M),
-/// each entry a backend id. Built in userspace, which maps the array into its
-/// memory (BPF_F_MMAPABLE) to write whole tables without a syscall per entry.
+/// each entry a backend id. Written by the reconciler, which maps the array
+/// into its memory (BPF_F_MMAPABLE) to write whole tables without a syscall
+/// per entry.
 #[map]
 pub static RINGS: Array<u32> = Array::with_max_entries(
     DEFAULT_MAX_SERVICES * RINGS_PER_SERVICE * MAGLEV_M,
     BPF_F_MMAPABLE,
 );
 
-/// Client flow (client -> frontend) -> chosen backend. LRU: under pressure the
-/// oldest flows are forgotten first (they then re-pick the same backend through
-/// Maglev unless the backend set changed).
+/// Confirmed connections: both halves of each (see `CtEntry`), keyed by
+/// the tuple each direction arrives with. Written by the datapath; expired
+/// entries are deleted by lbd. Separate from CT_PENDING so that a flood of
+/// connections that never complete (spoofed SYNs) can only evict each
+/// other, never an established connection.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+    LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
 
-/// Reply flow (backend -> client) -> the frontend address the client expects.
+/// Connections not confirmed yet (TCP before the client's first ACK after
+/// the backend answered; UDP before the backend answered), both halves.
+/// Written by the datapath.
 #[map]
-pub static REVNAT: LruHashMap<FlowKey, RevNatEntry> =
+pub static CT_PENDING: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
 /// (service slot, client address) -> the backend of the client's latest
-/// new flow, for services with session affinity.
+/// new flow, for services with session affinity. Written by the datapath.
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Per-CPU counters per service slot.
+/// One entry: timeouts, the SNAT port range and the clock. Written by lbd.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counters per service slot. The datapath counts; the reconciler
+/// zeroes a slot when it gives it to a new service.
 #[map]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -65,6 +80,28 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficStats> =
 /// Per-CPU datapath-wide counters, indexed by `lb_common::global`.
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
+
+/// Per-CPU working memory for one packet: the program's stack is 512 bytes
+/// for the whole call chain, less than these take together.
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: Packet,
+    /// The conntrack key being looked up or inserted.
+    pub key: FlowKey,
+    /// The other half's key.
+    pub peer_key: FlowKey,
+    /// An entry being built (a new connection, or a half being restored).
+    pub entry: CtEntry,
+    pub fib: bpf_fib_lookup,
+    pub plan: crate::icmp::IcmpPlan,
+    /// Whether the entry `conntrack::lookup` found is in CT_PENDING.
+    pub pending: u32,
+    /// The bytes an ICMP error quotes.
+    pub quote: [u8; crate::icmp::QUOTE_MAX],
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

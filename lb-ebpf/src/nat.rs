@@ -1,4 +1,4 @@
-//! Address and port rewriting with checksum fix-ups.
+//! Address and port rewriting with checksum fix-ups for TCP and UDP.
 //!
 //! The kernel's csum_replace helpers are used rather than our own
 //! arithmetic because they know the skb's checksum state: a CHECKSUM_PARTIAL
@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
 use lb_common::PROTO_UDP;
@@ -51,8 +51,9 @@ pub fn rewrite(
     };
     let csum_off = p.csum_off();
     let flags = l4_flags(p);
-    if p.v6 {
-        let addr_off = p.l3_off + if matches!(side, Side::Source) { 8 } else { 24 };
+    let l3 = p.l3_off as usize;
+    if p.is_v6() {
+        let addr_off = l3 + if matches!(side, Side::Source) { 8 } else { 24 };
         let mut from = *old_addr;
         let mut to = *addr;
         // SAFETY: both buffers are 16 bytes on the stack, the sizes passed.
@@ -62,15 +63,21 @@ pub fn rewrite(
             return Err(());
         }
         ctx.store(addr_off, addr, 0).map_err(|_| ())?;
-        // IPv6 has no header checksum; only the L4 pseudo-header changes.
         ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_PSEUDO_HDR as u64)
             .map_err(|_| ())?;
+        // IPv6 has no header checksum, so the address change and the L4
+        // checksum change cancel out in skb->csum (CHECKSUM_COMPLETE); the
+        // helper above subtracted the difference from it as it would for
+        // IPv4. Add it back (a no-op in any other checksum state). Kernels
+        // from 6.16 offer BPF_F_IPV6 instead; this works on older ones too.
+        // SAFETY: plain helper call on the program's own skb.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
     } else {
-        let addr_off = p.l3_off + if matches!(side, Side::Source) { 12 } else { 16 };
+        let addr_off = l3 + if matches!(side, Side::Source) { 12 } else { 16 };
         let from = u32::from_ne_bytes([old_addr[12], old_addr[13], old_addr[14], old_addr[15]]);
         let to = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
         ctx.store(addr_off, &to, 0).map_err(|_| ())?;
-        ctx.l3_csum_replace(p.l3_off + 10, from as u64, to as u64, 4)
+        ctx.l3_csum_replace(l3 + 10, from as u64, to as u64, 4)
             .map_err(|_| ())?;
         ctx.l4_csum_replace(
             csum_off,
@@ -81,7 +88,7 @@ pub fn rewrite(
         .map_err(|_| ())?;
     }
     if old_port != port {
-        let port_off = p.l4_off + if matches!(side, Side::Source) { 0 } else { 2 };
+        let port_off = p.l4_off as usize + if matches!(side, Side::Source) { 0 } else { 2 };
         ctx.store(port_off, &port, 0).map_err(|_| ())?;
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, flags | 2)
             .map_err(|_| ())?;

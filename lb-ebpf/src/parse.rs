@@ -1,76 +1,94 @@
-//! Header parsing. Everything is read with bpf_skb_load_bytes, which works
-//! for non-linear skbs too and fails cleanly on a truncated packet.
+//! Header parsing and validation (docs/datapath.md, section 1). Everything
+//! is read with bpf_skb_load_bytes, which works for non-linear skbs too and
+//! fails cleanly on a truncated packet.
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
 /// Extension headers walked before giving up; real traffic carries one or two.
 const MAX_EXT_HEADERS: usize = 6;
 
-/// What the datapath needs to know about a packet it may translate.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the datapath needs to know about a packet it may translate. For an
+/// ICMP error, `src`/`dst`/`proto` are the outer header's and `inner`
+/// describes the quoted packet.
+#[repr(C)]
 pub struct Packet {
-    pub l3_off: usize,
-    pub l4_off: usize,
-    pub v6: bool,
-    /// An in-band 802.1Q tag: translate, but let the stack forward it.
-    pub vlan: bool,
+    pub l3_off: u32,
+    pub l4_off: u32,
+    /// End of the IP packet (trailing padding excluded).
+    pub ip_end: u32,
+    pub v6: u8,
     pub proto: u8,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// IPv4 "don't fragment" (always set for IPv6, which routers never fragment).
+    pub df: u8,
+    pub _pad: [u8; 3],
     /// Both addresses in the 16-byte (IPv4-mapped for v4) form.
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// Network byte order, as on the wire.
     pub sport: u16,
     pub dport: u16,
-    /// IPv4 total length or IPv6 payload length + 40, for the FIB's MTU check.
-    pub tot_len: u16,
+    pub inner: Inner,
+}
+
+/// The packet quoted by an ICMP error.
+#[repr(C)]
+pub struct Inner {
+    pub l3_off: u32,
+    pub l4_off: u32,
+    /// The quoted L4 checksum lies within the packet.
+    pub has_l4_csum: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
 }
 
 impl Packet {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn csum_off(&self) -> usize {
-        if self.proto == PROTO_TCP {
-            self.l4_off + 16
-        } else {
-            self.l4_off + 6
-        }
+        self.l4_off as usize + if self.proto == PROTO_TCP { 16 } else { 6 }
     }
-}
 
-impl Packet {
-    pub const fn zeroed() -> Packet {
-        Packet {
-            l3_off: 0,
-            l4_off: 0,
-            v6: false,
-            vlan: false,
-            proto: 0,
-            src: [0; 16],
-            dst: [0; 16],
-            sport: 0,
-            dport: 0,
-            tot_len: 0,
-        }
+    #[inline(always)]
+    pub fn is_v6(&self) -> bool {
+        self.v6 != 0
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Parsed {
-    /// TCP or UDP over IPv4/IPv6, not a fragment: the Packet is filled in.
+    /// TCP or UDP over IPv4/IPv6, not a fragment.
     Candidate,
-    /// Not something we translate (ARP, ICMP, other protocols...).
+    /// An ICMP or ICMPv6 error quoting a TCP or UDP packet.
+    IcmpError,
+    /// Not something we translate (ARP, VLAN-tagged, other protocols...).
     Other,
     /// An IP fragment: a non-first fragment carries no ports, so no fragment
     /// is ever translated.
@@ -84,13 +102,13 @@ fn be16(ctx: &TcContext, off: usize) -> Result<u16, ()> {
     ctx.load::<u16>(off).map(u16::from_be).map_err(|_| ())
 }
 
-// A separate BPF function: its stack frame is not live while the
-// caller's large locals are, which keeps the program within 512 bytes.
+// A separate BPF function: its stack frame is not live while the caller's
+// locals are, which keeps the program within 512 bytes. The packet is
+// filled in through a pointer: a large value returned from a BPF subprogram
+// lets LLVM store registers that are undefined on some paths, which the
+// verifier rejects.
 #[inline(never)]
 pub fn parse(ctx: &TcContext, p: &mut Packet) -> Parsed {
-    // The packet is filled in through a pointer rather than returned: a
-    // large enum returned from a BPF subprogram lets LLVM store registers
-    // that are undefined on some paths, which the verifier rejects.
     match try_parse(ctx, p) {
         Ok(p) => p,
         Err(()) => Parsed::Malformed,
@@ -99,23 +117,22 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> Parsed {
 
 #[inline(always)]
 fn try_parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
-    let mut ethertype = be16(ctx, 12)?;
-    let mut l3_off = ETH_HLEN;
-    let mut vlan = false;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = be16(ctx, 16)?;
-        l3_off += 4;
-        vlan = true;
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Ok(Parsed::Other);
     }
-    match ethertype {
-        ETH_P_IP => parse_v4(ctx, p, l3_off, vlan),
-        ETH_P_IPV6 => parse_v6(ctx, p, l3_off, vlan),
+    match be16(ctx, 12)? {
+        // The VLAN device above this one sees the packet untagged.
+        ETH_P_8021Q | ETH_P_8021AD => Ok(Parsed::Other),
+        ETH_P_IP => parse_v4(ctx, p),
+        ETH_P_IPV6 => parse_v6(ctx, p),
         _ => Ok(Parsed::Other),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, p: &mut Packet, l3_off: usize, vlan: bool) -> Result<Parsed, ()> {
+fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+    let l3_off = ETH_HLEN;
     let hdr: [u8; 20] = ctx.load(l3_off).map_err(|_| ())?;
     if hdr[0] >> 4 != 4 {
         return Err(());
@@ -124,39 +141,45 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet, l3_off: usize, vlan: bool) -> Resul
     if ihl < 20 {
         return Err(());
     }
-    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
-    // Shorter than its own header, or longer than what arrived.
-    if (tot_len as usize) < ihl || l3_off + tot_len as usize > ctx.len() as usize {
+    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    if tot_len < ihl || l3_off + tot_len > ctx.len() as usize {
         return Err(());
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    // MF set or a non-zero offset.
     if frag & 0x3fff != 0 {
         return Ok(Parsed::Fragment);
     }
-    let proto = hdr[9];
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(Parsed::Other);
-    }
+    p.l3_off = l3_off as u32;
+    p.l4_off = (l3_off + ihl) as u32;
+    p.ip_end = (l3_off + tot_len) as u32;
+    p.v6 = 0;
+    p.proto = hdr[9];
+    p.ttl = hdr[8];
+    p.df = ((frag & 0x4000) != 0) as u8;
     p.src = lb_common::v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
     p.dst = lb_common::v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-    p.l3_off = l3_off;
-    p.l4_off = l3_off + ihl;
-    p.v6 = false;
-    p.vlan = vlan;
-    p.proto = proto;
-    p.tot_len = tot_len;
-    finish(ctx, p, l3_off + tot_len as usize)
+    match p.proto {
+        PROTO_TCP | PROTO_UDP => transport(ctx, p),
+        IPPROTO_ICMP => icmp_v4(ctx, p),
+        _ => Ok(Parsed::Other),
+    }
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, p: &mut Packet, l3_off: usize, vlan: bool) -> Result<Parsed, ()> {
+fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+    let l3_off = ETH_HLEN;
     let hdr: [u8; 40] = ctx.load(l3_off).map_err(|_| ())?;
     if hdr[0] >> 4 != 6 {
         return Err(());
     }
-    let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]);
-    if l3_off + 40 + payload_len as usize > ctx.len() as usize {
+    let payload_len = u16::from_be_bytes([hdr[4], hdr[5]]) as usize;
+    if l3_off + 40 + payload_len > ctx.len() as usize {
+        return Err(());
+    }
+    p.src.copy_from_slice(&hdr[8..24]);
+    p.dst.copy_from_slice(&hdr[24..40]);
+    // Never on the wire (RFC 4291); above all, never an IPv4 service.
+    if lb_common::is_v4_mapped(&p.src) || lb_common::is_v4_mapped(&p.dst) {
         return Err(());
     }
     let mut next = hdr[6];
@@ -177,30 +200,143 @@ fn parse_v6(ctx: &TcContext, p: &mut Packet, l3_off: usize, vlan: bool) -> Resul
             _ => break,
         }
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
-        return Ok(Parsed::Other);
+    let ip_end = l3_off + 40 + payload_len;
+    if off > ip_end {
+        return Err(());
     }
-    p.src.copy_from_slice(&hdr[8..24]);
-    p.dst.copy_from_slice(&hdr[24..40]);
-    p.l3_off = l3_off;
-    p.l4_off = off;
-    p.v6 = true;
-    p.vlan = vlan;
+    p.l3_off = l3_off as u32;
+    p.l4_off = off as u32;
+    p.ip_end = ip_end as u32;
+    p.v6 = 1;
     p.proto = next;
-    p.tot_len = payload_len.saturating_add(40);
-    finish(ctx, p, l3_off + 40 + payload_len as usize)
+    p.ttl = hdr[7];
+    p.df = 1;
+    match next {
+        PROTO_TCP | PROTO_UDP => transport(ctx, p),
+        IPPROTO_ICMPV6 => icmp_v6(ctx, p),
+        _ => Ok(Parsed::Other),
+    }
+}
+
+/// TCP and UDP headers must agree with the IP packet around them.
+#[inline(always)]
+fn transport(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+    let l4 = p.l4_off as usize;
+    let end = p.ip_end as usize;
+    let hdr: [u8; 14] = if p.proto == PROTO_TCP {
+        if l4 + 20 > end {
+            return Err(());
+        }
+        ctx.load(l4).map_err(|_| ())?
+    } else {
+        if l4 + 8 > end {
+            return Err(());
+        }
+        let udp: [u8; 8] = ctx.load(l4).map_err(|_| ())?;
+        let mut h = [0u8; 14];
+        h[..8].copy_from_slice(&udp);
+        h
+    };
+    if p.proto == PROTO_TCP {
+        let doff = (hdr[12] >> 4) as usize * 4;
+        if doff < 20 || l4 + doff > end {
+            return Err(());
+        }
+        p.tcp_flags = hdr[13];
+    } else {
+        if u16::from_be_bytes([hdr[4], hdr[5]]) as usize != end - l4 {
+            return Err(());
+        }
+        p.tcp_flags = 0;
+    }
+    p.sport = u16::from_ne_bytes([hdr[0], hdr[1]]);
+    p.dport = u16::from_ne_bytes([hdr[2], hdr[3]]);
+    Ok(Parsed::Candidate)
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, p: &mut Packet, ip_end: usize) -> Result<Parsed, ()> {
-    // The whole fixed L4 header must be present, not just the ports: the
-    // checksum we rewrite lies past them.
-    let l4_len = if p.proto == PROTO_TCP { 20 } else { 8 };
-    if p.l4_off + l4_len > ip_end {
+fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+    let l4 = p.l4_off as usize;
+    if l4 + 8 > p.ip_end as usize {
         return Err(());
     }
-    let ports: [u16; 2] = ctx.load(p.l4_off).map_err(|_| ())?;
-    p.sport = ports[0];
-    p.dport = ports[1];
-    Ok(Parsed::Candidate)
+    let kind: u8 = ctx.load(l4).map_err(|_| ())?;
+    // Destination unreachable, time exceeded, parameter problem.
+    if kind != 3 && kind != 11 && kind != 12 {
+        return Ok(Parsed::Other);
+    }
+    clear_ports(p);
+    let inner = l4 + 8;
+    let hdr: [u8; 20] = match ctx.load(inner) {
+        Ok(h) => h,
+        Err(_) => return Ok(Parsed::Other),
+    };
+    let ihl = (hdr[0] & 0x0f) as usize * 4;
+    let proto = hdr[9];
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    if hdr[0] >> 4 != 4 || ihl < 20 || frag & 0x1fff != 0 {
+        return Ok(Parsed::Other);
+    }
+    p.inner.src = lb_common::v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    p.inner.dst = lb_common::v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    quoted_transport(ctx, p, inner, inner + ihl, proto)
+}
+
+#[inline(always)]
+fn icmp_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+    let l4 = p.l4_off as usize;
+    if l4 + 8 > p.ip_end as usize {
+        return Err(());
+    }
+    let kind: u8 = ctx.load(l4).map_err(|_| ())?;
+    // Destination unreachable, packet too big, time exceeded, parameter problem.
+    if !(1..=4).contains(&kind) {
+        return Ok(Parsed::Other);
+    }
+    clear_ports(p);
+    let inner = l4 + 8;
+    let hdr: [u8; 40] = match ctx.load(inner) {
+        Ok(h) => h,
+        Err(_) => return Ok(Parsed::Other),
+    };
+    if hdr[0] >> 4 != 6 {
+        return Ok(Parsed::Other);
+    }
+    p.inner.src.copy_from_slice(&hdr[8..24]);
+    p.inner.dst.copy_from_slice(&hdr[24..40]);
+    if lb_common::is_v4_mapped(&p.inner.src) || lb_common::is_v4_mapped(&p.inner.dst) {
+        return Ok(Parsed::Other);
+    }
+    quoted_transport(ctx, p, inner, inner + 40, hdr[6])
+}
+
+/// ICMP has no ports; the FIB lookup must not see a previous packet's.
+#[inline(always)]
+fn clear_ports(p: &mut Packet) {
+    p.sport = 0;
+    p.dport = 0;
+    p.tcp_flags = 0;
+}
+
+/// The quoted packet's ports, which must lie within the ICMP message.
+#[inline(always)]
+fn quoted_transport(
+    ctx: &TcContext,
+    p: &mut Packet,
+    l3: usize,
+    l4: usize,
+    proto: u8,
+) -> Result<Parsed, ()> {
+    let end = p.ip_end as usize;
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || l4 + 8 > end {
+        return Ok(Parsed::Other);
+    }
+    let ports: [u16; 2] = ctx.load(l4).map_err(|_| ())?;
+    p.inner.l3_off = l3 as u32;
+    p.inner.l4_off = l4 as u32;
+    p.inner.proto = proto;
+    p.inner.sport = ports[0];
+    p.inner.dport = ports[1];
+    p.inner.has_l4_csum = (proto == PROTO_UDP || l4 + 18 <= end) as u8;
+    Ok(Parsed::IcmpError)
 }

@@ -5,13 +5,13 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    maps, progs, Backend, CtEntry, FlowKey, RevNatEntry, ServiceKey, ServiceValue, TrafficStats,
+    maps, progs, Backend, Config, CtEntry, FlowKey, ServiceKey, ServiceValue, TrafficStats,
     MAGLEV_M, RINGS_PER_SERVICE,
 };
 
@@ -41,8 +41,12 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub rings: RingMemory,
+    /// Confirmed connections, both halves of each.
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
-    pub revnat: HashMap<MapData, FlowKey, RevNatEntry>,
+    /// Connections not confirmed yet, both halves of each.
+    pub ct_pending: HashMap<MapData, FlowKey, CtEntry>,
+    /// The datapath's settings: timeouts, SNAT ports, its clock.
+    pub config: Array<MapData, Config>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
@@ -63,13 +67,14 @@ enum Attachment {
     Pinned(PinnedLink),
 }
 
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 10] = [
     maps::AFFINITY,
     maps::SERVICES,
     maps::BACKENDS,
     maps::RINGS,
     maps::CONNTRACK,
-    maps::REVNAT,
+    maps::CT_PENDING,
+    maps::CONFIG,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,
     maps::GLOBAL_STATS,
@@ -91,8 +96,14 @@ impl Datapath {
             .map_max_entries(maps::RINGS, ring_entries)
             .map_max_entries(maps::BACKENDS, limits.max_backends)
             .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(maps::CONNTRACK, limits.max_flows)
-            .map_max_entries(maps::REVNAT, limits.max_flows)
+            .map_max_entries(
+                maps::CONNTRACK,
+                limits
+                    .max_flows
+                    .checked_mul(2)
+                    .ok_or_else(|| anyhow!("--max-flows too large"))?,
+            )
+            .map_max_entries(maps::CT_PENDING, limits.max_flows)
             .map_max_entries(maps::AFFINITY, limits.max_flows);
         if let Some(dir) = pin_dir {
             prepare_pin_dir(dir)?;
@@ -114,12 +125,19 @@ impl Datapath {
             backends: take(&mut ebpf, maps::BACKENDS)?,
             rings: RingMemory::map(&mut ebpf)?,
             conntrack: take(&mut ebpf, maps::CONNTRACK)?,
-            revnat: take(&mut ebpf, maps::REVNAT)?,
+            ct_pending: take(&mut ebpf, maps::CT_PENDING)?,
+            config: take(&mut ebpf, maps::CONFIG)?,
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             global_stats: take(&mut ebpf, maps::GLOBAL_STATS)?,
             limits,
         };
+        let mut maps = maps;
+        // A fresh CONFIG is all zeroes, under which every connection would
+        // expire at once; one adopted from pins keeps what lbd last wrote.
+        if maps.config.get(&0, 0).map(|c| c.timeout_tcp_ns == 0)? {
+            maps.config.set(0, Config::default(), 0)?;
+        }
         let datapath = Datapath {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),

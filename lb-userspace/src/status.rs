@@ -129,7 +129,14 @@ pub fn census(reconciler: &Reconciler) -> Census {
             now.saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64)
         })
         .ok();
-    for (_, ct) in reconciler.maps().conntrack.iter().filter_map(|r| r.ok()) {
+    let maps = reconciler.maps();
+    let halves = maps
+        .conntrack
+        .iter()
+        .chain(maps.ct_pending.iter())
+        .filter_map(|r| r.ok());
+    // One connection, two halves: count the forward ones.
+    for (_, ct) in halves.filter(|(_, ct)| ct.flags & lb_common::CT_REPLY == 0) {
         out.entries += 1;
         if horizon.is_some_and(|h| ct.last_seen_ns >= h) {
             *out.active.entry(ct.backend_id).or_insert(0) += 1;

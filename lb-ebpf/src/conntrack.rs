@@ -1,0 +1,245 @@
+//! The connection tracker (docs/datapath.md, sections 2-4): two halves per
+//! connection, kept coherent; confirmed connections in CONNTRACK, the
+//! others in CT_PENDING; per-state timeouts enforced at lookup.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use lb_common::{
+    global, Config, CtEntry, FlowKey, CT_PEER_REFRESH_NS, CT_REPLY, CT_SNAT, ST_CONFIRMED,
+};
+
+use crate::maps::{count, Scratch, CONNTRACK, CT_PENDING};
+
+/// The datapath's clock.
+#[inline(always)]
+pub fn now(cfg: &Config) -> u64 {
+    if cfg.clock_frozen_ns != 0 {
+        return cfg.clock_frozen_ns;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }.wrapping_add(cfg.clock_offset_ns)
+}
+
+#[inline(always)]
+fn table(pending: bool) -> &'static LruHashMap<FlowKey, CtEntry> {
+    if pending {
+        &CT_PENDING
+    } else {
+        &CONNTRACK
+    }
+}
+
+#[inline(always)]
+pub fn live(e: &CtEntry, cfg: &Config, now: u64) -> bool {
+    now.saturating_sub(e.last_seen_ns) <= cfg.timeout_ns(e.proto, e.state)
+}
+
+/// The key of the other half of the connection `e` belongs to.
+#[inline(always)]
+pub fn peer_key(e: &CtEntry, out: &mut FlowKey) {
+    out.proto = e.proto;
+    out._pad = [0; 3];
+    if e.flags & CT_REPLY != 0 {
+        out.src = e.client;
+        out.dst = e.frontend;
+        out.sport = e.client_port;
+        out.dport = e.frontend_port;
+    } else {
+        out.src = e.backend;
+        out.sport = e.backend_port;
+        if e.flags & CT_SNAT != 0 {
+            out.dst = e.nat_addr;
+            out.dport = e.nat_port;
+        } else {
+            out.dst = e.client;
+            out.dport = e.client_port;
+        }
+    }
+}
+
+/// Finds a live entry for `s.key`, in CONNTRACK first, then CT_PENDING
+/// (`s.pending` says which). An expired entry is deleted with its other
+/// half and not returned. Null when there is none.
+#[inline(never)]
+pub fn lookup(s: &mut Scratch, cfg: &Config, now: u64) -> *mut CtEntry {
+    let mut pending = false;
+    let mut found = CONNTRACK.get_ptr_mut(&s.key);
+    if found.is_none() {
+        pending = true;
+        found = CT_PENDING.get_ptr_mut(&s.key);
+    }
+    let Some(e) = found else {
+        return core::ptr::null_mut();
+    };
+    s.pending = pending as u32;
+    // SAFETY: pointer from a successful lookup.
+    if live(unsafe { &*e }, cfg, now) {
+        return e;
+    }
+    count(global::CT_EXPIRED);
+    // SAFETY: as above; the entry is read before it is deleted.
+    peer_key(unsafe { &*e }, &mut s.peer_key);
+    let map = table(pending);
+    let _ = map.remove(&s.key);
+    let _ = map.remove(&s.peer_key);
+    core::ptr::null_mut()
+}
+
+/// Deletes both halves of the connection whose half `s.entry` (a copy) was
+/// found under `s.key`.
+#[inline(never)]
+pub fn delete(s: &mut Scratch) {
+    peer_key(&s.entry, &mut s.peer_key);
+    let map = table(s.pending != 0);
+    let _ = map.remove(&s.key);
+    let _ = map.remove(&s.peer_key);
+}
+
+/// Records `bits` in both halves' state. `e` is the half found under
+/// `s.key`, `s.entry` a copy of it.
+#[inline(never)]
+pub fn set_state(s: &mut Scratch, e: *mut CtEntry, bits: u8) {
+    // SAFETY: pointer from a successful lookup, valid for this program run.
+    unsafe { (*e).state |= bits };
+    s.entry.state |= bits;
+    peer_key(&s.entry, &mut s.peer_key);
+    if let Some(peer) = table(s.pending != 0).get_ptr_mut(&s.peer_key) {
+        // SAFETY: as above.
+        unsafe { (*peer).state |= bits };
+    }
+}
+
+/// Moves both halves from CT_PENDING to CONNTRACK, confirmed.
+#[inline(never)]
+pub fn confirm(s: &mut Scratch, now: u64) {
+    s.entry.state |= ST_CONFIRMED;
+    s.entry.last_seen_ns = now;
+    peer_key(&s.entry, &mut s.peer_key);
+    if CONNTRACK.insert(&s.key, &s.entry, 0).is_err() {
+        count(global::CT_INSERT_FAILED);
+        return;
+    }
+    s.entry.flags ^= CT_REPLY;
+    let ok = CONNTRACK.insert(&s.peer_key, &s.entry, 0).is_ok();
+    s.entry.flags ^= CT_REPLY;
+    if !ok {
+        count(global::CT_INSERT_FAILED);
+        let _ = CONNTRACK.remove(&s.key);
+        return;
+    }
+    let _ = CT_PENDING.remove(&s.key);
+    let _ = CT_PENDING.remove(&s.peer_key);
+    s.pending = 0;
+    count(global::CT_CONFIRMED);
+}
+
+/// Marks the half `e` (copied in `s.entry`) as seen now, and the other half
+/// too when this one was last seen a while ago, recreating it if it was
+/// evicted.
+#[inline(never)]
+pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
+    // SAFETY: pointer from a successful lookup, valid for this program run.
+    let last = unsafe { (*e).last_seen_ns };
+    unsafe { (*e).last_seen_ns = now };
+    if now.saturating_sub(last) < CT_PEER_REFRESH_NS {
+        return;
+    }
+    peer_key(&s.entry, &mut s.peer_key);
+    let map = table(s.pending != 0);
+    if let Some(peer) = map.get_ptr_mut(&s.peer_key) {
+        // SAFETY: as above.
+        unsafe { (*peer).last_seen_ns = now };
+        return;
+    }
+    s.entry.flags ^= CT_REPLY;
+    s.entry.last_seen_ns = now;
+    if map.insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64).is_ok() {
+        count(global::CT_RESTORED);
+    }
+    s.entry.flags ^= CT_REPLY;
+}
+
+/// Whether a live entry holds `s.peer_key` in either table. Expired ones
+/// are deleted with their other halves on the way.
+#[inline(never)]
+pub fn taken(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
+    for pending in [false, true] {
+        let map = table(pending);
+        if let Some(e) = map.get_ptr_mut(&s.peer_key) {
+            // SAFETY: pointer from a successful lookup.
+            let e = unsafe { &*e };
+            if live(e, cfg, now) {
+                return true;
+            }
+            let mut other = FlowKey::default();
+            peer_key(e, &mut other);
+            let _ = map.remove(&s.peer_key);
+            let _ = map.remove(&other);
+        }
+    }
+    false
+}
+
+/// Outcomes of `insert`.
+pub const INSERTED: u32 = 0;
+/// Another CPU inserted the same connection first; use its entry.
+pub const RACED: u32 = 1;
+pub const FAILED: u32 = 2;
+
+/// Inserts the new connection `s.entry` (built as its forward half) into
+/// CT_PENDING under `s.key`, its reply half under `s.peer_key` first. With
+/// CT_SNAT the reply half claims the source port: attempt by attempt over
+/// the configured range, a port whose reply tuple no live entry holds.
+#[inline(never)]
+pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
+    peer_key(&s.entry, &mut s.peer_key);
+    s.entry.flags |= CT_REPLY;
+    if s.entry.flags & CT_SNAT != 0 {
+        let min = cfg.snat_port_min as u32;
+        let span = (cfg.snat_port_max as u32).saturating_sub(min) + 1;
+        let mut claimed = false;
+        let mut attempt = 0u32;
+        while attempt < 8 {
+            let port = (min + hash.wrapping_add(attempt.wrapping_mul(7919)) % span) as u16;
+            s.peer_key.dport = port.to_be();
+            s.entry.nat_port = port.to_be();
+            attempt += 1;
+            if taken(s, cfg, now) {
+                continue;
+            }
+            if CT_PENDING
+                .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                claimed = true;
+                break;
+            }
+        }
+        if !claimed {
+            count(global::SNAT_EXHAUSTED);
+            return FAILED;
+        }
+    } else {
+        if taken(s, cfg, now) {
+            count(global::CT_COLLISIONS);
+            return FAILED;
+        }
+        if CT_PENDING
+            .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            count(global::CT_COLLISIONS);
+            return FAILED;
+        }
+    }
+    s.entry.flags &= !CT_REPLY;
+    if CT_PENDING
+        .insert(&s.key, &s.entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Release the claim: the winner's reply half is its own.
+        let _ = CT_PENDING.remove(&s.peer_key);
+        return RACED;
+    }
+    s.pending = 1;
+    INSERTED
+}
