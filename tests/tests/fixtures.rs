@@ -12,8 +12,10 @@ use lb_userspace::datapath::{Datapath, Limits};
 use lb_userspace::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
 use lb_userspace::reconciler::Reconciler;
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC: not ours, the next program or the stack decides.
+const PASS: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT4: [u8; 4] = [10, 71, 0, 2];
 const VIP4: [u8; 4] = [10, 73, 0, 10];
@@ -21,6 +23,12 @@ const CLIENT6: &str = "fd00:71::2";
 const VIP6: &str = "fd00:73::10";
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+/// The neighbours' MACs in the fixture's namespace.
+const MAC_CLIENT: [u8; 6] = [2, 0, 0, 0, 1, 2];
+const MAC_BACKEND: [u8; 6] = [2, 0, 0, 0, 2, 2];
+/// The fixture's interfaces towards the clients and towards the backends.
+const IF_CLIENTS: &str = "lbc0";
+const IF_BACKENDS: &str = "lbb0";
 
 fn v6(s: &str) -> [u8; 16] {
     s.parse::<Ipv6Addr>().unwrap().octets()
@@ -93,17 +101,92 @@ fn desired() -> DesiredState {
     }
 }
 
-/// A loaded datapath with the fixture services applied. It lives in a fresh
-/// network namespace of its own, where the FIB knows no routes, so a
-/// translated packet always goes back to the stack (TC_ACT_OK) and the
-/// output bytes do not depend on the host's routing.
+/// A loaded datapath with the fixture services applied, in a fresh network
+/// namespace of its own with two interfaces: `lbc0` towards the clients
+/// (10.71.0.0/16, fd00:71::/64) and `lbb0` towards the backends
+/// (10.72.0.0/16, fd00:72::/32), with permanent neighbours, so that the FIB
+/// routes every translated packet and the output bytes are exact.
 struct Fixture {
     datapath: Datapath,
     reconciler: Reconciler,
+    clients: Link,
+    backends: Link,
+}
+
+/// One of the fixture's interfaces.
+struct Link {
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+fn sh(cmd: &str) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .expect("sh");
+    assert!(status.success(), "{cmd}");
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Link {
+    /// `own_mac` is set explicitly: sysfs still shows the namespace the
+    /// test started in.
+    fn new(
+        name: &str,
+        own_mac: [u8; 6],
+        (v4, v6): (&str, &str),
+        neighbours: &[&str],
+        mac: [u8; 6],
+    ) -> Link {
+        sh(&format!(
+            "ip link add {name} address {} type veth peer name {name}p && \
+             ip addr add {v4} dev {name} && ip -6 addr add {v6} dev {name} nodad && \
+             ip link set {name} up && ip link set {name}p up",
+            mac_string(own_mac)
+        ));
+        for n in neighbours {
+            sh(&format!(
+                "ip neigh replace {n} lladdr {} dev {name} nud permanent",
+                mac_string(mac)
+            ));
+        }
+        Link {
+            ifindex: nix::net::if_::if_nametoindex(name).unwrap(),
+            mac: own_mac,
+        }
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
+        sh("ip link set lo up && sysctl -qw net.ipv4.conf.all.forwarding=1 \
+            net.ipv6.conf.all.forwarding=1");
+        let clients = Link::new(
+            IF_CLIENTS,
+            [2, 0, 0, 0, 1, 1],
+            ("10.71.0.1/16", "fd00:71::1/64"),
+            &["10.71.0.2", "10.71.0.3", "fd00:71::2"],
+            MAC_CLIENT,
+        );
+        let backends = Link::new(
+            IF_BACKENDS,
+            [2, 0, 0, 0, 2, 1],
+            ("10.72.0.1/16", "fd00:72::1/32"),
+            &[
+                "10.72.1.2",
+                "10.72.2.2",
+                "10.72.3.2",
+                "10.72.4.2",
+                "fd00:72:1::2",
+            ],
+            MAC_BACKEND,
+        );
         let limits = Limits {
             max_services: 16,
             max_backends: 64,
@@ -115,16 +198,36 @@ impl Fixture {
         Fixture {
             datapath,
             reconciler,
+            clients,
+            backends,
         }
     }
 
+    /// Runs the program on `packet` as if it arrived on the interface its
+    /// source lives behind (backends: 10.72/16 and fd00:72::/32).
     fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let from_backend = match u16::from_be_bytes([packet[12], packet[13]]) {
+            0x0800 => packet.len() > 28 && packet[26..28] == [10, 72],
+            0x86dd => packet.len() > 26 && packet[22..26] == [0xfd, 0, 0, 0x72],
+            _ => false,
+        };
+        let ingress = if from_backend {
+            self.backends.ifindex
+        } else {
+            self.clients.ifindex
+        };
+        // A __sk_buff with ingress_ifindex (offset 36) and ifindex (40) set:
+        // the FIB lookup runs in that interface's context.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ingress.to_ne_bytes());
         let mut out = vec![0u8; packet.len() + 256];
         let prog = self.datapath.program().unwrap();
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
                 ..Default::default()
             })
             .expect("BPF_PROG_TEST_RUN");
@@ -135,6 +238,35 @@ impl Fixture {
     fn global(&self, index: u32) -> u64 {
         lb_userspace::status::datapath_counters(&self.reconciler)[global::NAMES[index as usize]]
     }
+
+    /// `frame` as the datapath sends it towards the backends: a router's
+    /// hop, from the fixture's backend-side interface to the neighbour.
+    fn to_backends(&self, frame: Vec<u8>) -> Vec<u8> {
+        routed(frame, self.backends.mac, MAC_BACKEND)
+    }
+
+    /// The same towards the clients.
+    fn to_clients(&self, frame: Vec<u8>) -> Vec<u8> {
+        routed(frame, self.clients.mac, MAC_CLIENT)
+    }
+}
+
+/// `frame` after one routed hop: new MACs, TTL or hop limit one less (and
+/// the IPv4 header checksum computed again from scratch).
+fn routed(mut frame: Vec<u8>, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&src_mac);
+    if frame[12..14] == [0x86, 0xdd] {
+        frame[21] -= 1;
+        return frame;
+    }
+    frame[22] -= 1;
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let header = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..14 + ihl]).unwrap();
+    let sum = header.to_header().calc_header_checksum();
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
+    frame
 }
 
 /// Runs `f` on a thread in a new network namespace.
@@ -204,10 +336,13 @@ fn tcp_v4_forward_and_reply() {
         let mut fx = Fixture::new();
         let input = tcp4(CLIENT4, VIP4, 40000, 80, b"hello");
         let (action, out) = fx.run(&input);
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, TC_ACT_REDIRECT);
         let backend = dst4(&out);
         assert!(backends4().contains(&backend), "picked {backend:?}");
-        assert_eq!(out, tcp4(CLIENT4, backend, 40000, 8080, b"hello"));
+        assert_eq!(
+            out,
+            fx.to_backends(tcp4(CLIENT4, backend, 40000, 8080, b"hello"))
+        );
 
         // The same flow stays on its backend.
         for _ in 0..5 {
@@ -218,8 +353,8 @@ fn tcp_v4_forward_and_reply() {
         // The backend's reply comes back from the frontend.
         let reply = tcp4(backend, CLIENT4, 8080, 40000, b"world");
         let (action, out) = fx.run(&reply);
-        assert_eq!(action, TC_ACT_OK);
-        assert_eq!(out, tcp4(VIP4, CLIENT4, 80, 40000, b"world"));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(out, fx.to_clients(tcp4(VIP4, CLIENT4, 80, 40000, b"world")));
         assert_eq!(fx.global(global::TRANSLATED), 7);
     });
 }
@@ -245,12 +380,12 @@ fn udp_v4_forward_reply_and_zero_checksum() {
     in_fresh_netns(|| {
         let mut fx = Fixture::new();
         let (action, out) = fx.run(&udp4(CLIENT4, VIP4, 5000, 53, b"query"));
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, TC_ACT_REDIRECT);
         let mut expected = udp4(CLIENT4, [10, 72, 1, 2], 5000, 5353, b"query");
-        assert_eq!(out, expected);
+        assert_eq!(out, fx.to_backends(expected));
 
         let (_, out) = fx.run(&udp4([10, 72, 1, 2], CLIENT4, 5353, 5000, b"answer"));
-        assert_eq!(out, udp4(VIP4, CLIENT4, 53, 5000, b"answer"));
+        assert_eq!(out, fx.to_clients(udp4(VIP4, CLIENT4, 53, 5000, b"answer")));
 
         // A UDP checksum of zero ("none") must stay zero.
         let mut input = udp4(CLIENT4, VIP4, 5001, 53, b"query");
@@ -260,7 +395,7 @@ fn udp_v4_forward_reply_and_zero_checksum() {
         expected = udp4(CLIENT4, [10, 72, 1, 2], 5001, 5353, b"query");
         expected[40] = 0;
         expected[41] = 0;
-        assert_eq!(out, expected);
+        assert_eq!(out, fx.to_backends(expected));
     });
 }
 
@@ -270,15 +405,24 @@ fn tcp_and_udp_v6() {
         let mut fx = Fixture::new();
         let backend = v6("fd00:72:1::2");
         let (action, out) = fx.run(&tcp6(v6(CLIENT6), v6(VIP6), 40000, 80, b"hello"));
-        assert_eq!(action, TC_ACT_OK);
-        assert_eq!(out, tcp6(v6(CLIENT6), backend, 40000, 8080, b"hello"));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            fx.to_backends(tcp6(v6(CLIENT6), backend, 40000, 8080, b"hello"))
+        );
         let (_, out) = fx.run(&tcp6(backend, v6(CLIENT6), 8080, 40000, b"world"));
-        assert_eq!(out, tcp6(v6(VIP6), v6(CLIENT6), 80, 40000, b"world"));
+        assert_eq!(
+            out,
+            fx.to_clients(tcp6(v6(VIP6), v6(CLIENT6), 80, 40000, b"world"))
+        );
 
         let (_, out) = fx.run(&udp6(v6(CLIENT6), v6(VIP6), 5000, 53, b"q"));
-        assert_eq!(out, udp6(v6(CLIENT6), backend, 5000, 5353, b"q"));
+        assert_eq!(
+            out,
+            fx.to_backends(udp6(v6(CLIENT6), backend, 5000, 5353, b"q"))
+        );
         let (_, out) = fx.run(&udp6(backend, v6(CLIENT6), 5353, 5000, b"a"));
-        assert_eq!(out, udp6(v6(VIP6), v6(CLIENT6), 53, 5000, b"a"));
+        assert_eq!(out, fx.to_clients(udp6(v6(VIP6), v6(CLIENT6), 53, 5000, b"a")));
     });
 }
 
@@ -298,7 +442,7 @@ fn packets_not_for_a_service_pass_untouched() {
         ];
         for input in cases {
             let (action, out) = fx.run(&input);
-            assert_eq!(action, TC_ACT_OK);
+            assert_eq!(action, PASS);
             assert_eq!(out, input);
         }
         // ARP is not IP at all.
@@ -307,7 +451,7 @@ fn packets_not_for_a_service_pass_untouched() {
         arp.extend_from_slice(&[0x08, 0x06]);
         arp.extend_from_slice(&[0u8; 28]);
         let (action, out) = fx.run(&arp);
-        assert_eq!((action, out), (TC_ACT_OK, arp));
+        assert_eq!((action, out), (PASS, arp));
         assert_eq!(fx.global(global::TRANSLATED), 0);
     });
 }
@@ -329,19 +473,19 @@ fn truncated_and_malformed_headers_pass_untouched() {
                 cut[16..18].copy_from_slice(&tot.to_be_bytes());
             }
             let (action, out) = fx.run(&cut);
-            assert_eq!(action, TC_ACT_OK, "len {len}");
+            assert_eq!(action, PASS, "len {len}");
             assert_eq!(out, cut, "len {len}");
         }
         // Total length claims more than arrived.
         let mut lying = full.clone();
         lying[16..18].copy_from_slice(&1000u16.to_be_bytes());
         let (action, out) = fx.run(&lying);
-        assert_eq!((action, out), (TC_ACT_OK, lying));
+        assert_eq!((action, out), (PASS, lying));
         // IHL below 5.
         let mut bad_ihl = full.clone();
         bad_ihl[14] = 0x44;
         let (action, out) = fx.run(&bad_ihl);
-        assert_eq!((action, out), (TC_ACT_OK, bad_ihl));
+        assert_eq!((action, out), (PASS, bad_ihl));
         assert!(fx.global(global::MALFORMED) >= 5);
         assert_eq!(fx.global(global::TRANSLATED), 0);
     });
@@ -368,10 +512,10 @@ fn ipv4_options_are_skipped() {
         let input = build(CLIENT4, VIP4, 80);
         assert_eq!(input[14], 0x46);
         let (action, out) = fx.run(&input);
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, TC_ACT_REDIRECT);
         let backend = dst4(&out);
         assert!(backends4().contains(&backend));
-        assert_eq!(out, build(CLIENT4, backend, 8080));
+        assert_eq!(out, fx.to_backends(build(CLIENT4, backend, 8080)));
     });
 }
 
@@ -392,10 +536,10 @@ fn ipv6_extension_header_is_skipped() {
         let backend = v6("fd00:72:1::2");
         let input = with_hbh(tcp6(v6(CLIENT6), v6(VIP6), 40000, 80, b"ext"));
         let (action, out) = fx.run(&input);
-        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(action, TC_ACT_REDIRECT);
         assert_eq!(
             out,
-            with_hbh(tcp6(v6(CLIENT6), backend, 40000, 8080, b"ext"))
+            fx.to_backends(with_hbh(tcp6(v6(CLIENT6), backend, 40000, 8080, b"ext")))
         );
     });
 }
@@ -409,7 +553,7 @@ fn fragments_are_never_translated() {
             let mut frag = udp4(CLIENT4, VIP4, 5000, 53, b"fragment");
             frag[20..22].copy_from_slice(&flags);
             let (action, out) = fx.run(&frag);
-            assert_eq!((action, out), (TC_ACT_OK, frag));
+            assert_eq!((action, out), (PASS, frag));
         }
         // An IPv6 fragment header.
         let mut frame = udp6(v6(CLIENT6), v6(VIP6), 5000, 53, b"fragment");
@@ -418,7 +562,7 @@ fn fragments_are_never_translated() {
         frame[20] = 44;
         frame.splice(54..54, [17u8, 0, 0, 1, 0, 0, 0, 1]);
         let (action, out) = fx.run(&frame);
-        assert_eq!((action, out), (TC_ACT_OK, frame));
+        assert_eq!((action, out), (PASS, frame));
         assert_eq!(fx.global(global::FRAGMENTS), 3);
         assert_eq!(fx.global(global::TRANSLATED), 0);
     });
@@ -470,16 +614,16 @@ fn full_nat_translates_both_addresses_and_back() {
         // different source ports towards the backend.
         for client in [CLIENT4, [10, 71, 0, 3]] {
             let (action, out) = fx.run(&tcp4(client, vip, 40000, 80, b"hello"));
-            assert_eq!(action, TC_ACT_OK);
+            assert_eq!(action, TC_ACT_REDIRECT);
             let port = u16::from_be_bytes([out[34], out[35]]);
             assert!(port >= 1024);
-            assert_eq!(out, tcp4(snat, backend, port, 8080, b"hello"));
+            assert_eq!(out, fx.to_backends(tcp4(snat, backend, port, 8080, b"hello")));
             // The flow keeps its port.
             let (_, again) = fx.run(&tcp4(client, vip, 40000, 80, b"hello"));
             assert_eq!(again, out);
             let (action, reply) = fx.run(&tcp4(backend, snat, 8080, port, b"world"));
-            assert_eq!(action, TC_ACT_OK);
-            assert_eq!(reply, tcp4(vip, client, 80, 40000, b"world"));
+            assert_eq!(action, TC_ACT_REDIRECT);
+            assert_eq!(reply, fx.to_clients(tcp4(vip, client, 80, 40000, b"world")));
             ports.push(port);
         }
         assert_ne!(ports[0], ports[1]);
