@@ -152,7 +152,10 @@ pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
     }
     s.entry.flags ^= CT_REPLY;
     s.entry.last_seen_ns = now;
-    if map.insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64).is_ok() {
+    if map
+        .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+        .is_ok()
+    {
         count(global::CT_RESTORED);
     }
     s.entry.flags ^= CT_REPLY;

@@ -162,7 +162,11 @@ fn decrement_ttl(ctx: &TcContext, p: &Packet) -> Result<(), ()> {
     if p.is_v6() {
         // No header checksum: let the kernel keep skb->csum in step.
         return ctx
-            .store(l3 + 7, &(ttl - 1), aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64)
+            .store(
+                l3 + 7,
+                &(ttl - 1),
+                aya_ebpf::bindings::BPF_F_RECOMPUTE_CSUM as u64,
+            )
             .map_err(|_| ());
     }
     // The checksum covers TTL and protocol as one 16-bit word; the change

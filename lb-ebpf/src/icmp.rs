@@ -62,7 +62,13 @@ fn apply(csum: u16, delta: u64) -> u16 {
 
 /// Replaces an address at `off`, returning the delta of the words changed.
 #[inline(always)]
-fn set_addr(ctx: &TcContext, off: usize, old: &[u8; 16], new: &[u8; 16], v6: bool) -> Result<u64, ()> {
+fn set_addr(
+    ctx: &TcContext,
+    off: usize,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    v6: bool,
+) -> Result<u64, ()> {
     if v6 {
         ctx.store(off, new, 0).map_err(|_| ())?;
         return Ok(delta(old, new));
@@ -101,7 +107,11 @@ pub fn plan(p: &Packet, e: &CtEntry, s: &mut IcmpPlan) -> bool {
         s.inner_dst = e.frontend;
         s.inner_dport = e.frontend_port;
         s.outer_dst = e.client;
-        s.outer_src = if p.src == e.backend { e.frontend } else { p.src };
+        s.outer_src = if p.src == e.backend {
+            e.frontend
+        } else {
+            p.src
+        };
     } else {
         // About a reply sent to the client; travels to the backend.
         s.inner_src = e.backend;
@@ -151,7 +161,12 @@ pub fn translate(ctx: &TcContext, p: &Packet, s: &IcmpPlan) -> Result<(), ()> {
         icmp_delta += set_u16(ctx, ql3 + 10, old, apply(old, l4_delta))?;
     }
     let ports = set_u16(ctx, ql4, u16::from_be(q.sport), u16::from_be(s.inner_sport))?
-        + set_u16(ctx, ql4 + 2, u16::from_be(q.dport), u16::from_be(s.inner_dport))?;
+        + set_u16(
+            ctx,
+            ql4 + 2,
+            u16::from_be(q.dport),
+            u16::from_be(s.inner_dport),
+        )?;
     icmp_delta += ports;
     if q.has_l4_csum != 0 {
         let off = ql4 + if q.proto == PROTO_TCP { 16 } else { 6 };
@@ -201,7 +216,11 @@ fn try_reply_error(ctx: &TcContext, s: &mut Scratch, route: Route, mtu: u32) -> 
     let v6 = p.is_v6();
     let l3 = p.l3_off as usize;
     let ip_len = p.ip_end as usize - l3;
-    let quote_len = if ip_len < QUOTE_MAX { ip_len } else { QUOTE_MAX };
+    let quote_len = if ip_len < QUOTE_MAX {
+        ip_len
+    } else {
+        QUOTE_MAX
+    };
     // The same value, in a form the verifier sees is within 1..=QUOTE_MAX
     // (a power of two); an IP packet is never empty.
     let quote_len = (quote_len.wrapping_sub(1) & (QUOTE_MAX - 1)) + 1;
@@ -238,10 +257,10 @@ fn try_reply_error(ctx: &TcContext, s: &mut Scratch, route: Route, mtu: u32) -> 
     let mut icmp = [0u8; 8];
     let too_big = route == Route::TooBig;
     icmp[0] = match (v6, too_big) {
-        (false, true) => 3,  // destination unreachable...
+        (false, true) => 3,   // destination unreachable...
         (false, false) => 11, // time exceeded
-        (true, true) => 2,   // packet too big
-        (true, false) => 3,  // time exceeded
+        (true, true) => 2,    // packet too big
+        (true, false) => 3,   // time exceeded
     };
     icmp[1] = if !v6 && too_big { 4 } else { 0 }; // ...fragmentation needed
     if too_big {

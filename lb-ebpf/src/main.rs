@@ -132,7 +132,11 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
         return NEW_FLOW;
     }
     let snat = s.entry.flags & CT_SNAT != 0;
-    let src = if snat { s.entry.nat_addr } else { s.entry.client };
+    let src = if snat {
+        s.entry.nat_addr
+    } else {
+        s.entry.client
+    };
     let backend_addr = s.entry.backend;
     let route = forward::decide(ctx, &s.pkt, &src, &backend_addr, &mut s.fib);
     if let Some(action) = unforwardable(ctx, s, route) {
@@ -172,7 +176,14 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
     if let Some(action) = unforwardable(ctx, s, route) {
         return action;
     }
-    new_entry(s, svc, backend_id, backend, if snat { Some(&nat_addr) } else { None }, now);
+    new_entry(
+        s,
+        svc,
+        backend_id,
+        backend,
+        if snat { Some(&nat_addr) } else { None },
+        now,
+    );
     match conntrack::insert(s, cfg, now, hash) {
         conntrack::INSERTED => to_backend(ctx, s, route, true),
         conntrack::RACED => {

@@ -1,6 +1,13 @@
 //! The static TOML configuration.
 //!
 //! ```toml
+//! [conntrack]                       # optional; these are the defaults
+//! syn_timeout_secs = 60
+//! tcp_timeout_secs = 21600
+//! closing_timeout_secs = 30
+//! udp_timeout_secs = 120
+//! snat_ports = "1024-32767"         # default: outside ip_local_port_range
+//!
 //! [[service]]
 //! name = "web"
 //! frontend = "10.73.0.10:80/tcp"
@@ -21,8 +28,18 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{
-    BackendSpec, CheckKind, DesiredState, Frontend, HealthCheck, OnDown, Proto, ServiceSpec,
+    BackendSpec, CheckKind, ConntrackSettings, Frontend, HealthCheck, OnDown, Proto, ServiceSpec,
 };
+
+/// What the config file says: its services and the node's conntrack settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub services: Vec<ServiceSpec>,
+    pub conntrack: ConntrackSettings,
+}
+
+/// The longest timeout accepted: a week.
+const MAX_TIMEOUT_SECS: i64 = 7 * 86_400;
 
 /// Largest accepted backend weight. Keeps weight arithmetic far from
 /// overflow and is already far finer than a Maglev table can express.
@@ -75,6 +92,18 @@ impl std::error::Error for ConfigError {}
 struct RawConfig {
     #[serde(default)]
     service: Vec<RawService>,
+    conntrack: Option<RawConntrack>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    syn_timeout_secs: Option<Spanned<i64>>,
+    tcp_timeout_secs: Option<Spanned<i64>>,
+    closing_timeout_secs: Option<Spanned<i64>>,
+    udp_timeout_secs: Option<Spanned<i64>>,
+    /// "first-last".
+    snat_ports: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -164,7 +193,7 @@ fn line_at(text: &str, offset: usize) -> usize {
 }
 
 /// Reads and parses the config file at `path`.
-pub fn load(path: &Path) -> Result<DesiredState, ConfigError> {
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
     parse(path, &text)
@@ -172,7 +201,7 @@ pub fn load(path: &Path) -> Result<DesiredState, ConfigError> {
 
 /// Parses config `text`; `path` is only used in errors and in each service's
 /// `source`.
-pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
+pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_at(text, s.start));
         // One line, so that logs and `lbctl status` show the whole reason.
@@ -337,7 +366,77 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         });
     }
 
-    Ok(DesiredState { services })
+    let conntrack = match raw.conntrack {
+        Some(ct) => parse_conntrack(ct, &fail)?,
+        None => ConntrackSettings::default(),
+    };
+    Ok(FileConfig {
+        services,
+        conntrack,
+    })
+}
+
+fn parse_conntrack(
+    raw: RawConntrack,
+    fail: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<ConntrackSettings, ConfigError> {
+    let mut out = ConntrackSettings::default();
+    let timeouts = [
+        (
+            "syn_timeout_secs",
+            raw.syn_timeout_secs,
+            &mut out.syn_timeout_secs,
+        ),
+        (
+            "tcp_timeout_secs",
+            raw.tcp_timeout_secs,
+            &mut out.tcp_timeout_secs,
+        ),
+        (
+            "closing_timeout_secs",
+            raw.closing_timeout_secs,
+            &mut out.closing_timeout_secs,
+        ),
+        (
+            "udp_timeout_secs",
+            raw.udp_timeout_secs,
+            &mut out.udp_timeout_secs,
+        ),
+    ];
+    for (name, value, slot) in timeouts {
+        let Some(v) = value else { continue };
+        if !(1..=MAX_TIMEOUT_SECS).contains(v.get_ref()) {
+            return Err(fail(
+                v.span(),
+                format!(
+                    "{name} {} is out of range (1 to {MAX_TIMEOUT_SECS})",
+                    v.get_ref()
+                ),
+            ));
+        }
+        *slot = *v.get_ref() as u64;
+    }
+    if let Some(ports) = raw.snat_ports {
+        let range = parse_port_range(ports.get_ref()).ok_or_else(|| {
+            fail(
+                ports.span(),
+                format!(
+                    "snat_ports {:?}: expected \"first-last\" with 1 <= first <= last <= 65535",
+                    ports.get_ref()
+                ),
+            )
+        })?;
+        out.snat_ports = Some(range);
+    }
+    Ok(out)
+}
+
+/// "first-last", both inclusive, 1 <= first <= last <= 65535.
+pub fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-')?;
+    let a: u16 = a.trim().parse().ok()?;
+    let b: u16 = b.trim().parse().ok()?;
+    (a >= 1 && a <= b).then_some((a, b))
 }
 
 /// Checks and fills in defaults for a `[service.health]` table.
@@ -500,7 +599,7 @@ mod tests {
 
     const PATH: &str = "/etc/lbd.toml";
 
-    fn ok(text: &str) -> DesiredState {
+    fn ok(text: &str) -> FileConfig {
         parse(Path::new(PATH), text).unwrap_or_else(|e| panic!("unexpected error: {e}"))
     }
 
@@ -528,9 +627,9 @@ mod tests {
 
     #[test]
     fn empty_configs_are_valid() {
-        assert_eq!(ok(""), DesiredState::default());
-        assert_eq!(ok("# nothing yet\n\n"), DesiredState::default());
-        assert_eq!(ok("service = []\n"), DesiredState::default());
+        assert_eq!(ok(""), FileConfig::default());
+        assert_eq!(ok("# nothing yet\n\n"), FileConfig::default());
+        assert_eq!(ok("service = []\n"), FileConfig::default());
     }
 
     #[test]
@@ -981,6 +1080,37 @@ frontend = "10.73.0.10:80/tcp"
         ];
         for (body, line, reason) in cases {
             let err = parse(Path::new("t.toml"), &format!("{base}{body}")).unwrap_err();
+            assert_eq!(err.line(), Some(line), "{body}: {err}");
+            assert!(err.reason().contains(reason), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn conntrack_settings_and_their_errors() {
+        assert_eq!(ok("").conntrack, ConntrackSettings::default());
+        let text = "[conntrack]\nsyn_timeout_secs = 5\ntcp_timeout_secs = 86400\n\
+                    closing_timeout_secs = 7\nudp_timeout_secs = 30\nsnat_ports = \"40000-40999\"\n";
+        let ct = ok(text).conntrack;
+        assert_eq!(
+            ct,
+            ConntrackSettings {
+                syn_timeout_secs: 5,
+                tcp_timeout_secs: 86400,
+                closing_timeout_secs: 7,
+                udp_timeout_secs: 30,
+                snat_ports: Some((40000, 40999)),
+            }
+        );
+        let cases = [
+            ("tcp_timeout_secs = 0\n", 2, "out of range"),
+            ("udp_timeout_secs = 9999999\n", 2, "out of range"),
+            ("snat_ports = \"2000\"\n", 2, "first-last"),
+            ("snat_ports = \"3000-2000\"\n", 2, "first-last"),
+            ("snat_ports = \"0-10\"\n", 2, "first-last"),
+            ("fin_timeout = 3\n", 2, "unknown field"),
+        ];
+        for (body, line, reason) in cases {
+            let err = parse(Path::new("t.toml"), &format!("[conntrack]\n{body}")).unwrap_err();
             assert_eq!(err.line(), Some(line), "{body}: {err}");
             assert!(err.reason().contains(reason), "{body}: {err}");
         }

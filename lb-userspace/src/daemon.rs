@@ -44,6 +44,9 @@ pub struct Options {
 /// simpler and more robust than inotify against editors that replace the
 /// file, and one stat a second costs nothing.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often expired conntrack entries are deleted. The datapath ignores
+/// them anyway; this only frees their slots.
+const CONNTRACK_GC: Duration = Duration::from_secs(5);
 /// Convergence samples kept for the percentiles in `lbctl status`.
 const LATENCY_SAMPLES: usize = 1000;
 
@@ -52,6 +55,9 @@ struct State {
     reconciler: Reconciler,
     datapath: Datapath,
     config_services: Vec<ServiceSpec>,
+    conntrack: crate::model::ConntrackSettings,
+    /// Expired conntrack entries deleted so far.
+    gc_removed: u64,
     config_status: ConfigStatus,
     docker_services: Vec<ServiceSpec>,
     docker_status: Option<DockerStatus>,
@@ -79,16 +85,18 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     // A config that does not parse at start-up is fatal: there is no earlier
     // good state to keep serving.
-    let config_services = match &opts.config {
-        Some(path) => config::load(path)?.services,
-        None => Vec::new(),
+    let file = match &opts.config {
+        Some(path) => config::load(path)?,
+        None => config::FileConfig::default(),
     };
     let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let mut state = State {
         reconciler: Reconciler::new(maps)?,
         datapath,
-        config_services,
+        config_services: file.services,
+        conntrack: file.conntrack,
+        gc_removed: 0,
         config_status: ConfigStatus {
             path: opts.config.as_ref().map(|p| p.display().to_string()),
             ..Default::default()
@@ -113,6 +121,10 @@ pub async fn run(opts: Options) -> Result<()> {
         false => None,
     };
     state.reconciler.set_local_vips(opts.local_vips);
+    state
+        .reconciler
+        .set_conntrack(&state.conntrack)
+        .context("writing the conntrack settings")?;
     if !state.awaiting_docker {
         state.reconciler.release_adopted();
     }
@@ -158,6 +170,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(CONFIG_POLL);
+    let mut gc = tokio::time::interval(CONNTRACK_GC);
     let mut config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
 
     loop {
@@ -169,6 +182,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 let _ = reply.send(state.answer(request));
             }
             _ = hup.recv() => state.reload(&opts),
+            _ = gc.tick() => state.gc_removed += state.reconciler.collect_garbage(),
             _ = poll.tick() => {
                 if let Some(path) = &opts.config {
                     let now = stamp(path);
@@ -295,9 +309,12 @@ impl State {
         let previous = std::mem::take(&mut self.config_services);
         let result = config::load(path)
             .map_err(anyhow::Error::from)
-            .and_then(|desired| {
-                self.config_services = desired.services;
-                self.converge()
+            .and_then(|file| {
+                self.config_services = file.services;
+                self.converge()?;
+                self.reconciler.set_conntrack(&file.conntrack)?;
+                self.conntrack = file.conntrack;
+                Ok(())
             });
         match result {
             Ok(()) => {
@@ -487,6 +504,11 @@ impl State {
                 reconcile: self.reconcile.clone(),
                 conntrack_entries: census.entries,
                 conntrack_capacity: u64::from(self.reconciler.maps().limits.max_flows),
+                conntrack: self
+                    .reconciler
+                    .datapath_config()
+                    .map(|cfg| status::ConntrackStatus::new(&cfg, &census, self.gc_removed))
+                    .unwrap_or_default(),
                 datapath: status::datapath_counters(&self.reconciler),
             })),
             Err(e) => Response::Error(format!("{e:#}")),

@@ -210,7 +210,7 @@ impl Datapath {
         let names: Vec<String> = nix::net::if_::if_nameindex()?
             .iter()
             .filter_map(|i| i.name().to_str().ok().map(String::from))
-            .filter(|n| n != "lo")
+            .filter(|n| is_ethernet(n))
             .collect();
         for name in names {
             self.attach_as(&format!("{tag}:{name}"), &name)?;
@@ -340,6 +340,30 @@ impl Datapath {
             d.join("links")
                 .join(format!("ingress_{}", ifname.replace(':', "-")))
         })
+    }
+}
+
+/// Whether `name`, in the calling thread's network namespace, carries
+/// Ethernet frames (the datapath parses nothing else). Read with
+/// SIOCGIFHWADDR because sysfs may show another namespace's interfaces.
+fn is_ethernet(name: &str) -> bool {
+    // SAFETY: a zeroed ifreq with a NUL-terminated name that fits, and a
+    // socket closed on every path.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        if name.len() >= req.ifr_name.len() {
+            return false;
+        }
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        libc::close(fd);
+        rc == 0 && req.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER
     }
 }
 

@@ -48,10 +48,16 @@ fn eligible(msg: &LinkMessage, only: &[String]) -> Option<String> {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })?;
-    if msg.header.link_layer_type == LinkLayerType::Loopback {
+    if !only.is_empty() && !only.contains(&name) {
         return None;
     }
-    if !only.is_empty() && !only.contains(&name) {
+    // The datapath parses Ethernet frames; on an interface without an
+    // Ethernet header (loopback, WireGuard, tun, ipip) it would misread
+    // every packet, so it is not attached there.
+    if msg.header.link_layer_type != LinkLayerType::Ether {
+        if !only.is_empty() {
+            log::warn!("{name} has no Ethernet header; the datapath is not attached to it");
+        }
         return None;
     }
     Some(name)

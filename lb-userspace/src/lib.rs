@@ -2,6 +2,7 @@
 //! that writes the datapath's maps, and the daemon that ties them together.
 
 pub mod config;
+pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

@@ -139,3 +139,31 @@ impl HealthCheck {
         }
     }
 }
+
+/// Connection tracking settings of the node (the config file's
+/// `[conntrack]` section). Timeouts in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackSettings {
+    /// TCP connections whose handshake has not completed.
+    pub syn_timeout_secs: u64,
+    /// Established TCP connections without a packet.
+    pub tcp_timeout_secs: u64,
+    /// TCP connections after a FIN or a reset.
+    pub closing_timeout_secs: u64,
+    pub udp_timeout_secs: u64,
+    /// Full NAT source ports, inclusive; None: the largest range outside
+    /// the node's `ip_local_port_range`.
+    pub snat_ports: Option<(u16, u16)>,
+}
+
+impl Default for ConntrackSettings {
+    fn default() -> Self {
+        ConntrackSettings {
+            syn_timeout_secs: lb_common::DEFAULT_TIMEOUT_SYN_SECS,
+            tcp_timeout_secs: lb_common::DEFAULT_TIMEOUT_TCP_SECS,
+            closing_timeout_secs: lb_common::DEFAULT_TIMEOUT_CLOSING_SECS,
+            udp_timeout_secs: lb_common::DEFAULT_TIMEOUT_UDP_SECS,
+            snat_ports: None,
+        }
+    }
+}

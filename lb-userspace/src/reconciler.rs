@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::datapath::Maps;
 use crate::maglev;
-use crate::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
+use crate::model::{BackendSpec, ConntrackSettings, DesiredState, Frontend, Proto, ServiceSpec};
 
 /// What the reconciler has written for one service.
 #[derive(Clone, Debug)]
@@ -195,6 +195,32 @@ impl Reconciler {
         &self.maps
     }
 
+    /// For tests that set the datapath's clock or inspect conntrack closely.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Writes the datapath's conntrack settings (timeouts, SNAT ports),
+    /// keeping its clock.
+    pub fn set_conntrack(&mut self, settings: &ConntrackSettings) -> Result<()> {
+        let current = self.maps.config.get(&0, 0)?;
+        let cfg = crate::conntrack::datapath_config(settings, &current);
+        if cfg != current {
+            self.maps.config.set(0, cfg, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The datapath's settings as written.
+    pub fn datapath_config(&self) -> Result<lb_common::Config> {
+        Ok(self.maps.config.get(&0, 0)?)
+    }
+
+    /// Deletes expired conntrack entries; returns how many.
+    pub fn collect_garbage(&mut self) -> u64 {
+        crate::conntrack::collect_garbage(&mut self.maps)
+    }
+
     pub fn applied(&self) -> impl Iterator<Item = &Applied> {
         self.services.values()
     }
@@ -256,7 +282,7 @@ impl Reconciler {
             backend_ids: Vec::new(),
             adopted: false,
         };
-        applied.backend_ids = self.write_backends(spec, slot, &[], &[])?;
+        applied.backend_ids = self.write_backends(spec, slot, &[], &[], &mut Vec::new())?;
         self.write_ring_and_service(&mut applied, true)?;
         self.services.insert(spec.frontend, applied);
         Ok(())
@@ -269,7 +295,11 @@ impl Reconciler {
             .ok_or_else(|| anyhow!("no such service"))?;
         let old_backends = applied.spec.backends.clone();
         let old_ids = applied.backend_ids.clone();
-        let result = self.write_backends(spec, applied.slot, &old_backends, &old_ids);
+        // Backends that stop taking new flows keep their old state until the
+        // ring no longer names them: a new flow must never meet a ring slot
+        // whose backend refuses it.
+        let mut later = Vec::new();
+        let result = self.write_backends(spec, applied.slot, &old_backends, &old_ids, &mut later);
         let ids = match result {
             Ok(ids) => ids,
             Err(e) => {
@@ -285,6 +315,12 @@ impl Reconciler {
         let kept: Vec<u32> = applied.backend_ids.clone();
         self.services.insert(spec.frontend, applied);
         flipped?;
+        for (id, value) in later {
+            self.maps
+                .backends
+                .insert(id, value, 0)
+                .context("the backend map is full (raise --max-backends)")?;
+        }
         for id in old_ids.into_iter().filter(|id| !kept.contains(id)) {
             self.remove_backend(id);
         }
@@ -312,13 +348,16 @@ impl Reconciler {
     }
 
     /// Writes BACKENDS entries for `spec`, reusing the ids of backends that
-    /// were already there (so their flows and counters continue).
+    /// were already there (so their flows and counters continue). Existing
+    /// backends that stop taking new flows go to `later` instead, to be
+    /// written once the new ring is live.
     fn write_backends(
         &mut self,
         spec: &ServiceSpec,
         slot: u32,
         old: &[BackendSpec],
         old_ids: &[u32],
+        later: &mut Vec<(u32, Backend)>,
     ) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
@@ -356,11 +395,15 @@ impl Reconciler {
                 _pad: 0,
                 service_slot: slot,
             };
+            ids.push(id);
+            if existing.is_some() && value.state != BACKEND_ACTIVE {
+                later.push((id, value));
+                continue;
+            }
             self.maps
                 .backends
                 .insert(id, value, 0)
                 .context("the backend map is full (raise --max-backends)")?;
-            ids.push(id);
         }
         Ok(ids)
     }

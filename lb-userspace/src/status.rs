@@ -100,13 +100,50 @@ pub struct Status {
     /// How long applying a desired state to the maps took.
     #[serde(default)]
     pub reconcile: Reconcile,
-    /// Conntrack entries (client flows) and the table's capacity.
+    /// Connections tracked (confirmed and pending) and the capacity for
+    /// confirmed ones.
     #[serde(default)]
     pub conntrack_entries: u64,
     #[serde(default)]
     pub conntrack_capacity: u64,
+    #[serde(default)]
+    pub conntrack: ConntrackStatus,
     /// Datapath-wide counters by name.
     pub datapath: BTreeMap<String, u64>,
+}
+
+/// The connection tracker: its tables and the settings it runs with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackStatus {
+    /// Confirmed connections (CONNTRACK) and those not confirmed yet
+    /// (CT_PENDING): each counts once, though it has two entries.
+    pub confirmed: u64,
+    pub pending: u64,
+    pub syn_timeout_secs: u64,
+    pub tcp_timeout_secs: u64,
+    pub closing_timeout_secs: u64,
+    pub udp_timeout_secs: u64,
+    /// Full NAT source ports, inclusive.
+    pub snat_ports: (u16, u16),
+    /// Expired entries deleted by lbd's garbage collector.
+    pub gc_removed: u64,
+}
+
+impl ConntrackStatus {
+    /// Settings from the datapath's CONFIG, counts from `census`.
+    pub fn new(cfg: &lb_common::Config, census: &Census, gc_removed: u64) -> Self {
+        const S: u64 = 1_000_000_000;
+        ConntrackStatus {
+            confirmed: census.confirmed,
+            pending: census.entries - census.confirmed,
+            syn_timeout_secs: cfg.timeout_syn_ns / S,
+            tcp_timeout_secs: cfg.timeout_tcp_ns / S,
+            closing_timeout_secs: cfg.timeout_closing_ns / S,
+            udp_timeout_secs: cfg.timeout_udp_ns / S,
+            snat_ports: (cfg.snat_port_min, cfg.snat_port_max),
+            gc_removed,
+        }
+    }
 }
 
 /// A flow counts as active while it saw a packet this recently.
@@ -116,20 +153,19 @@ const ACTIVE_FLOW_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 /// many of them are active, per backend id.
 #[derive(Default)]
 pub struct Census {
+    /// Connections, confirmed or not.
     pub entries: u64,
+    pub confirmed: u64,
     pub active: BTreeMap<u32, u64>,
 }
 
 pub fn census(reconciler: &Reconciler) -> Census {
     let mut out = Census::default();
-    // bpf_ktime_get_ns is CLOCK_MONOTONIC.
-    let horizon = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|now| {
-            let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-            now.saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64)
-        })
-        .ok();
     let maps = reconciler.maps();
+    let horizon =
+        maps.config.get(&0, 0).ok().map(|cfg| {
+            crate::conntrack::now(&cfg).saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64)
+        });
     let halves = maps
         .conntrack
         .iter()
@@ -138,6 +174,9 @@ pub fn census(reconciler: &Reconciler) -> Census {
     // One connection, two halves: count the forward ones.
     for (_, ct) in halves.filter(|(_, ct)| ct.flags & lb_common::CT_REPLY == 0) {
         out.entries += 1;
+        if ct.state & lb_common::ST_CONFIRMED != 0 {
+            out.confirmed += 1;
+        }
         if horizon.is_some_and(|h| ct.last_seen_ns >= h) {
             *out.active.entry(ct.backend_id).or_insert(0) += 1;
         }
@@ -320,14 +359,26 @@ pub fn render_table(status: &Status) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let _ = writeln!(out, "datapath: {}", counters.join(" "));
+    let ct = &status.conntrack;
     let _ = writeln!(
         out,
-        "conntrack: {} of {} entries; reconcile: {} changes, last {:.2} ms, max {:.2} ms",
-        status.conntrack_entries,
+        "conntrack: {} confirmed of {}, {} pending; timeouts: syn {}s, tcp {}s, closing {}s, \
+         udp {}s; snat ports {}-{}; {} expired removed",
+        ct.confirmed,
         status.conntrack_capacity,
-        status.reconcile.count,
-        status.reconcile.last_ms,
-        status.reconcile.max_ms
+        ct.pending,
+        ct.syn_timeout_secs,
+        ct.tcp_timeout_secs,
+        ct.closing_timeout_secs,
+        ct.udp_timeout_secs,
+        ct.snat_ports.0,
+        ct.snat_ports.1,
+        ct.gc_removed
+    );
+    let _ = writeln!(
+        out,
+        "reconcile: {} changes, last {:.2} ms, max {:.2} ms",
+        status.reconcile.count, status.reconcile.last_ms, status.reconcile.max_ms
     );
     out
 }

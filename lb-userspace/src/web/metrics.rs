@@ -295,6 +295,20 @@ pub fn encode(status: &Status) -> String {
     let cap = Gauge::<i64>::default();
     cap.set(i64::try_from(status.conntrack_capacity).unwrap_or(i64::MAX));
     registry.register("conntrack_capacity", "Capacity of the conntrack table", cap);
+    let pending = Gauge::<i64>::default();
+    pending.set(i64::try_from(status.conntrack.pending).unwrap_or(i64::MAX));
+    registry.register(
+        "conntrack_pending",
+        "Connections not confirmed yet (handshake incomplete, or no reply)",
+        pending,
+    );
+    let gc = U64Counter::default();
+    gc.inc_by(status.conntrack.gc_removed);
+    registry.register(
+        "conntrack_expired_removed",
+        "Expired conntrack entries deleted by lbd",
+        gc,
+    );
     let reconciles = U64Counter::default();
     reconciles.inc_by(status.reconcile.count);
     registry.register(
@@ -417,6 +431,11 @@ mod tests {
             reconcile: Default::default(),
             conntrack_entries: 12,
             conntrack_capacity: 1024,
+            conntrack: crate::status::ConntrackStatus {
+                confirmed: 10,
+                pending: 2,
+                ..Default::default()
+            },
             datapath: [("seen".to_string(), 7), ("malformed".to_string(), 1)]
                 .into_iter()
                 .collect(),
@@ -465,6 +484,7 @@ mod tests {
         line(&text, "lb_services 1");
         line(&text, "lb_conntrack_entries 12");
         line(&text, "lb_conntrack_capacity 1024");
+        line(&text, "lb_conntrack_pending 2");
         line(&text, "lb_conflicts 0");
         line(
             &text,
