@@ -277,8 +277,11 @@ fn try_reply_error(ctx: &TcContext, s: &mut Scratch, route: Route, mtu: u32) -> 
         i += 2;
     }
     let p = &s.pkt;
+    // skb->csum (CHECKSUM_COMPLETE) covers the packet from the network
+    // header on: the kernel keeps it in step for what is written there,
+    // and the Ethernet header is outside it.
     let flags = BPF_F_RECOMPUTE_CSUM as u64;
-    ctx.store(0, &eth, flags).map_err(|_| ())?;
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
     let csum = if v6 {
         let mut hdr = [0u8; 40];
         hdr[0] = 0x60;
