@@ -86,14 +86,26 @@ pub fn decide(
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Route::Neighbour
     } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        return Route::TooBig;
+        // SAFETY: the kernel wrote the egress MTU with this verdict.
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+        let min_mtu = if p.is_v6() { 1280 } else { 68 };
+        return if mtu >= min_mtu {
+            Route::TooBig
+        } else {
+            Route::Unroutable
+        };
     } else {
         return Route::Unroutable;
     };
     let mut mtu: u32 = 0;
     // SAFETY: plain helper call; `mtu` is a valid u32 (0: measure the skb).
     let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), fib.ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS) };
-    if rc != 0 {
+    // A positive answer is a verdict; a negative one means the helper could
+    // not tell (a GSO skb whose headers it cannot measure), and the packet
+    // goes on as the kernel's own forwarding would send it. An MTU no link
+    // may have is never advertised.
+    let min_mtu = if p.is_v6() { 1280 } else { 68 };
+    if rc > 0 && mtu >= min_mtu {
         fib.__bindgen_anon_1.mtu_result = mtu as u16;
         return Route::TooBig;
     }

@@ -7,7 +7,7 @@
 //! skb->csum kept in step.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
@@ -89,6 +89,15 @@ pub fn rewrite(
     }
     if old_port != port {
         let port_off = p.l4_off as usize + if matches!(side, Side::Source) { 0 } else { 2 };
+        // An IPv4 UDP datagram without a checksum (0): no checksum field
+        // compensates the new port, so the kernel must fold it into
+        // skb->csum itself (CHECKSUM_COMPLETE).
+        let no_csum = p.proto == PROTO_UDP && !p.is_v6() && ctx.load::<u16>(csum_off) == Ok(0);
+        if no_csum {
+            return ctx
+                .store(port_off, &port, BPF_F_RECOMPUTE_CSUM as u64)
+                .map_err(|_| ());
+        }
         ctx.store(port_off, &port, 0).map_err(|_| ())?;
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, flags | 2)
             .map_err(|_| ())?;
