@@ -32,7 +32,7 @@ pub struct Scale {
 
 pub const FLOOR: &str = "floor: a TC program that only passes";
 pub const NO_SERVICE: &str = "packet for no service";
-pub const NEW_FLOW: &str = "new flow (Maglev pick, conntrack + reverse-NAT insert)";
+pub const NEW_FLOW: &str = "new flow (Maglev pick, both conntrack halves inserted)";
 pub const ESTABLISHED: &str = "established flow, client → backend";
 pub const REPLY: &str = "reply, backend → client";
 
@@ -102,15 +102,32 @@ pub fn limits(services: u32, backends: u32, flows: u32) -> Limits {
     }
 }
 
+/// TC_ACT_REDIRECT: translated and sent on.
+const REDIRECT: u32 = 7;
+
+/// Where the measured packets arrive from, and where translated ones go: a
+/// link whose router the FIB resolves (see `gateway_link`).
+pub fn routed_link() -> u32 {
+    lb_tests::fixture::gateway_link(
+        "bpc0",
+        "10.70.0.1/24",
+        "10.70.0.2",
+        &["10.71.0.0/16", "10.80.0.0/16", "10.88.0.0/13"],
+    )
+}
+
 fn test_run(
     prog: &mut SchedClassifier,
+    ifindex: u32,
     packet: &[u8],
     repeat: u32,
 ) -> Result<(u32, Duration, Vec<u8>)> {
     let mut out = vec![0u8; packet.len() + 64];
+    let ctx = lb_tests::fixture::skb_context(ifindex, 0, 0);
     let r = prog.test_run(TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
         repeat,
         ..Default::default()
     })?;
@@ -123,10 +140,10 @@ fn test_run(
 /// already translated, and would measure some other path. The kernel times
 /// each run itself, so no syscall is counted; its timer's own cost is in
 /// every figure alike, the floor's included.
-fn per_packet(prog: &mut SchedClassifier, packets: &[Vec<u8>]) -> Result<f64> {
+fn per_packet(prog: &mut SchedClassifier, ifindex: u32, packets: &[Vec<u8>]) -> Result<f64> {
     let mut total = Duration::ZERO;
     for p in packets {
-        total += test_run(prog, p, 1)?.1;
+        total += test_run(prog, ifindex, p, 1)?.1;
     }
     Ok(total.as_nanos() as f64 / packets.len() as f64)
 }
@@ -147,6 +164,7 @@ pub struct Prepared {
     _rec: Reconciler,
     vip: [u8; 4],
     reply: Vec<u8>,
+    ifindex: u32,
     next_flow: u32,
     /// Mean ns per packet of each round, one entry per path.
     rounds: Vec<[f64; 5]>,
@@ -155,10 +173,9 @@ pub struct Prepared {
 impl Prepared {
     /// Loads and programs `services` × `backends` through the real reconciler,
     /// with room for `flows` new flows. Call it, and `round`, from a thread
-    /// inside a network namespace without routes, so the FIB lookup fails the
-    /// same way everywhere and the packet goes back to the stack: the
-    /// redirect is not in the figures.
-    pub fn new(services: u32, backends: u32, flows: u32) -> Result<Prepared> {
+    /// inside a network namespace with `routed_link` (its ifindex), so that
+    /// every translated packet is routed and redirected, as on a node.
+    pub fn new(services: u32, backends: u32, flows: u32, ifindex: u32) -> Result<Prepared> {
         if services == 0 || backends == 0 {
             bail!("services and backends must both be at least 1");
         }
@@ -174,14 +191,14 @@ impl Prepared {
         let [_, _, a, b] = (services - 1).to_be_bytes();
         let vip = [10, 80, a, b];
         let prog = dp.program()?;
-        let (action, _, out) = test_run(prog, &tcp(CLIENT, vip, 40000, 80), 1)?;
-        if action != 0 || out[30..34] == vip {
+        let (action, _, out) = test_run(prog, ifindex, &tcp(CLIENT, vip, 40000, 80), 1)?;
+        if action != REDIRECT || out[30..34] == vip {
             bail!("the forward packet was not translated (action {action})");
         }
         let backend: [u8; 4] = out[30..34].try_into()?;
         let bport = u16::from_be_bytes([out[36], out[37]]);
         let reply = tcp(backend, CLIENT, bport, 40000);
-        let (_, _, out) = test_run(prog, &reply, 1)?;
+        let (_, _, out) = test_run(prog, ifindex, &reply, 1)?;
         if out[26..30] != vip {
             bail!("the reply was not translated");
         }
@@ -193,6 +210,7 @@ impl Prepared {
             _rec: rec,
             vip,
             reply,
+            ifindex,
             next_flow: 0,
             rounds: Vec::new(),
         })
@@ -203,10 +221,11 @@ impl Prepared {
         let vip = self.vip;
         let count = n as usize;
         let forward = tcp(CLIENT, vip, 40000, 80);
-        let floor = per_packet(self.dp.pass_program()?, &vec![forward; count])?;
+        let ifindex = self.ifindex;
+        let floor = per_packet(self.dp.pass_program()?, ifindex, &vec![forward; count])?;
         let prog = self.dp.program()?;
         let other = vec![tcp(CLIENT, [10, 99, 0, 1], 40000, 80); count];
-        let no_service = per_packet(prog, &other)?;
+        let no_service = per_packet(prog, ifindex, &other)?;
         // Distinct flows, each seen for the first time in any round.
         let flows: Vec<Vec<u8>> = (self.next_flow..self.next_flow + n)
             .map(|i| {
@@ -219,10 +238,10 @@ impl Prepared {
             })
             .collect();
         self.next_flow += n;
-        let new_flow = per_packet(prog, &flows)?;
+        let new_flow = per_packet(prog, ifindex, &flows)?;
         // The same flows again: now established.
-        let established = per_packet(prog, &flows)?;
-        let reply = per_packet(prog, &vec![self.reply.clone(); count])?;
+        let established = per_packet(prog, ifindex, &flows)?;
+        let reply = per_packet(prog, ifindex, &vec![self.reply.clone(); count])?;
         self.rounds
             .push([floor, no_service, new_flow, established, reply]);
         Ok(())
@@ -256,7 +275,7 @@ impl Prepared {
 /// One scale on its own: `runs` packets per path in `ROUNDS` rounds.
 pub fn measure(services: u32, backends: u32, runs: u32) -> Result<Scale> {
     let per_round = (runs / ROUNDS).max(1);
-    let mut p = Prepared::new(services, backends, per_round * ROUNDS)?;
+    let mut p = Prepared::new(services, backends, per_round * ROUNDS, routed_link())?;
     for _ in 0..ROUNDS {
         p.round(per_round)?;
     }
@@ -277,9 +296,10 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
              elsewhere on the machine falls on every scale alike. The kernel times every run itself, so no syscall \
              is counted; the timer's own cost is in every row alike, the floor's \
              included. The maps are written by the real reconciler; packets go to the \
-             last service. The datapath runs in a namespace without routes, so the FIB \
-             lookup fails and the packet goes back to the stack: the redirect itself is \
-             not in these figures (the forwarding benchmark has it). The same figures \
+             last service. The datapath runs in a namespace whose FIB routes every \
+             translated packet to a resolved next hop, so each figure includes the \
+             forwarding decision (FIB lookup, MTU check) and the redirect, as on a node; \
+             the transmission itself is in the forwarding benchmark. The same figures \
              come from `target/release/lb-pktcost --runs {} --scale S B ...`.",
             thousands((config.pktcost_runs / ROUNDS).max(1) as u64 * ROUNDS as u64),
             config.pktcost_runs,
@@ -311,7 +331,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
             }
         }
         eprintln!("lb-bench: pktcost: programming {s} x {b}");
-        match ns.run(|| Prepared::new(s, b, per_round * ROUNDS)) {
+        match ns.run(|| Prepared::new(s, b, per_round * ROUNDS, routed_link())) {
             Ok(p) => prepared.push(p),
             Err(e) => section
                 .not_measured

@@ -182,6 +182,42 @@ impl Link {
     }
 }
 
+/// A `__sk_buff` for BPF_PROG_TEST_RUN's `ctx_in`, with ingress_ifindex
+/// (offset 36) and ifindex (40) set, so that the FIB lookup runs in that
+/// interface's context; a non-zero gso_size (176) and gso_segs (164) make
+/// the packet a GSO one.
+pub fn skb_context(ingress_ifindex: u32, gso_size: u32, gso_segs: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+/// In the calling thread's network namespace: a veth `name` with address
+/// `addr` (a prefix) and forwarding on, whose other end stands for a router
+/// at `gateway` (a permanent neighbour) towards `routes`. The FIB then
+/// resolves every address in them to that next hop, as it would on a real
+/// node. Returns `name`'s ifindex; a second call finds the link made by the
+/// first.
+pub fn gateway_link(name: &str, addr: &str, gateway: &str, routes: &[&str]) -> u32 {
+    if let Ok(ifindex) = nix::net::if_::if_nametoindex(name) {
+        return ifindex;
+    }
+    sh(&format!(
+        "ip link set lo up && sysctl -qw net.ipv4.conf.all.forwarding=1 && \
+         ip link add {name} type veth peer name {name}p && ip addr add {addr} dev {name} && \
+         ip link set {name} up && ip link set {name}p up && \
+         ip neigh replace {gateway} lladdr {} dev {name} nud permanent",
+        mac_string(MAC_BACKEND)
+    ));
+    for r in routes {
+        sh(&format!("ip route add {r} via {gateway} dev {name}"));
+    }
+    nix::net::if_::if_nametoindex(name).expect("the interface just made")
+}
+
 /// Extra settings of one BPF_PROG_TEST_RUN.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOptions {
@@ -291,14 +327,7 @@ impl Fixture {
         } else {
             self.clients.ifindex
         };
-        // A __sk_buff with ingress_ifindex (offset 36) and ifindex (40) set:
-        // the FIB lookup runs in that interface's context. gso_segs (164)
-        // and gso_size (176) make it a GSO packet.
-        let mut ctx = [0u8; 192];
-        ctx[36..40].copy_from_slice(&ingress.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ingress.to_ne_bytes());
-        ctx[164..168].copy_from_slice(&opts.gso_segs.to_ne_bytes());
-        ctx[176..180].copy_from_slice(&opts.gso_size.to_ne_bytes());
+        let ctx = skb_context(ingress, opts.gso_size, opts.gso_segs);
         let mut out = vec![0u8; packet.len() + 256];
         let prog = self.datapath.program().unwrap();
         let fd = prog.fd().expect("program loaded").as_fd().as_raw_fd();
