@@ -1,7 +1,10 @@
+pub mod bulk;
 pub mod docker;
 pub mod echo;
 pub mod fixture;
+pub mod flood;
 pub mod lbd;
+pub mod netdev;
 pub mod netns;
 pub mod process;
 pub mod topology;
