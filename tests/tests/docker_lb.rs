@@ -278,8 +278,9 @@ fn spread(
 }
 
 /// Requests until every name in `want` has answered (and only those), at
-/// most `max` of them; failed requests are retried, as a task that just
-/// started may not listen yet.
+/// most `max` of them, paced so that they span a few seconds: a task that
+/// just started may not listen yet, and a worker learns of it only through
+/// Swarm's gossip, which its lbd reads once a second.
 fn until_all_answer(
     client: &Netns,
     target: SocketAddr,
@@ -300,6 +301,7 @@ fn until_all_answer(
             if seen.keys().cloned().collect::<BTreeSet<_>>() == *want {
                 break;
             }
+            sleep(Duration::from_millis(20));
         }
         let names: BTreeSet<String> = seen.keys().cloned().collect();
         assert_eq!(
