@@ -94,6 +94,16 @@ pub fn delete(s: &mut Scratch) {
     let _ = map.remove(&s.peer_key);
 }
 
+/// Whether two halves describe the same connection.
+#[inline(always)]
+fn same_connection(a: &CtEntry, b: &CtEntry) -> bool {
+    a.client == b.client
+        && a.client_port == b.client_port
+        && a.frontend == b.frontend
+        && a.frontend_port == b.frontend_port
+        && a.proto == b.proto
+}
+
 /// Records `bits` in both halves' state. `e` is the half found under
 /// `s.key`, `s.entry` a copy of it.
 #[inline(never)]
@@ -118,8 +128,25 @@ pub fn confirm(s: &mut Scratch, now: u64) {
         count(global::CT_INSERT_FAILED);
         return;
     }
+    // The other half only where no other connection's half lies: its
+    // tuple was free when it was claimed, but CT_PENDING may have evicted
+    // the claim since.
     s.entry.flags ^= CT_REPLY;
-    let ok = CONNTRACK.insert(&s.peer_key, &s.entry, 0).is_ok();
+    let mut ok = CONNTRACK
+        .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+        .is_ok();
+    if !ok {
+        if let Some(other) = CONNTRACK.get_ptr_mut(&s.peer_key) {
+            // SAFETY: pointer from a successful lookup.
+            let other = unsafe { &mut *other };
+            if same_connection(other, &s.entry) {
+                *other = s.entry;
+                ok = true;
+            } else {
+                count(global::CT_COLLISIONS);
+            }
+        }
+    }
     s.entry.flags ^= CT_REPLY;
     if !ok {
         count(global::CT_INSERT_FAILED);
