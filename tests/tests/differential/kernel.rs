@@ -1,0 +1,269 @@
+//! The real datapath: the program loaded by lbd's loader, services written
+//! by lbd's reconciler, packets run through BPF_PROG_TEST_RUN, and handles
+//! on every map the program uses.
+
+use std::collections::HashMap as StdHashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap};
+use lb_common::{
+    global, maps, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, ServiceKey,
+    ServiceValue, TrafficStats, MAGLEV_M,
+};
+use lb_model::{ModelState, Table};
+use lb_userspace::datapath::{Datapath, Limits};
+use lb_userspace::reconciler::Reconciler;
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// The kernel seeds skb->csum (CHECKSUM_COMPLETE) and fails the run with
+/// EBADMSG if the program leaves it inconsistent with the packet.
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+/// sizeof(struct __sk_buff).
+const SKB_CTX_LEN: usize = 192;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_IFINDEX: usize = 40;
+
+/// The `test` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// What one run of the program gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Run {
+    Ran {
+        action: u32,
+        packet: Vec<u8>,
+    },
+    /// With CHECKSUM_COMPLETE: the program ran (its map writes stand) but
+    /// left skb->csum inconsistent with the packet.
+    BadChecksumComplete,
+    /// The kernel refused the input before running the program.
+    Refused(i32),
+}
+
+pub struct Kernel {
+    /// Owns the program `prog_fd` refers to.
+    _datapath: Datapath,
+    pub reconciler: Reconciler,
+    prog_fd: RawFd,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    pending: HashMap<MapData, FlowKey, CtEntry>,
+    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    config: Array<MapData, Config>,
+    global: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuHashMap<MapData, u32, TrafficStats>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+}
+
+fn sum_stats(values: &[TrafficStats]) -> TrafficStats {
+    values.iter().fold(TrafficStats::default(), |mut a, v| {
+        a.packets += v.packets;
+        a.bytes += v.bytes;
+        a.new_flows += v.new_flows;
+        a.reply_packets += v.reply_packets;
+        a.reply_bytes += v.reply_bytes;
+        a.no_backend += v.no_backend;
+        a
+    })
+}
+
+impl Kernel {
+    /// Loads the datapath in the current network namespace.
+    pub fn load(limits: Limits) -> Kernel {
+        let (mut datapath, maps) = Datapath::load(None, limits).expect("load the datapath");
+        let reconciler = Reconciler::new(maps).expect("reconciler");
+        let prog = datapath.program().expect("program");
+        let prog_fd = prog.fd().expect("program fd").as_fd().as_raw_fd();
+        // Handles of our own on the program's maps: the reconciler owns the
+        // loader's, and AFFINITY has none outside the program.
+        let ids = prog
+            .info()
+            .expect("program info")
+            .map_ids()
+            .expect("map ids")
+            .expect("map ids supported");
+        let mut by_name: StdHashMap<String, Map> = StdHashMap::new();
+        for id in ids {
+            let info = MapInfo::from_id(id).expect("map info");
+            let name = info.name_as_str().unwrap_or_default().to_string();
+            let data = MapData::from_id(id).expect("map by id");
+            by_name.insert(name, Map::from_map_data(data).expect("map type"));
+        }
+        let mut take = |name: &str| {
+            by_name
+                .remove(name)
+                .unwrap_or_else(|| panic!("the program uses no map {name}"))
+        };
+        Kernel {
+            prog_fd,
+            conntrack: take(maps::CONNTRACK).try_into().unwrap(),
+            pending: take(maps::CT_PENDING).try_into().unwrap(),
+            affinity: take(maps::AFFINITY).try_into().unwrap(),
+            config: take(maps::CONFIG).try_into().unwrap(),
+            global: take(maps::GLOBAL_STATS).try_into().unwrap(),
+            service_stats: take(maps::SERVICE_STATS).try_into().unwrap(),
+            backend_stats: take(maps::BACKEND_STATS).try_into().unwrap(),
+            services: take(maps::SERVICES).try_into().unwrap(),
+            backends: take(maps::BACKENDS).try_into().unwrap(),
+            _datapath: datapath,
+            reconciler,
+        }
+    }
+
+    /// Runs the program on `frame` as arriving on `ifindex`.
+    ///
+    /// BPF_PROG_TEST_RUN is called directly rather than through aya's
+    /// `TestRun`: aya 0.14 only lets a caller set the XDP live-frames flag,
+    /// not BPF_F_TEST_SKB_CHECKSUM_COMPLETE.
+    pub fn run(&self, frame: &[u8], ifindex: u32, csum_complete: bool) -> Run {
+        // A __sk_buff with the interface set twice: skb->dev (ifindex) and
+        // skb->skb_iif (ingress_ifindex), as at TC ingress.
+        let mut ctx = [0u8; SKB_CTX_LEN];
+        ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len().max(512) + 512];
+        let mut attr = TestRunAttr {
+            prog_fd: self.prog_fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ctx_size_in: SKB_CTX_LEN as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            flags: if csum_complete {
+                BPF_F_TEST_SKB_CHECKSUM_COMPLETE
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN and
+        // every pointer in it outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                std::mem::size_of::<TestRunAttr>(),
+            )
+        };
+        if rc < 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return if errno == libc::EBADMSG {
+                Run::BadChecksumComplete
+            } else {
+                Run::Refused(errno)
+            };
+        }
+        out.truncate(attr.data_size_out as usize);
+        Run::Ran {
+            action: attr.retval,
+            packet: out,
+        }
+    }
+
+    pub fn set_config(&mut self, c: &Config) {
+        self.config.set(0, *c, 0).expect("write CONFIG");
+    }
+
+    fn table(&self, t: Table) -> &HashMap<MapData, FlowKey, CtEntry> {
+        match t {
+            Table::Conntrack => &self.conntrack,
+            Table::Pending => &self.pending,
+        }
+    }
+
+    pub fn ct(&self, t: Table, key: &FlowKey) -> Option<CtEntry> {
+        self.table(t).get(key, 0).ok()
+    }
+
+    pub fn ct_dump(&self, t: Table) -> StdHashMap<FlowKey, CtEntry> {
+        self.table(t).iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Deletes a conntrack entry, as lbd's garbage collector or an LRU
+    /// eviction would.
+    pub fn ct_remove(&mut self, t: Table, key: &FlowKey) {
+        let map = match t {
+            Table::Conntrack => &mut self.conntrack,
+            Table::Pending => &mut self.pending,
+        };
+        let _ = map.remove(key);
+    }
+
+    pub fn affinity(&self, key: &AffinityKey) -> Option<AffinityEntry> {
+        self.affinity.get(key, 0).ok()
+    }
+
+    pub fn affinity_dump(&self) -> StdHashMap<AffinityKey, AffinityEntry> {
+        self.affinity.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn globals(&self) -> [u64; global::COUNT as usize] {
+        let mut g = [0u64; global::COUNT as usize];
+        for (i, v) in g.iter_mut().enumerate() {
+            *v = self
+                .global
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+        }
+        g
+    }
+
+    /// Per-service counters of the slots in use, summed over CPUs.
+    pub fn service_stats(&self, slots: impl Iterator<Item = u32>) -> StdHashMap<u32, TrafficStats> {
+        slots
+            .filter_map(|s| {
+                let v = self.service_stats.get(&s, 0).ok()?;
+                Some((s, sum_stats(&v)))
+            })
+            .collect()
+    }
+
+    pub fn backend_stats(&self) -> StdHashMap<u32, TrafficStats> {
+        self.backend_stats
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(id, v)| (id, sum_stats(&v)))
+            .collect()
+    }
+
+    /// Copies what the control plane wrote (services, backends, the rings
+    /// they use) into the model: the model takes the maps as its input.
+    pub fn mirror_control_plane(&self, model: &mut ModelState) {
+        model.services = self.services.iter().filter_map(|r| r.ok()).collect();
+        model.backends = self.backends.iter().filter_map(|r| r.ok()).collect();
+        model.rings.clear();
+        let rings: Vec<u32> = model.services.values().map(|v| v.ring).collect();
+        let memory = &self.reconciler.maps().rings;
+        for ring in rings {
+            let start = (ring * MAGLEV_M) as usize;
+            let ids = (0..MAGLEV_M as usize)
+                .map(|i| memory.read(start + i).unwrap_or(0))
+                .collect();
+            model.set_ring(ring, ids);
+        }
+    }
+}
