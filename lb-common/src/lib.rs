@@ -145,8 +145,9 @@ pub struct FlowKey {
 ///   source `CT_SNAT`, -> nat_addr:nat_port).
 ///
 /// State changes (reply seen, FIN, RST) are rare and written to both halves;
-/// `last_seen_ns` is per half, and each half refreshes the other at most
-/// once per `CT_PEER_REFRESH_NS`.
+/// `last_seen_ns` is per half, and a packet on one half refreshes the other
+/// once per second of the datapath clock, so a flow whose packets all go
+/// one way keeps both halves alive.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
@@ -169,7 +170,10 @@ pub struct CtEntry {
     pub flags: u8,
     /// `ST_*` bits.
     pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The second of the datapath clock (`now / 10^9`) in which this half
+    /// last refreshed the other one.
+    pub peer_refresh_s: u32,
 }
 
 /// CtEntry::flags: this half is keyed by the backend's reply.
@@ -190,10 +194,6 @@ pub const ST_RST: u8 = 16;
 /// Any of these: the connection is closing, and a new SYN on its tuple
 /// starts a new connection.
 pub const ST_CLOSING: u8 = ST_FIN_CLIENT | ST_FIN_BACKEND | ST_RST;
-
-/// A half refreshes the other half's `last_seen_ns` (recreating it if it
-/// was evicted) when its own is older than this.
-pub const CT_PEER_REFRESH_NS: u64 = 1_000_000_000;
 
 /// The single CONFIG entry, written by lbd: conntrack timeouts, the full
 /// NAT source port range and the datapath's clock.

@@ -3,9 +3,7 @@
 //! others in CT_PENDING; per-state timeouts enforced at lookup.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
-use lb_common::{
-    global, Config, CtEntry, FlowKey, CT_PEER_REFRESH_NS, CT_REPLY, CT_SNAT, ST_CONFIRMED,
-};
+use lb_common::{global, Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED};
 
 use crate::maps::{count, Scratch, CONNTRACK, CT_PENDING};
 
@@ -58,29 +56,25 @@ pub fn peer_key(e: &CtEntry, out: &mut FlowKey) {
 
 /// Finds a live entry for `s.key`, in CONNTRACK first, then CT_PENDING
 /// (`s.pending` says which). An expired entry is deleted with its other
-/// half and not returned. Null when there is none.
+/// half and the search goes on. Null when there is none.
 #[inline(never)]
 pub fn lookup(s: &mut Scratch, cfg: &Config, now: u64) -> *mut CtEntry {
-    let mut pending = false;
-    let mut found = CONNTRACK.get_ptr_mut(&s.key);
-    if found.is_none() {
-        pending = true;
-        found = CT_PENDING.get_ptr_mut(&s.key);
+    for pending in [false, true] {
+        let map = table(pending);
+        let Some(e) = map.get_ptr_mut(&s.key) else {
+            continue;
+        };
+        // SAFETY: pointer from a successful lookup.
+        if live(unsafe { &*e }, cfg, now) {
+            s.pending = pending as u32;
+            return e;
+        }
+        count(global::CT_EXPIRED);
+        // SAFETY: as above; the entry is read before it is deleted.
+        peer_key(unsafe { &*e }, &mut s.peer_key);
+        let _ = map.remove(&s.key);
+        let _ = map.remove(&s.peer_key);
     }
-    let Some(e) = found else {
-        return core::ptr::null_mut();
-    };
-    s.pending = pending as u32;
-    // SAFETY: pointer from a successful lookup.
-    if live(unsafe { &*e }, cfg, now) {
-        return e;
-    }
-    count(global::CT_EXPIRED);
-    // SAFETY: as above; the entry is read before it is deleted.
-    peer_key(unsafe { &*e }, &mut s.peer_key);
-    let map = table(pending);
-    let _ = map.remove(&s.key);
-    let _ = map.remove(&s.peer_key);
     core::ptr::null_mut()
 }
 
@@ -118,15 +112,17 @@ pub fn set_state(s: &mut Scratch, e: *mut CtEntry, bits: u8) {
     }
 }
 
-/// Moves both halves from CT_PENDING to CONNTRACK, confirmed.
+/// Moves both halves from CT_PENDING to CONNTRACK, confirmed. False when
+/// CONNTRACK holds the reply tuple for another connection: the connection
+/// then stays pending.
 #[inline(never)]
-pub fn confirm(s: &mut Scratch, now: u64) {
+pub fn confirm(s: &mut Scratch, now: u64) -> bool {
     s.entry.state |= ST_CONFIRMED;
     s.entry.last_seen_ns = now;
     peer_key(&s.entry, &mut s.peer_key);
     if CONNTRACK.insert(&s.key, &s.entry, 0).is_err() {
         count(global::CT_INSERT_FAILED);
-        return;
+        return false;
     }
     // The other half only where no other connection's half lies: its
     // tuple was free when it was claimed, but CT_PENDING may have evicted
@@ -151,25 +147,31 @@ pub fn confirm(s: &mut Scratch, now: u64) {
     if !ok {
         count(global::CT_INSERT_FAILED);
         let _ = CONNTRACK.remove(&s.key);
-        return;
+        s.entry.state &= !ST_CONFIRMED;
+        return false;
     }
     let _ = CT_PENDING.remove(&s.key);
     let _ = CT_PENDING.remove(&s.peer_key);
     s.pending = 0;
     count(global::CT_CONFIRMED);
+    true
 }
 
-/// Marks the half `e` (copied in `s.entry`) as seen now, and the other half
-/// too when this one was last seen a while ago, recreating it if it was
-/// evicted.
+/// Marks the half `e` (copied in `s.entry`) as seen now, and, once per
+/// second of the datapath clock, the other half too, recreating it if it
+/// was evicted.
 #[inline(never)]
 pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
+    let second = (now / 1_000_000_000) as u32;
     // SAFETY: pointer from a successful lookup, valid for this program run.
-    let last = unsafe { (*e).last_seen_ns };
     unsafe { (*e).last_seen_ns = now };
-    if now.saturating_sub(last) < CT_PEER_REFRESH_NS {
+    s.entry.last_seen_ns = now;
+    if s.entry.peer_refresh_s == second {
         return;
     }
+    // SAFETY: as above.
+    unsafe { (*e).peer_refresh_s = second };
+    s.entry.peer_refresh_s = second;
     peer_key(&s.entry, &mut s.peer_key);
     let map = table(s.pending != 0);
     if let Some(peer) = map.get_ptr_mut(&s.peer_key) {
@@ -178,7 +180,6 @@ pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
         return;
     }
     s.entry.flags ^= CT_REPLY;
-    s.entry.last_seen_ns = now;
     if map
         .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
         .is_ok()
@@ -188,17 +189,30 @@ pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
     s.entry.flags ^= CT_REPLY;
 }
 
-/// Whether a live entry holds `s.peer_key` in either table. Expired ones
-/// are deleted with their other halves on the way.
+/// `claim`'s answers.
+const FREE: u32 = 0;
+/// A live half of this very connection (its forward half was lost): it is
+/// replaced.
+const OURS: u32 = 1;
+const TAKEN: u32 = 2;
+
+/// Who holds the reply tuple `s.peer_key` for the new connection
+/// `s.entry`, in either table. Expired holders are deleted with their other
+/// halves on the way; a live half of this same connection is deleted too,
+/// to be replaced.
 #[inline(never)]
-pub fn taken(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
+fn claim(s: &mut Scratch, cfg: &Config, now: u64) -> u32 {
     for pending in [false, true] {
         let map = table(pending);
         if let Some(e) = map.get_ptr_mut(&s.peer_key) {
             // SAFETY: pointer from a successful lookup.
             let e = unsafe { &*e };
             if live(e, cfg, now) {
-                return true;
+                if !same_connection(e, &s.entry) {
+                    return TAKEN;
+                }
+                let _ = map.remove(&s.peer_key);
+                return OURS;
             }
             let mut other = FlowKey::default();
             peer_key(e, &mut other);
@@ -206,7 +220,7 @@ pub fn taken(s: &mut Scratch, cfg: &Config, now: u64) -> bool {
             let _ = map.remove(&other);
         }
     }
-    false
+    FREE
 }
 
 /// Outcomes of `insert`.
@@ -233,7 +247,7 @@ pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
             s.peer_key.dport = port.to_be();
             s.entry.nat_port = port.to_be();
             attempt += 1;
-            if taken(s, cfg, now) {
+            if claim(s, cfg, now) == TAKEN {
                 continue;
             }
             if CT_PENDING
@@ -249,7 +263,7 @@ pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
             return FAILED;
         }
     } else {
-        if taken(s, cfg, now) {
+        if claim(s, cfg, now) == TAKEN {
             count(global::CT_COLLISIONS);
             return FAILED;
         }

@@ -9,6 +9,8 @@ use crate::maps::{AFFINITY, BACKENDS, RINGS};
 
 /// A new flow's backend: the client's previous one while affinity holds,
 /// else Maglev (the flow's hash selects a slot of the service's live ring).
+/// Writes nothing: the flow may yet not be forwarded (`remember` records it
+/// once it is).
 #[inline(always)]
 pub fn pick(
     svc: &ServiceValue,
@@ -26,24 +28,33 @@ pub fn pick(
         service_slot: svc.slot,
         client: flow.src,
     };
-    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup.
-        let entry = unsafe { &mut *entry };
+    // SAFETY: plain data.
+    if let Some(entry) = unsafe { AFFINITY.get(&key) } {
         if now.saturating_sub(entry.last_ns) < svc.affinity_ns {
             if let Some(b) = takes_new_flows(svc.slot, entry.backend_id) {
-                entry.last_ns = now;
                 return Some((entry.backend_id, b));
             }
         }
     }
-    let chosen = maglev(svc, hash)?;
+    maglev(svc, hash)
+}
+
+/// Records a new flow's backend as its client's, for session affinity.
+#[inline(always)]
+pub fn remember(svc: &ServiceValue, flow: &FlowKey, backend_id: u32, now: u64) {
+    if svc.affinity_ns == 0 {
+        return;
+    }
+    let key = AffinityKey {
+        service_slot: svc.slot,
+        client: flow.src,
+    };
     let entry = AffinityEntry {
-        backend_id: chosen.0,
+        backend_id,
         _pad: 0,
         last_ns: now,
     };
     let _ = AFFINITY.insert(&key, &entry, 0);
-    Some(chosen)
 }
 
 /// The backend `id` if it belongs to the service in `slot` and takes new flows.

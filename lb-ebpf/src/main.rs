@@ -146,9 +146,9 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
     if bits & !s.entry.state != 0 {
         conntrack::set_state(s, e, bits);
     }
-    if s.pending != 0 && tcp && flags & TCP_SYN == 0 && s.entry.state & ST_SEEN_REPLY != 0 {
-        conntrack::confirm(s, now);
-    } else {
+    let confirm =
+        s.pending != 0 && tcp && flags & TCP_SYN == 0 && s.entry.state & ST_SEEN_REPLY != 0;
+    if !(confirm && conntrack::confirm(s, now)) {
         conntrack::touch(s, e, now);
     }
     to_backend(ctx, s, route, false)
@@ -185,7 +185,10 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
         now,
     );
     match conntrack::insert(s, cfg, now, hash) {
-        conntrack::INSERTED => to_backend(ctx, s, route, true),
+        conntrack::INSERTED => {
+            lb::remember(svc, &s.key, backend_id, now);
+            to_backend(ctx, s, route, true)
+        }
         conntrack::RACED => {
             let e = conntrack::lookup(s, cfg, now);
             if e.is_null() {
@@ -226,7 +229,8 @@ fn new_entry(
         proto: p.proto,
         flags: if nat.is_some() { CT_SNAT } else { 0 },
         state: 0,
-        _pad: [0; 5],
+        _pad: 0,
+        peer_refresh_s: (now / 1_000_000_000) as u32,
     };
 }
 
@@ -271,9 +275,7 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
     if bits & !s.entry.state != 0 {
         conntrack::set_state(s, e, bits);
     }
-    if s.pending != 0 && s.pkt.proto == PROTO_UDP {
-        conntrack::confirm(s, now);
-    } else {
+    if !(s.pending != 0 && s.pkt.proto == PROTO_UDP && conntrack::confirm(s, now)) {
         conntrack::touch(s, e, now);
     }
     let e = &s.entry;

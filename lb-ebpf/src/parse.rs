@@ -247,6 +247,10 @@ fn transport(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
         if u16::from_be_bytes([hdr[4], hdr[5]]) as usize != end - l4 {
             return Err(());
         }
+        // IPv6 makes the UDP checksum mandatory (RFC 8200): 0 is invalid.
+        if p.is_v6() && hdr[6] == 0 && hdr[7] == 0 {
+            return Err(());
+        }
         p.tcp_flags = 0;
     }
     p.sport = u16::from_ne_bytes([hdr[0], hdr[1]]);
@@ -267,6 +271,9 @@ fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     }
     clear_ports(p);
     let inner = l4 + 8;
+    if inner + 20 > p.ip_end as usize {
+        return Ok(Parsed::Other);
+    }
     let hdr: [u8; 20] = match ctx.load(inner) {
         Ok(h) => h,
         Err(_) => return Ok(Parsed::Other),
@@ -295,6 +302,9 @@ fn icmp_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     }
     clear_ports(p);
     let inner = l4 + 8;
+    if inner + 40 > p.ip_end as usize {
+        return Ok(Parsed::Other);
+    }
     let hdr: [u8; 40] = match ctx.load(inner) {
         Ok(h) => h,
         Err(_) => return Ok(Parsed::Other),

@@ -560,7 +560,10 @@ impl Conn {
                     0
                 },
             state,
-            _pad: [0; 5],
+            _pad: 0,
+            // Halves made or last refreshing their peer in the second of
+            // their latest packet, as in every case here.
+            peer_refresh_s: (last_seen / 1_000_000_000) as u32,
         }
     }
 }

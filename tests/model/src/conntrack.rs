@@ -2,7 +2,7 @@
 //! each keyed by one direction's tuple as it arrives, in CT_PENDING until
 //! confirmed and in CONNTRACK after.
 
-use lb_common::{global, CtEntry, FlowKey, CT_PEER_REFRESH_NS, CT_REPLY, CT_SNAT, ST_CONFIRMED};
+use lb_common::{global, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED};
 
 use crate::state::{ModelState, Outcome, Table};
 
@@ -95,9 +95,10 @@ pub fn delete_pair(
 }
 
 /// A packet of a live connection (3.1 and 4), once it is known to be
-/// forwarded: sets `bits` in both halves, refreshes the other half if this
-/// one has been idle longer than CT_PEER_REFRESH_NS (recreating it if it is
-/// missing: `ct_restored`), and sets this half's `last_seen_ns`. With
+/// forwarded: sets `bits` in both halves, sets this half's `last_seen_ns`,
+/// and once per second of the clock (when `now / 10^9` differs from this
+/// half's `peer_refresh_s`) refreshes the other half, recreating it from
+/// this one if it is missing (`ct_restored`). With
 /// `confirm`, both halves move from CT_PENDING to CONNTRACK with
 /// ST_CONFIRMED (`ct_confirmed`), both seen now.
 #[allow(clippy::too_many_arguments)]
@@ -115,9 +116,19 @@ pub fn update(
     let mut this = *e;
     this.state |= bits;
     this.last_seen_ns = now;
-    if confirm {
-        // The spec says the halves "move"; both are written as seen now
-        // (the reading the datapath implements, see the report).
+    // CONNTRACK may hold the reply tuple for another connection (its claim
+    // in CT_PENDING lost): then the connection stays pending.
+    let blocked = confirm
+        && state
+            .conntrack
+            .get(&okey)
+            .is_some_and(|o| forward_key(o) != forward_key(e));
+    if blocked {
+        state.count(global::CT_COLLISIONS);
+        state.count(global::CT_INSERT_FAILED);
+    }
+    if confirm && !blocked {
+        // Both halves are written as seen now.
         this.state |= ST_CONFIRMED;
         let mut other = this;
         other.flags ^= CT_REPLY;
@@ -133,7 +144,9 @@ pub fn update(
         state.count(global::CT_CONFIRMED);
         return;
     }
-    let refresh = now.wrapping_sub(e.last_seen_ns) > CT_PEER_REFRESH_NS;
+    let second = (now / 1_000_000_000) as u32;
+    let refresh = this.peer_refresh_s != second;
+    this.peer_refresh_s = second;
     let other = match state.table(table).get(&okey).copied() {
         Some(mut o) => {
             o.state |= bits;
@@ -158,23 +171,40 @@ pub fn update(
     }
 }
 
-/// Whether a live entry holds `key` in either table, for a new flow's
-/// reply tuple. Dead entries found on the way are deleted with their other
-/// halves (not counted as `ct_expired`: no packet looked them up).
-pub fn claimed(
+/// Who holds a new connection's reply tuple (3.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Free,
+    /// A live half of this very connection, whose forward half was lost:
+    /// deleted, to be replaced by the new one.
+    Ours,
+    /// A live half of another connection.
+    Taken,
+}
+
+/// `claimed`, telling this connection's own half (`fwd`: its forward key)
+/// from another's.
+pub fn claim(
     state: &mut ModelState,
     key: &FlowKey,
+    fwd: &FlowKey,
     now: u64,
     out: &mut Outcome,
-) -> Option<CtEntry> {
+) -> Claim {
     for table in [Table::Conntrack, Table::Pending] {
         let Some(e) = state.table(table).get(key).copied() else {
             continue;
         };
-        if live(state, &e, now) {
-            return Some(e);
+        if !live(state, &e, now) {
+            delete_pair(state, table, key, &e, out);
+            continue;
         }
-        delete_pair(state, table, key, &e, out);
+        if forward_key(&e) != *fwd {
+            return Claim::Taken;
+        }
+        state.table_mut(table).remove(key);
+        out.ct_touched.push((table, *key));
+        return Claim::Ours;
     }
-    None
+    Claim::Free
 }

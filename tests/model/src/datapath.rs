@@ -6,7 +6,7 @@ use lb_common::{
     ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
-use crate::conntrack::{self, flow_key};
+use crate::conntrack::{self, flow_key, Claim};
 use crate::forward::{self, Decision, Nat};
 use crate::hash::{flow_hash, maglev_slot};
 use crate::icmp;
@@ -289,8 +289,6 @@ fn new_flow(
     if forward::refuse(state, pkt, &t.ip, &d, out) {
         return;
     }
-    // A live reply half of this very connection (its forward half gone).
-    let mut reply_held = None;
     let nat_port = if snat {
         let (min, max) = (
             u64::from(state.config.snat_port_min),
@@ -300,7 +298,7 @@ fn new_flow(
             .map(|i| (min + (u64::from(hash) + i * 7919) % (max - min + 1)) as u16)
             .find(|port| {
                 let r = flow_key(b.addr, nat_addr, u16::from_be(b.port), *port, t.ip.proto);
-                conntrack::claimed(state, &r, now, out).is_none()
+                conntrack::claim(state, &r, key, now, out) != Claim::Taken
             });
         match free {
             Some(p) => p,
@@ -313,14 +311,11 @@ fn new_flow(
         }
     } else {
         let r = flow_key(b.addr, t.ip.src, u16::from_be(b.port), t.sport, t.ip.proto);
-        if let Some(other) = conntrack::claimed(state, &r, now, out) {
-            if conntrack::forward_key(&other) != *key {
-                out.path = Path::Collision;
-                out.action = TC_ACT_SHOT;
-                state.count(global::CT_COLLISIONS);
-                return;
-            }
-            reply_held = Some(other);
+        if conntrack::claim(state, &r, key, now, out) == Claim::Taken {
+            out.path = Path::Collision;
+            out.action = TC_ACT_SHOT;
+            state.count(global::CT_COLLISIONS);
+            return;
         }
         0
     };
@@ -339,19 +334,16 @@ fn new_flow(
         proto: t.ip.proto,
         flags: if snat { CT_SNAT } else { 0 },
         state: 0,
-        _pad: [0; 5],
+        _pad: 0,
+        peer_refresh_s: (now / 1_000_000_000) as u32,
     };
     let rev = CtEntry {
         flags: fwd.flags | CT_REPLY,
         ..fwd
     };
-    // Each half only if absent: the reply half may still be there, live,
-    // when this connection's own forward half was evicted.
     let rkey = conntrack::reply_key(&fwd);
-    if reply_held.is_none() {
-        state.ct_pending.insert(rkey, rev);
-        out.ct_touched.push((Table::Pending, rkey));
-    }
+    state.ct_pending.insert(rkey, rev);
+    out.ct_touched.push((Table::Pending, rkey));
     state.ct_pending.insert(*key, fwd);
     out.ct_touched.push((Table::Pending, *key));
     if svc.affinity_ns != 0 {

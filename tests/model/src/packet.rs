@@ -258,6 +258,9 @@ fn parse_transport(p: &[u8], ip: Ip) -> Parsed {
         }
     } else if avail < 8 || usize::from(be16(p, l4 + 4)) != avail {
         return Parsed::Malformed;
+    } else if ip.v6 && be16(p, l4 + 6) == 0 {
+        // IPv6 makes the UDP checksum mandatory.
+        return Parsed::Malformed;
     }
     Parsed::Transport(Transport {
         ip,
