@@ -62,3 +62,38 @@ fn eligible(msg: &LinkMessage, only: &[String]) -> Option<String> {
     }
     Some(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, kind: LinkLayerType) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.link_layer_type = kind;
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg
+    }
+
+    #[test]
+    fn only_ethernet_interfaces_are_eligible() {
+        assert_eq!(
+            eligible(&link("eth0", LinkLayerType::Ether), &[]),
+            Some("eth0".into())
+        );
+        for (name, kind) in [
+            ("lo", LinkLayerType::Loopback),
+            ("wg0", LinkLayerType::None),
+            ("tun0", LinkLayerType::None),
+            ("ipip0", LinkLayerType::Tunnel),
+            ("sit0", LinkLayerType::Sit),
+        ] {
+            assert_eq!(eligible(&link(name, kind), &[]), None, "{name}");
+            // Not even when asked for by name.
+            assert_eq!(eligible(&link(name, kind), &[name.into()]), None, "{name}");
+        }
+        assert_eq!(
+            eligible(&link("eth1", LinkLayerType::Ether), &["eth0".into()]),
+            None
+        );
+    }
+}
