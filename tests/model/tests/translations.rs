@@ -496,8 +496,9 @@ fn a_reply_half_of_the_same_connection_is_no_collision() {
     let out = step(&mut s, &syn, IN, T0 + 1);
     assert_eq!((out.path, out.action), (Path::NewFlow, TC_ACT_REDIRECT));
     assert_eq!(s.global[global::CT_COLLISIONS as usize], 0);
-    // Inserted only if absent: the reply half is left as it was.
-    assert_eq!(s.ct_pending[&rkey], held);
+    // The old reply half is replaced by the new connection's.
+    assert_ne!(s.ct_pending[&rkey], held);
+    assert_eq!(s.ct_pending[&rkey].last_seen_ns, T0 + 1);
     assert_eq!(s.ct_pending[&fkey].last_seen_ns, T0 + 1);
     // Another client tuple to another frontend mapping to the same reply
     // tuple is a collision.
