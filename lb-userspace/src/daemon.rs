@@ -80,6 +80,7 @@ struct State {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
+    let _instance = crate::instance::Instance::claim(&opts.pin_dir, Some(&opts.socket))?;
     if let Some(addr) = opts.metrics {
         crate::web::check_addr(addr)?;
     }
@@ -223,14 +224,10 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Where the frontend addresses lbd added are listed (bpffs holds no plain
-/// files). /run is right: those addresses do not outlive a reboot either.
+/// Where the frontend addresses lbd added are listed. /run is right: those
+/// addresses do not outlive a reboot either.
 pub fn vips_record(pin_dir: &std::path::Path) -> PathBuf {
-    let name = pin_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('/', "_");
-    PathBuf::from("/run/lbd").join(format!("{name}.vips"))
+    crate::instance::run_file(pin_dir, "vips")
 }
 
 async fn sync_vips(vips: &mut Option<Vips>, wanted: &BTreeSet<IpAddr>) {

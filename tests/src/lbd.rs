@@ -161,6 +161,9 @@ impl Drop for Lbd {
         self.stop();
         // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // Its instance lock stays for the next lbd of the same pins; these
+        // pins are this test's alone.
+        let _ = std::fs::remove_file(lb_userspace::instance::run_file(&self.pin_dir, "lock"));
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

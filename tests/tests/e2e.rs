@@ -646,3 +646,79 @@ fn session_affinity_keeps_a_client_on_its_backend() {
         "one client, 40 connections, several backends: {seen:?}"
     );
 }
+
+#[test]
+fn a_second_lbd_on_the_same_pins_or_socket_is_refused() {
+    let env = setup("twice");
+    let run = |pin_dir: &std::path::Path, socket: &std::path::Path, cleanup: bool| {
+        let mut cmd = env.topo.lb.command(lb_tests::topology::target_bin("lbd"));
+        cmd.arg("--config")
+            .arg(&env.lbd.config)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .arg("--socket")
+            .arg(socket);
+        if cleanup {
+            cmd.arg("--cleanup");
+        }
+        let stderr = env.lbd.dir().join("second.err");
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let mut child = cmd.spawn().expect("running lbd");
+        // A second lbd that is not refused keeps running: give it a few
+        // seconds, then stop it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&stderr).unwrap_or_default())
+    };
+    let other_socket = env.lbd.dir().join("other.sock");
+    let other_pins = std::path::PathBuf::from(format!("{}-other", env.lbd.pin_dir.display()));
+    for (what, pins, socket, cleanup) in [
+        (
+            "same pins and socket",
+            &env.lbd.pin_dir,
+            &env.lbd.socket,
+            false,
+        ),
+        ("same pins", &env.lbd.pin_dir, &other_socket, false),
+        ("same socket", &other_pins, &env.lbd.socket, false),
+        (
+            "--cleanup of its pins",
+            &env.lbd.pin_dir,
+            &other_socket,
+            true,
+        ),
+    ] {
+        let (status, stderr) = run(pins, socket, cleanup);
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{what}: a second lbd ran ({status:?}): {stderr}"
+        );
+        assert!(
+            stderr.contains("another lbd is already running"),
+            "{what}: {stderr}"
+        );
+    }
+    // The first one never noticed.
+    assert_eq!(
+        env.topo
+            .client
+            .run(|| tcp_request("10.73.0.10:80".parse().unwrap(), TIMEOUT))
+            .map(|(name, _)| name.starts_with('b'))
+            .ok(),
+        Some(true)
+    );
+    assert!(env.lbd.status().is_ok());
+    assert!(!other_pins.exists(), "the refused lbd made its pins");
+    let _ = std::fs::remove_file(lb_userspace::instance::run_file(&other_pins, "lock"));
+}

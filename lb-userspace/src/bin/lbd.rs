@@ -66,6 +66,8 @@ async fn main() -> Result<()> {
     .init();
     let args = Args::parse();
     if args.cleanup {
+        // Not from under a running lbd.
+        let _instance = lb_userspace::instance::Instance::claim(&args.pin_dir, None)?;
         remove_pins(&args.pin_dir);
         let record = daemon::vips_record(&args.pin_dir);
         lb_userspace::vips::Vips::new(record.clone())
