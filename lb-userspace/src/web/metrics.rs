@@ -21,9 +21,18 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// States a backend can be in. All of them are exported for every backend
 /// (1 for the current one, 0 for the others), so that a query such as
-/// `lb_backend_state{state="draining"} == 1` works without knowing which
-/// states exist; "down" is listed ahead of health checks reporting it.
+/// `lb_backend_state{state="down"} == 1` works without knowing which
+/// states exist. Why a backend is down is a label of its own metric
+/// (`lb_backend_down_reason`), so that the state label keeps fixed values.
 const BACKEND_STATES: [&str; 3] = ["active", "draining", "down"];
+
+/// Status says "down (why)": the state, and the reason if there is one.
+fn split_state(state: &str) -> (&str, Option<&str>) {
+    match state.split_once(" (") {
+        Some((kind, rest)) => (kind, Some(rest.strip_suffix(')').unwrap_or(rest))),
+        None => (state, None),
+    }
+}
 
 /// A label value escaped as the text format requires. prometheus-client
 /// writes values verbatim, and service names can come from Docker labels,
@@ -73,6 +82,15 @@ struct BackendStateLabels {
     backend: Text,
     source: Text,
     state: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DownReasonLabels {
+    service: Text,
+    frontend: Text,
+    backend: Text,
+    source: Text,
+    reason: Text,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,6 +200,12 @@ pub fn encode(status: &Status) -> String {
         "1 for the state the backend is in, 0 for the others",
         state.clone(),
     );
+    let down_reason = Family::<DownReasonLabels, Gauge>::default();
+    registry.register(
+        "backend_down_reason",
+        "1 for a backend that is down, labelled with why (its failed health check)",
+        down_reason.clone(),
+    );
 
     for s in &status.services {
         let labels = ServiceLabels {
@@ -205,9 +229,20 @@ pub fn encode(status: &Status) -> String {
             active
                 .get_or_create(&labels)
                 .set(i64::try_from(b.active_flows).unwrap_or(i64::MAX));
+            let (current, reason) = split_state(&b.state);
+            if let Some(reason) = reason {
+                let labels = DownReasonLabels {
+                    service: labels.service.clone(),
+                    frontend: labels.frontend.clone(),
+                    backend: labels.backend.clone(),
+                    source: labels.source.clone(),
+                    reason: Text::new(reason),
+                };
+                down_reason.get_or_create(&labels).set(1);
+            }
             let mut states: Vec<&str> = BACKEND_STATES.to_vec();
-            if !states.contains(&b.state.as_str()) {
-                states.push(&b.state);
+            if !states.contains(&current) {
+                states.push(current);
             }
             for name in states {
                 let labels = BackendStateLabels {
@@ -217,7 +252,7 @@ pub fn encode(status: &Status) -> String {
                     source: labels.source.clone(),
                     state: Text::new(name),
                 };
-                state.get_or_create(&labels).set(i64::from(name == b.state));
+                state.get_or_create(&labels).set(i64::from(name == current));
             }
         }
     }
@@ -408,6 +443,15 @@ mod tests {
                         active_flows: 2,
                         counters: counters(20),
                     },
+                    BackendStatus {
+                        node: None,
+                        id: 3,
+                        address: "10.72.3.2:8080".into(),
+                        weight: 1,
+                        state: "down (tcp: connection refused)".into(),
+                        active_flows: 0,
+                        counters: counters(0),
+                    },
                 ],
             }],
             interfaces: vec!["eth0".into()],
@@ -478,6 +522,22 @@ mod tests {
             &format!("lb_backend_state{{{b2},state=\"active\"}} 0"),
         );
         line(&text, &format!("lb_backend_state{{{b2},state=\"down\"}} 0"));
+        // A backend that is down: the state label takes a fixed value, the
+        // reason goes to its own metric.
+        let b3 = r#"service="we\"b\\",frontend="10.73.0.10:80/tcp",backend="10.72.3.2:8080",source="config:/etc/lbd.toml""#;
+        line(&text, &format!("lb_backend_state{{{b3},state=\"down\"}} 1"));
+        line(
+            &text,
+            &format!("lb_backend_state{{{b3},state=\"active\"}} 0"),
+        );
+        assert!(
+            !text.contains("state=\"down ("),
+            "a reason in the state label:\n{text}"
+        );
+        line(
+            &text,
+            &format!("lb_backend_down_reason{{{b3},reason=\"tcp: connection refused\"}} 1"),
+        );
         line(&text, "lb_datapath_events_total{counter=\"seen\"} 7");
         line(&text, "lb_config_reloads_total 4");
         line(&text, "lb_config_last_reload_failed 1");
