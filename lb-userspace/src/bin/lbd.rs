@@ -49,6 +49,10 @@ struct Args {
     /// Remove everything pinned under --pin-dir (detaching the datapath) and exit.
     #[arg(long)]
     cleanup: bool,
+    /// Check this configuration file and exit: 0 if it is valid, 1 with
+    /// the file, line and reason of the first error if not (like `nginx -t`).
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
@@ -65,6 +69,18 @@ async fn main() -> Result<()> {
     )
     .init();
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        return match lb_userspace::config::load(path) {
+            Ok(file) => {
+                println!("{}: ok ({} services)", path.display(), file.services.len());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+    }
     if args.cleanup {
         // Not from under a running lbd.
         let _instance = lb_userspace::instance::Instance::claim(&args.pin_dir, None)?;

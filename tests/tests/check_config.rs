@@ -1,0 +1,46 @@
+//! `lbd --check-config FILE`: validates a configuration without running.
+
+use std::process::Command;
+
+use lb_tests::topology::target_bin;
+
+fn check(tag: &str, text: &str) -> (bool, String, String) {
+    let dir = std::env::temp_dir().join(format!("lbt-check-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lbd.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(target_bin("lbd"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .expect("running lbd");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_valid_configuration_passes() {
+    let (ok, stdout, _) = check(
+        "valid",
+        "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\n\
+         backends = [\"10.72.1.2:8080\"]\n",
+    );
+    assert!(ok);
+    assert!(stdout.contains("ok (1 services)"), "{stdout}");
+}
+
+#[test]
+fn an_invalid_configuration_names_the_line_and_fails() {
+    let (ok, _, stderr) = check(
+        "invalid",
+        "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80\"\n\
+         backends = [\"10.72.1.2:8080\"]\n",
+    );
+    assert!(!ok);
+    assert!(stderr.contains("lbd.toml:3:"), "{stderr}");
+    assert!(stderr.contains("missing protocol"), "{stderr}");
+}
