@@ -1,4 +1,4 @@
-//! `lbd --check-config FILE`: validates a configuration without running.
+//! lbd's checks before it runs: `--check-config FILE`, and no source at all.
 
 use std::process::Command;
 
@@ -43,4 +43,25 @@ fn an_invalid_configuration_names_the_line_and_fails() {
     assert!(!ok);
     assert!(stderr.contains("lbd.toml:3:"), "{stderr}");
     assert!(stderr.contains("missing protocol"), "{stderr}");
+}
+
+#[test]
+fn lbd_without_any_source_says_so() {
+    if std::path::Path::new("/etc/lbd/lbd.toml").exists() {
+        // The default configuration is this machine's: nothing to check here.
+        return;
+    }
+    let out = Command::new(target_bin("lbd"))
+        .args([
+            "--pin-dir",
+            "/sys/fs/bpf/lbt-nosource",
+            "--socket",
+            "/tmp/lbt-nosource.sock",
+        ])
+        .output()
+        .expect("running lbd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no source of services"), "{stderr}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/lbt-nosource").exists());
 }

@@ -7,11 +7,15 @@ use clap::Parser;
 use lb_userspace::daemon::{self, Options};
 use lb_userspace::datapath::{remove_pins, Limits};
 
+/// Where lbd looks for its configuration when --config is not given.
+const DEFAULT_CONFIG: &str = "/etc/lbd/lbd.toml";
+
 /// Keeps the kernel datapath's maps equal to the desired state.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
     /// Static services (TOML). Reloaded on SIGHUP and when the file changes.
+    /// Default: /etc/lbd/lbd.toml when it exists.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Also take services from the Docker Engine: containers labelled
@@ -93,8 +97,18 @@ async fn main() -> Result<()> {
         let _ = std::fs::remove_file(record);
         return Ok(());
     }
+    let config = args
+        .config
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    if config.is_none() && !args.docker {
+        eprintln!(
+            "lbd: no source of services: give --config FILE (the default, {DEFAULT_CONFIG}, \
+             does not exist) and/or --docker"
+        );
+        std::process::exit(2);
+    }
     daemon::run(Options {
-        config: args.config,
+        config,
         docker: args.docker.then_some(args.docker_host),
         docker_exec_root: args.docker_exec_root,
         pin_dir: args.pin_dir,
