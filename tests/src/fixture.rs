@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
@@ -195,6 +195,53 @@ pub fn skb_context(ingress_ifindex: u32, gso_size: u32, gso_segs: u32) -> [u8; 1
     ctx
 }
 
+/// One BPF_PROG_TEST_RUN of the TC program `prog_fd` on `packet`, with the
+/// `__sk_buff` `ctx` (see `skb_context`), and with `checksum_complete` as a
+/// CHECKSUM_COMPLETE skb (BPF_F_TEST_SKB_CHECKSUM_COMPLETE: the kernel
+/// seeds skb->csum and fails the run with EBADMSG if the program leaves it
+/// inconsistent). Returns the action and the output packet; the error is
+/// the syscall's. Called directly rather than through aya's `TestRun`,
+/// which cannot pass that flag.
+pub fn test_run(
+    prog_fd: RawFd,
+    packet: &[u8],
+    ctx: &[u8],
+    checksum_complete: bool,
+) -> io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; packet.len().max(512) + 512];
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        flags: if checksum_complete {
+            BPF_F_TEST_SKB_CHECKSUM_COMPLETE
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute whose pointers and
+    // sizes describe live buffers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
+}
+
 /// In the calling thread's network namespace: a veth `name` with address
 /// `addr` (a prefix) and forwarding on, whose other end stands for a router
 /// at `gateway` (a permanent neighbour) towards `routes`. The FIB then
@@ -328,40 +375,9 @@ impl Fixture {
             self.clients.ifindex
         };
         let ctx = skb_context(ingress, opts.gso_size, opts.gso_segs);
-        let mut out = vec![0u8; packet.len() + 256];
         let prog = self.datapath.program().unwrap();
         let fd = prog.fd().expect("program loaded").as_fd().as_raw_fd();
-        let mut attr = TestRunAttr {
-            prog_fd: fd as u32,
-            data_size_in: packet.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: packet.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ctx_size_in: ctx.len() as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: if opts.checksum_complete {
-                BPF_F_TEST_SKB_CHECKSUM_COMPLETE
-            } else {
-                0
-            },
-            ..Default::default()
-        };
-        // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute whose
-        // pointers and sizes describe live buffers.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        out.truncate(attr.data_size_out as usize);
-        Ok((attr.retval, out))
+        test_run(fd, packet, &ctx, opts.checksum_complete)
     }
 
     pub fn global(&self, index: u32) -> u64 {

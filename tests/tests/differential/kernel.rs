@@ -14,37 +14,6 @@ use lb_model::{ModelState, Table};
 use lb_userspace::datapath::{Datapath, Limits};
 use lb_userspace::reconciler::Reconciler;
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-/// The kernel seeds skb->csum (CHECKSUM_COMPLETE) and fails the run with
-/// EBADMSG if the program leaves it inconsistent with the packet.
-const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
-/// sizeof(struct __sk_buff).
-const SKB_CTX_LEN: usize = 192;
-const SKB_INGRESS_IFINDEX: usize = 36;
-const SKB_IFINDEX: usize = 40;
-
-/// The `test` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
 /// What one run of the program gave.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Run {
@@ -131,55 +100,12 @@ impl Kernel {
     }
 
     /// Runs the program on `frame` as arriving on `ifindex`.
-    ///
-    /// BPF_PROG_TEST_RUN is called directly rather than through aya's
-    /// `TestRun`: aya 0.14 only lets a caller set the XDP live-frames flag,
-    /// not BPF_F_TEST_SKB_CHECKSUM_COMPLETE.
     pub fn run(&self, frame: &[u8], ifindex: u32, csum_complete: bool) -> Run {
-        // A __sk_buff with the interface set twice: skb->dev (ifindex) and
-        // skb->skb_iif (ingress_ifindex), as at TC ingress.
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len().max(512) + 512];
-        let mut attr = TestRunAttr {
-            prog_fd: self.prog_fd as u32,
-            data_size_in: frame.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ctx_size_in: SKB_CTX_LEN as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: if csum_complete {
-                BPF_F_TEST_SKB_CHECKSUM_COMPLETE
-            } else {
-                0
-            },
-            ..Default::default()
-        };
-        // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN and
-        // every pointer in it outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
-        if rc < 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            return if errno == libc::EBADMSG {
-                Run::BadChecksumComplete
-            } else {
-                Run::Refused(errno)
-            };
-        }
-        out.truncate(attr.data_size_out as usize);
-        Run::Ran {
-            action: attr.retval,
-            packet: out,
+        let ctx = lb_tests::fixture::skb_context(ifindex, 0, 0);
+        match lb_tests::fixture::test_run(self.prog_fd, frame, &ctx, csum_complete) {
+            Ok((action, packet)) => Run::Ran { action, packet },
+            Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => Run::BadChecksumComplete,
+            Err(e) => Run::Refused(e.raw_os_error().unwrap_or(0)),
         }
     }
 
