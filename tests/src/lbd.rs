@@ -161,15 +161,22 @@ impl Drop for Lbd {
         self.stop();
         // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        // Its instance lock stays for the next lbd of the same pins; these
-        // pins are this test's alone.
-        let _ = std::fs::remove_file(lb_userspace::instance::run_file(&self.pin_dir, "lock"));
+        remove_run_files(&self.pin_dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("lbd's log:\n{}", self.log());
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Removes what lbd keeps under /run for `pin_dir` (its instance lock and
+/// its record of frontend addresses): lbd leaves them for the next lbd of
+/// the same pins, and a test's pins are its own.
+pub fn remove_run_files(pin_dir: &Path) {
+    for ext in ["lock", "vips"] {
+        let _ = std::fs::remove_file(lb_userspace::instance::run_file(pin_dir, ext));
     }
 }
 

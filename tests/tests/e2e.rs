@@ -720,5 +720,5 @@ fn a_second_lbd_on_the_same_pins_or_socket_is_refused() {
     );
     assert!(env.lbd.status().is_ok());
     assert!(!other_pins.exists(), "the refused lbd made its pins");
-    let _ = std::fs::remove_file(lb_userspace::instance::run_file(&other_pins, "lock"));
+    lb_tests::lbd::remove_run_files(&other_pins);
 }

@@ -144,6 +144,7 @@ impl Drop for MetricsLbd {
         }
         // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        lb_tests::lbd::remove_run_files(&self.pin_dir);
         if std::thread::panicking() {
             eprintln!("lbd's log:\n{}", self.log());
         }
