@@ -21,6 +21,7 @@ use crate::reconciler::Reconciler;
 use crate::sources::docker::{self, DockerStatus, Update};
 use crate::sources::merge::{merge, Conflict};
 use crate::status::{self, ConfigStatus, Convergence, Status};
+use crate::supervisor::Tasks;
 use crate::vips::Vips;
 
 pub struct Options {
@@ -38,7 +39,13 @@ pub struct Options {
     pub metrics: Option<std::net::SocketAddr>,
     /// Make frontend addresses local (see vips.rs).
     pub local_vips: bool,
+    /// Fail this background task once, shortly after it starts, to test
+    /// that it is restarted (`lbd --inject-fault`).
+    pub inject_fault: Option<String>,
 }
+
+/// The background task that follows interfaces as they come and go.
+pub const INTERFACES_TASK: &str = "interfaces";
 
 /// How often the config file's modification time is checked. Polling is
 /// simpler and more robust than inotify against editors that replace the
@@ -47,6 +54,9 @@ const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// How often expired conntrack entries are deleted. The datapath ignores
 /// them anyway; this only frees their slots.
 const CONNTRACK_GC: Duration = Duration::from_secs(5);
+/// The longest lbd waits for its sources' first state before telling
+/// systemd it is ready.
+const READY_GRACE: Duration = Duration::from_secs(5);
 /// Convergence samples kept for the percentiles in `lbctl status`.
 const LATENCY_SAMPLES: usize = 1000;
 
@@ -77,6 +87,8 @@ struct State {
     down: HashMap<(Frontend, SocketAddr), String>,
     /// Frontend addresses that should be local (see vips.rs).
     vips_wanted: BTreeSet<IpAddr>,
+    /// Health of the background tasks.
+    tasks: Tasks,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -116,6 +128,7 @@ pub async fn run(opts: Options) -> Result<()> {
         checkers: Checkers::new(health_tx),
         down: HashMap::new(),
         vips_wanted: BTreeSet::new(),
+        tasks: Tasks::default(),
     };
     let mut vips = match opts.local_vips {
         true => Some(Vips::new(vips_record(&opts.pin_dir)).await?),
@@ -132,37 +145,38 @@ pub async fn run(opts: Options) -> Result<()> {
     state.converge().context("applying the initial state")?;
     sync_vips(&mut vips, &state.vips_wanted).await;
 
+    let tasks = &state.tasks;
+    let fault = |name: &str| opts.inject_fault.as_deref() == Some(name);
     let (links_tx, mut links_rx) = mpsc::channel::<Links>(4);
     let only = opts.interfaces.clone();
-    tokio::spawn(async move {
-        if let Err(e) = interfaces::watch(only, links_tx).await {
-            log::error!("interface watcher stopped: {e:#}");
-        }
+    tasks.spawn(INTERFACES_TASK, fault(INTERFACES_TASK), move || {
+        interfaces::watch(only.clone(), links_tx.clone())
     });
 
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(16);
     if let Some(addr) = opts.metrics {
         let calls = calls_tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::web::serve(addr, calls).await {
-                log::error!("metrics endpoint on {addr} stopped: {e:#}");
-            }
+        tasks.spawn("metrics", fault("metrics"), move || {
+            crate::web::serve(addr, calls.clone())
         });
     }
     let socket = opts.socket.clone();
-    tokio::spawn(async move {
-        if let Err(e) = control::serve(&socket, calls_tx).await {
-            log::error!("control socket stopped: {e:#}");
-        }
+    tasks.spawn("control", fault("control"), move || {
+        let (socket, calls) = (socket.clone(), calls_tx.clone());
+        async move { control::serve(&socket, calls).await }
     });
 
     let (docker_tx, mut docker_rx) = mpsc::channel::<Update>(16);
     if let Some(host) = opts.docker.clone() {
-        tokio::spawn(docker::watch(
-            host,
-            opts.docker_exec_root.clone(),
-            docker_tx,
-        ));
+        let exec_root = opts.docker_exec_root.clone();
+        // It reconnects by itself; supervision covers a panic.
+        tasks.spawn("docker", fault("docker"), move || {
+            let watch = docker::watch(host.clone(), exec_root.clone(), docker_tx.clone());
+            async move {
+                watch.await;
+                Ok(())
+            }
+        });
     } else {
         drop(docker_tx);
     }
@@ -173,8 +187,17 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut poll = tokio::time::interval(CONFIG_POLL);
     let mut gc = tokio::time::interval(CONNTRACK_GC);
     let mut config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
+    let started = std::time::Instant::now();
+    let mut ready = false;
 
     loop {
+        // Ready once every source has delivered its first state, or after
+        // a grace period: an engine that is down must not keep systemd
+        // waiting while lbd serves what it has.
+        if !ready && (!state.awaiting_docker || started.elapsed() >= READY_GRACE) {
+            ready = true;
+            crate::notify::ready(&state.summary());
+        }
         tokio::select! {
             Some(t) = health_rx.recv() => state.health(t),
             Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
@@ -182,7 +205,11 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((request, reply)) = calls_rx.recv() => {
                 let _ = reply.send(state.answer(request));
             }
-            _ = hup.recv() => state.reload(&opts),
+            _ = hup.recv() => {
+                crate::notify::reloading();
+                state.reload(&opts);
+                crate::notify::ready(&state.summary());
+            }
             _ = gc.tick() => state.gc_removed += state.reconciler.collect_garbage(),
             _ = poll.tick() => {
                 if let Some(path) = &opts.config {
@@ -199,6 +226,7 @@ pub async fn run(opts: Options) -> Result<()> {
         sync_vips(&mut vips, &state.vips_wanted).await;
     }
 
+    crate::notify::stopping();
     let _ = std::fs::remove_file(&opts.socket);
     let State {
         reconciler,
@@ -245,6 +273,15 @@ fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
 }
 
 impl State {
+    /// One line for systemd's status: what is served, and the last problem.
+    fn summary(&self) -> String {
+        let services = self.reconciler.applied().count();
+        match &self.config_status.last_error {
+            Some(e) => format!("{services} services; last reload rejected: {e}"),
+            None => format!("{services} services"),
+        }
+    }
+
     /// Merges the sources and makes the maps equal to the result.
     fn converge(&mut self) -> Result<()> {
         let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
@@ -507,6 +544,7 @@ impl State {
                     .map(|cfg| status::ConntrackStatus::new(&cfg, &census, self.gc_removed))
                     .unwrap_or_default(),
                 datapath: status::datapath_counters(&self.reconciler),
+                tasks: self.tasks.snapshot(),
             })),
             Err(e) => Response::Error(format!("{e:#}")),
         }

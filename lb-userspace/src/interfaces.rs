@@ -34,7 +34,7 @@ pub async fn watch(only: Vec<String>, tx: mpsc::Sender<Links>) -> Result<()> {
         // Any link event triggers a fresh dump: simpler than applying
         // deltas, and link changes are rare.
         if events.next().await.is_none() {
-            return Ok(());
+            anyhow::bail!("the netlink link events ended");
         }
         while let Ok(Some(_)) =
             tokio::time::timeout(std::time::Duration::from_millis(20), events.next()).await

@@ -110,6 +110,21 @@ pub struct Status {
     pub conntrack: ConntrackStatus,
     /// Datapath-wide counters by name.
     pub datapath: BTreeMap<String, u64>,
+    /// lbd's background tasks (interface watcher, control socket, ...).
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskStatus>,
+}
+
+/// One task's health, as shown in `lbctl status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// Running now (false while it waits to be restarted).
+    pub running: bool,
+    /// Times it failed and was started again.
+    pub restarts: u64,
+    /// Why it last failed, and when (seconds since the epoch).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
 }
 
 /// The connection tracker: its tables and the settings it runs with.
@@ -380,5 +395,20 @@ pub fn render_table(status: &Status) -> String {
         "reconcile: {} changes, last {:.2} ms, max {:.2} ms",
         status.reconcile.count, status.reconcile.last_ms, status.reconcile.max_ms
     );
+    let tasks: Vec<String> = status
+        .tasks
+        .iter()
+        .map(|(name, t)| {
+            let state = if t.running { "up" } else { "DOWN" };
+            match (&t.last_error, t.restarts) {
+                (_, 0) => format!("{name} {state}"),
+                (Some(e), n) => format!("{name} {state} ({n} restarts, last: {e})"),
+                (None, n) => format!("{name} {state} ({n} restarts)"),
+            }
+        })
+        .collect();
+    if !tasks.is_empty() {
+        let _ = writeln!(out, "tasks: {}", tasks.join("; "));
+    }
     out
 }

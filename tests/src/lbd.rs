@@ -18,6 +18,8 @@ pub struct Lbd {
     dir: PathBuf,
     /// Given on every start, restarts included (`--docker ...`, say).
     extra_args: Vec<String>,
+    /// Environment variables set on every start.
+    pub env: Vec<(String, String)>,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
@@ -39,12 +41,28 @@ impl Lbd {
         interfaces: &[&str],
         extra_args: &[&str],
     ) -> Result<Lbd> {
+        Self::start_with_env(ns, tag, config, interfaces, extra_args, &[])
+    }
+
+    /// [`Self::start_with`] with environment variables for lbd.
+    pub fn start_with_env(
+        ns: &Netns,
+        tag: &str,
+        config: &str,
+        interfaces: &[&str],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Lbd> {
         let name = unique_name(tag);
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
         let mut lbd = Lbd {
             process: None,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             config: dir.join("lbd.toml"),
             socket: dir.join("lbd.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
@@ -70,7 +88,8 @@ impl Lbd {
             .arg("--pin-dir")
             .arg(&lbd.pin_dir)
             .args(&lbd.extra_args)
-            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .env_remove("RUST_LOG")
+            .envs(lbd.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;

@@ -57,6 +57,14 @@ struct Args {
     /// the file, line and reason of the first error if not (like `nginx -t`).
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace. RUST_LOG, when set,
+    /// takes precedence and can set levels per module.
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: String,
+    /// Fail this background task once, a second after it starts, to check
+    /// that it is restarted (for tests).
+    #[arg(long, hide = true, value_name = "TASK")]
+    inject_fault: Option<String>,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
@@ -68,11 +76,8 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,netlink_packet_route=error"),
-    )
-    .init();
     let args = Args::parse();
+    lb_userspace::logging::init(&args.log_level);
     if let Some(path) = &args.check_config {
         return match lb_userspace::config::load(path) {
             Ok(file) => {
@@ -117,6 +122,7 @@ async fn main() -> Result<()> {
         keep_datapath: args.keep_datapath,
         metrics: args.metrics,
         local_vips: !args.no_local_vips,
+        inject_fault: args.inject_fault,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,

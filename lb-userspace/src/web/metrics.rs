@@ -103,6 +103,11 @@ struct HostLabels {
     host: Text,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: Text,
+}
+
 type U64Counter = Counter<u64, AtomicU64>;
 type F64Gauge = Gauge<f64, AtomicU64>;
 
@@ -391,6 +396,26 @@ pub fn encode(status: &Status) -> String {
         );
     }
 
+    let up = Family::<TaskLabels, Gauge>::default();
+    let restarts = Family::<TaskLabels, U64Counter>::default();
+    for (name, task) in &status.tasks {
+        let labels = TaskLabels {
+            task: Text::new(name),
+        };
+        up.get_or_create(&labels).set(i64::from(task.running));
+        restarts.get_or_create(&labels).inc_by(task.restarts);
+    }
+    registry.register(
+        "task_up",
+        "1 while lbd's background task runs (0 while it waits to be restarted)",
+        up,
+    );
+    registry.register(
+        "task_restarts",
+        "Times lbd's background task failed and was started again",
+        restarts,
+    );
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = text::encode(&mut out, &registry);
@@ -483,6 +508,16 @@ mod tests {
             datapath: [("seen".to_string(), 7), ("malformed".to_string(), 1)]
                 .into_iter()
                 .collect(),
+            tasks: [(
+                "interfaces".to_string(),
+                crate::status::TaskStatus {
+                    running: false,
+                    restarts: 2,
+                    ..Default::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -543,6 +578,8 @@ mod tests {
         line(&text, "lb_config_last_reload_failed 1");
         line(&text, "lb_services 1");
         line(&text, "lb_conntrack_entries 12");
+        line(&text, "lb_task_up{task=\"interfaces\"} 0");
+        line(&text, "lb_task_restarts_total{task=\"interfaces\"} 2");
         line(&text, "lb_conntrack_capacity 1024");
         line(&text, "lb_conntrack_pending 2");
         line(&text, "lb_conflicts 0");
