@@ -65,3 +65,32 @@ fn lbd_without_any_source_says_so() {
     assert!(stderr.contains("no source of services"), "{stderr}");
     assert!(!std::path::Path::new("/sys/fs/bpf/lbt-nosource").exists());
 }
+
+/// Settings come from the environment too (`LBD_*`), and a flag wins over
+/// its variable.
+#[test]
+fn settings_are_read_from_the_environment_and_flags_win() {
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(target_bin("lbd"))
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .args(args)
+            .arg("--check-config")
+            .arg("/nonexistent/lbd.toml")
+            .output()
+            .expect("running lbd");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Parsed from the environment: a bad value is refused as a flag's would be.
+    let stderr = run(&[("LBD_LOG_LEVEL", "loud")], &[]);
+    assert!(
+        stderr.contains("invalid value 'loud'") && stderr.contains("--log-level"),
+        "{stderr}"
+    );
+    let stderr = run(&[("LBD_MAX_FLOWS", "many")], &[]);
+    assert!(stderr.contains("invalid value 'many'"), "{stderr}");
+    // The flag wins: the bad variable is never parsed.
+    let stderr = run(&[("LBD_LOG_LEVEL", "loud")], &["--log-level", "warn"]);
+    assert!(!stderr.contains("invalid value"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/lbd.toml"), "{stderr}");
+}
