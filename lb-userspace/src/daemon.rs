@@ -28,8 +28,9 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Docker Engine to watch (e.g. unix:///var/run/docker.sock).
     pub docker: Option<String>,
-    /// The engine's exec root, where Swarm's ingress sandbox lives.
-    pub docker_exec_root: PathBuf,
+    /// The engine's exec root, where Swarm's ingress sandbox lives, when
+    /// given; otherwise found (sources/netns_dir.rs).
+    pub docker_exec_root: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub interfaces: Vec<String>,

@@ -818,19 +818,12 @@ fn requests_keep_being_answered_while_the_engine_is_away() {
 
 fn lbd_for_node(node: &Node, tag: &str) -> Lbd {
     let host = format!("unix://{}", node.dockerd.socket().display());
-    let exec_root = node.dockerd.exec_root().display().to_string();
     let lbd = Lbd::start_with(
         &node.ns,
         tag,
         "",
         &["eth0"],
-        &[
-            "--docker",
-            "--docker-host",
-            &host,
-            "--docker-exec-root",
-            &exec_root,
-        ],
+        &["--docker", "--docker-host", &host],
     )
     .unwrap_or_else(|e| panic!("lbd on {}: {e:#}", node.dockerd.hostname()));
     wait_docker_connected(&lbd, true);

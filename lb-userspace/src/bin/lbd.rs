@@ -29,9 +29,10 @@ struct Args {
     /// The engine to watch with --docker.
     #[arg(long, default_value = lb_userspace::sources::docker::DEFAULT_HOST)]
     docker_host: String,
-    /// The engine's --exec-root (where Swarm's ingress sandbox namespace is).
-    #[arg(long, env = "LBD_DOCKER_EXEC_ROOT", default_value = lb_userspace::sources::docker::DEFAULT_EXEC_ROOT)]
-    docker_exec_root: PathBuf,
+    /// The engine's --exec-root (where Swarm's ingress sandbox namespace
+    /// is). Found by itself from the engine's containers; this overrides it.
+    #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
+    docker_exec_root: Option<PathBuf>,
     /// Where maps and links are pinned (bpffs is mounted if needed).
     #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::model::ServiceSpec;
 use crate::sources::labels::{self, Rejected};
+use crate::sources::netns_dir::NetnsDir;
 use crate::sources::swarm;
 
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -66,19 +67,23 @@ pub struct DockerStatus {
     pub swarm: Option<String>,
 }
 
-/// Where the engine keeps its network namespaces (`<exec-root>/netns`).
+/// The engine's default `--exec-root`; its network namespaces are in
+/// `<exec-root>/netns`.
 pub const DEFAULT_EXEC_ROOT: &str = "/var/run/docker";
 
 /// How often the Swarm view is read again: a worker gets no event when a
 /// task starts or stops on another node.
 const SWARM_POLL: Duration = Duration::from_secs(1);
 
-pub async fn watch(host: String, exec_root: std::path::PathBuf, tx: mpsc::Sender<Update>) {
+/// `exec_root`: the engine's `--exec-root` when given (`--docker-exec-root`);
+/// otherwise it is found (see netns_dir.rs).
+pub async fn watch(host: String, exec_root: Option<std::path::PathBuf>, tx: mpsc::Sender<Update>) {
     let mut backoff = BACKOFF_MIN;
     let mut down = false;
     loop {
         let mut connected = false;
-        let Err(e) = session(&host, &exec_root, &tx, &mut connected).await else {
+        let mut netns = NetnsDir::new(exec_root.clone(), &host);
+        let Err(e) = session(&host, &mut netns, &tx, &mut connected).await else {
             return; // the daemon is stopping
         };
         if connected {
@@ -106,7 +111,7 @@ pub async fn watch(host: String, exec_root: std::path::PathBuf, tx: mpsc::Sender
 /// receiver is gone.
 async fn session(
     host: &str,
-    exec_root: &std::path::Path,
+    netns: &mut NetnsDir,
     tx: &mpsc::Sender<Update>,
     connected: &mut bool,
 ) -> Result<()> {
@@ -129,7 +134,7 @@ async fn session(
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, exec_root, None).await?;
+    let first = sync(&docker, netns, None).await?;
     let first_in_swarm = first.swarm_role != "inactive";
     let (first_services, first_rejected) = (first.services.clone(), first.rejected.clone());
     *connected = true;
@@ -178,7 +183,7 @@ async fn session(
         if pending.is_some_and(|t| t.elapsed().unwrap_or_default() > PENDING_EVENT) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, exec_root, None).await?;
+        let mut snapshot = sync(&docker, netns, None).await?;
         in_swarm = snapshot.swarm_role != "inactive";
         let now = (snapshot.services.clone(), snapshot.rejected.clone());
         if now == last {
@@ -229,7 +234,7 @@ fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
 /// Lists everything the load balancer cares about.
 async fn sync(
     docker: &Docker,
-    exec_root: &std::path::Path,
+    netns: &mut NetnsDir,
     cause: Option<SystemTime>,
 ) -> Result<Snapshot> {
     let filters = HashMap::from([
@@ -245,7 +250,8 @@ async fn sync(
         .await
         .context("listing containers")?;
     let (mut services, rejected) = labels::services(&containers);
-    let swarm = swarm::view(docker, exec_root).await?;
+    let netns_dir = netns.get(docker).await;
+    let swarm = swarm::view(docker, &netns_dir).await?;
     let mut nodes = swarm.nodes;
     for b in services.iter().flat_map(|s| &s.backends) {
         nodes.insert(b.addr, swarm.engine.clone());

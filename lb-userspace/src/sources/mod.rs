@@ -4,4 +4,5 @@
 pub mod docker;
 pub mod labels;
 pub mod merge;
+pub mod netns_dir;
 pub mod swarm;

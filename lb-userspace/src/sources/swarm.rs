@@ -43,7 +43,8 @@ pub struct View {
     pub nodes: BTreeMap<IpAddr, String>,
 }
 
-pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
+/// `netns_dir`: where the engine keeps its network namespaces.
+pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
     let info = docker
         .info()
         .await
@@ -87,7 +88,7 @@ pub async fn view(docker: &Docker, exec_root: &Path) -> Result<View> {
         .inspect_network("docker_gwbridge", Some(verbose(None)))
         .await
         .context("inspecting docker_gwbridge")?;
-    let sbox = exec_root.join("netns").join("ingress_sbox");
+    let sbox = netns_dir.join("ingress_sbox");
     let (Some(overlay), Some(gateway)) = (sbox_address(&ingress), sbox_address(&gwbridge)) else {
         return Ok(View {
             engine,

@@ -173,19 +173,12 @@ fn docker_demo(n: usize) -> Result<()> {
 
     println!("\n== starting lbd --docker on the node");
     let host = format!("unix://{}", d.socket().display());
-    let exec_root = d.exec_root().display().to_string();
     let lbd = Lbd::start_with(
         &node.ns,
         "demo",
         "",
         &["eth0"],
-        &[
-            "--docker",
-            "--docker-host",
-            &host,
-            "--docker-exec-root",
-            &exec_root,
-        ],
+        &["--docker", "--docker-host", &host],
     )?;
     let served = cluster.client.run(move || {
         wait_until(
