@@ -702,6 +702,7 @@ pub fn build_test_image(d: &Dockerd, tag: &str) -> Result<()> {
     }
     std::fs::copy(BUSYBOX, ctx.join("busybox"))
         .with_context(|| format!("copying {BUSYBOX} (package busybox-static)"))?;
+    copy_with_libraries(&crate::topology::echo_bin(), &ctx.join("root"))?;
     let ctx_str = ctx.to_string_lossy().into_owned();
     d.docker_timeout(
         &["build", "-q", "-t", tag, &ctx_str],
@@ -711,6 +712,33 @@ pub fn build_test_image(d: &Dockerd, tag: &str) -> Result<()> {
         format!("building {tag} (is {BUSYBOX} the static one from busybox-static?)")
     })?;
     std::fs::remove_dir_all(&ctx)?;
+    Ok(())
+}
+
+/// Copies `binary` into `root/bin/` and the shared libraries it loads
+/// (as `ldd` lists them) to their own paths under `root`, so that it runs
+/// in an image without a libc of its own.
+fn copy_with_libraries(binary: &Path, root: &Path) -> Result<()> {
+    let out = std::process::Command::new("ldd").arg(binary).output()?;
+    ensure!(out.status.success(), "ldd {}", binary.display());
+    let libraries: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no file.
+        .filter_map(|l| {
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    let name = binary.file_name().context("a binary's name")?;
+    for (from, to) in libraries
+        .iter()
+        .map(|lib| (lib.clone(), root.join(lib.strip_prefix("/").unwrap_or(lib))))
+        .chain([(binary.to_path_buf(), root.join("bin").join(name))])
+    {
+        std::fs::create_dir_all(to.parent().context("a directory")?)?;
+        std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+    }
     Ok(())
 }
 

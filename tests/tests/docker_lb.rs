@@ -964,6 +964,43 @@ fn single_node_swarm_publishes_ports_through_lbd() {
         t0.elapsed().as_secs_f64() * 1e3
     );
 
+    // A port published over UDP is balanced over UDP (a manager reads the
+    // protocol from the service; the mesh's own view does not say it).
+    create_service(d, "dns", 2, "published=5353,target=5353,protocol=udp", &[]);
+    let dns_tasks = wait_service_running(d, "dns", 2, CONVERGE).expect("2 dns tasks");
+    let want = task_names(&dns_tasks);
+    let udp_target = SocketAddr::from((node.addr, 5353));
+    let mut answered = BTreeSet::new();
+    let mut last = String::new();
+    cluster.client.run(|| {
+        // Bounded: 300 datagrams, 300 ms each at most.
+        for _ in 0..300 {
+            match lb_tests::echo::udp_request(udp_target, Duration::from_millis(300)) {
+                Ok((reply, _)) => {
+                    answered.insert(reply.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                Err(e) => last = format!("{e:#}"),
+            }
+            if answered == want {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        answered,
+        want,
+        "UDP through {udp_target}; last error: {last}\nstatus: {:#}",
+        status(&lbd)
+    );
+    let s = status(&lbd);
+    assert!(
+        swarm_services(&s)
+            .iter()
+            .any(|svc| svc["frontend"] == format!("{}:5353/udp", node.addr)),
+        "{s:#}"
+    );
+    d.docker(&["service", "rm", "dns"]).unwrap();
+
     let s = status(&lbd);
     assert_eq!(s["docker"]["swarm"], "manager", "{:#}", s["docker"]);
     assert!(

@@ -14,15 +14,20 @@
 //! The task list comes from `GET /networks/ingress?verbose=true`: Swarm's
 //! own view of the mesh, which every node attached to the ingress network
 //! has, workers included (the services and tasks endpoints answer only on
-//! managers).
+//! managers). That view gives published ports without their protocol; a
+//! manager reads the protocols from `GET /services`, a worker cannot and
+//! takes every published port as TCP.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use bollard::models::{LocalNodeState, NetworkInspect, ServiceInfo};
-use bollard::query_parameters::InspectNetworkOptions;
+use bollard::models::{
+    EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState,
+    NetworkInspect, Service, ServiceInfo,
+};
+use bollard::query_parameters::{InspectNetworkOptions, ListServicesOptions};
 use bollard::Docker;
 
 use crate::model::{BackendSpec, Frontend, Proto, ServiceSpec};
@@ -96,7 +101,22 @@ pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
             ..Default::default()
         });
     };
-    let services = services(&ingress, overlay, gateway, &node_addresses());
+    let protocols = match role {
+        "manager" => Some(ingress_protocols(
+            &docker
+                .list_services(None::<ListServicesOptions>)
+                .await
+                .context("listing Swarm services")?,
+        )),
+        _ => None,
+    };
+    let services = services(
+        &ingress,
+        overlay,
+        gateway,
+        &node_addresses(),
+        protocols.as_ref(),
+    );
     Ok(View {
         role: role.into(),
         services,
@@ -147,8 +167,48 @@ fn task_nodes(ingress: &NetworkInspect) -> BTreeMap<IpAddr, String> {
     out
 }
 
+/// Published port and target port of an ingress-mode publication.
+type PortPair = (u16, u16);
+
+/// For each service, by name: the protocols of each of its ingress-mode
+/// published ports (`-p 53:53/udp -p 53:53/tcp` gives both for one pair).
+/// SCTP is not balanced (the datapath does TCP and UDP) and is left out.
+pub type Protocols = BTreeMap<String, BTreeMap<PortPair, Vec<Proto>>>;
+
+fn ingress_protocols(services: &[Service]) -> Protocols {
+    let mut out = Protocols::new();
+    for s in services {
+        let Some(name) = s.spec.as_ref().and_then(|spec| spec.name.clone()) else {
+            continue;
+        };
+        let ports = out.entry(name).or_default();
+        for p in s.endpoint.iter().flat_map(|e| e.ports.iter().flatten()) {
+            if p.publish_mode == Some(EndpointPortConfigPublishModeEnum::HOST) {
+                continue;
+            }
+            let pair = (p.published_port, p.target_port);
+            let (Some(publish), Some(target)) = (
+                pair.0.and_then(|n| u16::try_from(n).ok()),
+                pair.1.and_then(|n| u16::try_from(n).ok()),
+            ) else {
+                continue;
+            };
+            let proto = match p.protocol {
+                Some(EndpointPortConfigProtocolEnum::UDP) => Proto::Udp,
+                Some(EndpointPortConfigProtocolEnum::SCTP) => continue,
+                _ => Proto::Tcp,
+            };
+            let protos = ports.entry((publish, target)).or_default();
+            if !protos.contains(&proto) {
+                protos.push(proto);
+            }
+        }
+    }
+    out
+}
+
 /// "Target: 80, Publish: 8080" -> (8080, 80). The verbose network view does
-/// not say the protocol; ingress ports are taken as TCP.
+/// not say the protocol (see `ingress_protocols`).
 fn parse_port(s: &str) -> Option<(u16, u16)> {
     let mut target = None;
     let mut publish = None;
@@ -168,6 +228,7 @@ fn services(
     overlay: Ipv4Addr,
     gateway: Ipv4Addr,
     node_addresses: &[Ipv4Addr],
+    protocols: Option<&Protocols>,
 ) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
     let entries: BTreeMap<&String, &serde_json::Value> =
@@ -186,14 +247,35 @@ fn services(
             .collect();
         tasks.sort();
         tasks.dedup();
-        for (publish, target) in info.ports.iter().flatten().filter_map(|p| parse_port(p)) {
+        let mut pairs: Vec<PortPair> = info
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| parse_port(p))
+            .collect();
+        // `-p 53:53/tcp -p 53:53/udp` lists the pair twice.
+        pairs.sort();
+        pairs.dedup();
+        let with_protocols = pairs.into_iter().flat_map(|pair| {
+            // A manager knows. A service it no longer lists is being
+            // removed; it keeps its ports until its tasks are gone (as
+            // before), so connections to stopping tasks are not cut.
+            let protos = protocols
+                .and_then(|p| p.get(name.as_str()))
+                .and_then(|ports| ports.get(&pair))
+                .filter(|protos| !protos.is_empty())
+                .cloned()
+                .unwrap_or_else(|| vec![Proto::Tcp]);
+            protos.into_iter().map(move |proto| (pair, proto))
+        });
+        for ((publish, target), proto) in with_protocols {
             let spec = |frontend: Ipv4Addr, backends: Vec<BackendSpec>, snat: Option<IpAddr>| {
                 ServiceSpec {
                     name: name.clone(),
                     frontend: Frontend {
                         addr: frontend.into(),
                         port: publish,
-                        proto: Proto::Tcp,
+                        proto,
                     },
                     backends,
                     snat,
@@ -255,7 +337,7 @@ mod tests {
         assert_eq!(overlay, Ipv4Addr::new(10, 0, 0, 2));
         let gateway = Ipv4Addr::new(172, 18, 0, 2);
         let nodes = [Ipv4Addr::new(10, 74, 0, 11), Ipv4Addr::new(172, 17, 0, 1)];
-        let specs = services(&ingress, overlay, gateway, &nodes);
+        let specs = services(&ingress, overlay, gateway, &nodes, None);
         assert_eq!(specs.len(), 3);
         let sbox = &specs[0];
         assert_eq!(sbox.frontend.to_string(), "172.18.0.2:8080/tcp");
@@ -271,7 +353,7 @@ mod tests {
         if let Some(web) = shuffled.services.as_mut().and_then(|s| s.get_mut("web")) {
             web["Tasks"].as_array_mut().unwrap().reverse();
         }
-        assert_eq!(services(&shuffled, overlay, gateway, &nodes), specs);
+        assert_eq!(services(&shuffled, overlay, gateway, &nodes, None), specs);
         for (spec, node) in specs[1..].iter().zip(nodes) {
             assert_eq!(spec.frontend.to_string(), format!("{node}:8080/tcp"));
             assert_eq!(
@@ -281,6 +363,71 @@ mod tests {
             assert_eq!(spec.snat, None);
             assert_eq!(spec.source, SOURCE);
         }
+    }
+
+    /// `GET /services` on a manager: `web` publishes 8080 over TCP, `dns`
+    /// publishes 53 over both TCP and UDP and 5353 in host mode only.
+    const SERVICES: &str = r#"[
+        {"ID": "s1", "Spec": {"Name": "web"},
+         "Endpoint": {"Ports": [{"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8080, "PublishMode": "ingress"}]}},
+        {"ID": "s2", "Spec": {"Name": "dns"},
+         "Endpoint": {"Ports": [
+            {"Protocol": "udp", "TargetPort": 53, "PublishedPort": 53, "PublishMode": "ingress"},
+            {"Protocol": "tcp", "TargetPort": 53, "PublishedPort": 53, "PublishMode": "ingress"},
+            {"Protocol": "udp", "TargetPort": 5353, "PublishedPort": 5353, "PublishMode": "host"},
+            {"Protocol": "sctp", "TargetPort": 9, "PublishedPort": 9, "PublishMode": "ingress"}]}},
+        {"ID": "s3", "Spec": {"Name": "internal"}, "Endpoint": {}}
+    ]"#;
+
+    #[test]
+    fn a_manager_knows_the_protocol_of_each_published_port() {
+        let list: Vec<Service> = serde_json::from_str(SERVICES).unwrap();
+        let protocols = ingress_protocols(&list);
+        assert_eq!(protocols["web"][&(8080, 80)], [Proto::Tcp]);
+        assert_eq!(protocols["dns"][&(53, 53)], [Proto::Udp, Proto::Tcp]);
+        assert!(!protocols["dns"].contains_key(&(5353, 5353)), "host mode");
+        assert!(!protocols["dns"].contains_key(&(9, 9)), "sctp");
+        assert!(protocols["internal"].is_empty());
+
+        let mut ingress: NetworkInspect = serde_json::from_str(INGRESS).unwrap();
+        let services_json = ingress.services.as_mut().unwrap();
+        let mut dns = services_json["web"].clone();
+        dns["Ports"] = serde_json::json!(["Target: 53, Publish: 53", "Target: 53, Publish: 53"]);
+        services_json.insert("dns".into(), dns);
+        let overlay = sbox_address(&ingress).unwrap();
+        let gateway = Ipv4Addr::new(172, 18, 0, 2);
+        let nodes = [Ipv4Addr::new(10, 74, 0, 11)];
+        let frontends = |p: Option<&Protocols>| -> Vec<String> {
+            services(&ingress, overlay, gateway, &nodes, p)
+                .iter()
+                .map(|s| format!("{} {}", s.name, s.frontend))
+                .collect()
+        };
+        assert_eq!(
+            frontends(Some(&protocols)),
+            [
+                "dns 172.18.0.2:53/udp",
+                "dns 10.74.0.11:53/udp",
+                "dns 172.18.0.2:53/tcp",
+                "dns 10.74.0.11:53/tcp",
+                "web 172.18.0.2:8080/tcp",
+                "web 10.74.0.11:8080/tcp",
+            ]
+        );
+        // A worker cannot know: TCP, once per pair.
+        assert_eq!(
+            frontends(None),
+            [
+                "dns 172.18.0.2:53/tcp",
+                "dns 10.74.0.11:53/tcp",
+                "web 172.18.0.2:8080/tcp",
+                "web 10.74.0.11:8080/tcp",
+            ]
+        );
+        // A service the manager no longer lists (being removed) keeps TCP.
+        let mut without_dns = protocols.clone();
+        without_dns.remove("dns");
+        assert_eq!(frontends(Some(&without_dns)), frontends(None));
     }
 
     #[test]
