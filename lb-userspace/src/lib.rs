@@ -6,11 +6,14 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+#[cfg(test)]
+pub mod fake_maps;
 pub mod health;
 pub mod instance;
 pub mod interfaces;
 pub mod logging;
 pub mod maglev;
+pub mod mapset;
 pub mod model;
 pub mod notify;
 pub mod reconciler;

@@ -6,18 +6,21 @@
 //! entry flips to it; a backend is written before any ring names it and
 //! removed only after no ring does.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use aya::maps::PerCpuValues;
+use serde::{Deserialize, Serialize};
 use lb_common::{
-    Backend, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE, BACKEND_DOWN,
+    Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN,
     BACKEND_DRAINING, FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 use crate::datapath::Maps;
 use crate::maglev;
+use crate::mapset::MapSet;
 use crate::model::{BackendSpec, ConntrackSettings, DesiredState, Frontend, Proto, ServiceSpec};
 
 /// What the reconciler has written for one service.
@@ -28,12 +31,17 @@ pub struct Applied {
     pub generation: u32,
     /// Backend id for each backend of `spec`, in the same order.
     pub backend_ids: Vec<u32>,
+    /// The state written for each backend, in the same order: with the
+    /// spec, all a rollback needs to restore an entry without reading it.
+    pub backend_states: Vec<u8>,
+    /// The SERVICES entry as written, restored if a later step fails.
+    pub entry: ServiceValue,
     /// Found in the maps at start-up and not yet named by any source.
     pub adopted: bool,
 }
 
-pub struct Reconciler {
-    maps: Maps,
+pub struct Reconciler<M: MapSet = Maps> {
+    maps: M,
     /// Backends whose established flows must leave them (failed health
     /// checks with `on_down = "reset"`).
     reset: HashSet<(Frontend, SocketAddr)>,
@@ -43,6 +51,9 @@ pub struct Reconciler {
     free_slots: Vec<u32>,
     next_slot: u32,
     next_backend_id: u32,
+    /// Backend ids no ring names any more whose removal failed: retried at
+    /// every `apply`, so that no entry is left behind.
+    orphans: Vec<u32>,
 }
 
 /// Counts of what an `apply` changed.
@@ -51,6 +62,56 @@ pub struct Changes {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
+}
+
+/// A service the last `apply` could not add, update or remove. Its previous
+/// state (or nothing, for a new one) keeps serving.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceFailure {
+    pub name: String,
+    pub frontend: String,
+    /// `ServiceSpec::source` of the service: who asked for it.
+    pub source: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ServiceFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {} ({}, from {}): {}",
+            self.name, self.frontend, self.source, self.reason
+        )
+    }
+}
+
+/// Some services of an `apply` failed; every other one was applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyFailed {
+    /// What the services that succeeded changed.
+    pub changes: Changes,
+    pub failures: Vec<ServiceFailure>,
+}
+
+impl fmt::Display for ApplyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<String> = self.failures.iter().map(|x| x.to_string()).collect();
+        write!(f, "{}", all.join("; "))
+    }
+}
+
+impl std::error::Error for ApplyFailed {}
+
+/// What one change wrote so far, to take it back if a later step fails.
+#[derive(Default)]
+struct Undo {
+    /// Backend ids this change created (their counters, then their entry).
+    created: Vec<u32>,
+    /// Existing backend entries this change overwrote, as they were.
+    overwritten: Vec<(u32, Backend)>,
+    /// Set once the service entry was written: what it was before (None:
+    /// there was none).
+    flipped: Option<Option<ServiceValue>>,
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
@@ -92,29 +153,23 @@ pub fn addr16(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-impl Reconciler {
+impl<M: MapSet> Reconciler<M> {
     /// Takes over `maps`, adopting what an earlier lbd left in them (after
     /// a crash, a SIGKILL or an upgrade): each service keeps its slot and
     /// each backend its id, so conntrack entries stay valid and established
     /// flows keep their backends. Adopted services are re-written as soon as
     /// a desired state names them; the others keep serving until
     /// `release_adopted` (once every source has reported).
-    pub fn new(maps: Maps) -> Result<Self> {
-        let max_ct_backend = maps
-            .conntrack
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, v)| v.backend_id)
-            .max()
-            .unwrap_or(0);
-        let backends: Vec<(u32, Backend)> = maps.backends.iter().filter_map(|r| r.ok()).collect();
+    pub fn new(maps: M) -> Result<Self> {
+        let max_ct_backend = maps.max_conntrack_backend();
+        let backends = maps.backends();
         let max_known = backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let mut services = BTreeMap::new();
-        for (key, value) in maps.services.iter().filter_map(|r| r.ok()) {
+        for (key, value) in maps.services() {
             let Some(frontend) = frontend_of(&key) else {
                 continue;
             };
-            let mut ids: Vec<(u32, BackendSpec)> = backends
+            let mut ids: Vec<(u32, BackendSpec, u8)> = backends
                 .iter()
                 .filter(|(_, b)| b.service_slot == value.slot)
                 .map(|(id, b)| {
@@ -123,14 +178,14 @@ impl Reconciler {
                         port: u16::from_be(b.port),
                         weight: if b.state == BACKEND_DRAINING { 0 } else { 1 },
                     };
-                    (*id, spec)
+                    (*id, spec, b.state)
                 })
                 .collect();
-            ids.sort_by_key(|(id, _)| *id);
+            ids.sort_by_key(|(id, _, _)| *id);
             let spec = ServiceSpec {
                 name: format!("adopted {frontend}"),
                 frontend,
-                backends: ids.iter().map(|(_, b)| *b).collect(),
+                backends: ids.iter().map(|(_, b, _)| *b).collect(),
                 snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
                 health: None,
                 affinity_secs: 0,
@@ -142,7 +197,9 @@ impl Reconciler {
                     spec,
                     slot: value.slot,
                     generation: value.ring % RINGS_PER_SERVICE,
-                    backend_ids: ids.iter().map(|(id, _)| *id).collect(),
+                    backend_ids: ids.iter().map(|(id, _, _)| *id).collect(),
+                    backend_states: ids.iter().map(|(_, _, st)| *st).collect(),
+                    entry: value,
                     adopted: true,
                 },
             );
@@ -150,26 +207,29 @@ impl Reconciler {
         let used: Vec<u32> = services.values().map(|a: &Applied| a.slot).collect();
         let next_slot = used.iter().max().map_or(0, |m| m + 1);
         let free_slots = (0..next_slot).filter(|s| !used.contains(s)).rev().collect();
-        // Backends of no adopted service are leftovers: nothing can reach them.
-        let mut maps = maps;
-        for (id, b) in &backends {
-            if !used.contains(&b.service_slot) {
-                let _ = maps.backends.remove(id);
-                let _ = maps.backend_stats.remove(id);
-            }
-        }
-        if !services.is_empty() {
-            log::info!("adopted {} services from the pinned maps", services.len());
-        }
-        Ok(Reconciler {
+        let mut reconciler = Reconciler {
             maps,
             reset: HashSet::new(),
             local_vips: false,
             services,
             free_slots,
             next_slot,
-            next_backend_id: max_ct_backend.max(max_known) + 1,
-        })
+            next_backend_id: max_ct_backend.max(max_known).saturating_add(1),
+            orphans: Vec::new(),
+        };
+        // Backends of no adopted service are leftovers: nothing can reach them.
+        for (id, b) in &backends {
+            if !used.contains(&b.service_slot) {
+                reconciler.drop_backend(*id);
+            }
+        }
+        if !reconciler.services.is_empty() {
+            log::info!(
+                "adopted {} services from the pinned maps",
+                reconciler.services.len()
+            );
+        }
+        Ok(reconciler)
     }
 
     /// Tells the datapath that frontend addresses are local, so that a
@@ -191,15 +251,409 @@ impl Reconciler {
         }
     }
 
-    pub fn maps(&self) -> &Maps {
+    pub fn maps(&self) -> &M {
         &self.maps
     }
 
     /// For tests that set the datapath's clock or inspect conntrack closely.
-    pub fn maps_mut(&mut self) -> &mut Maps {
+    pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
     }
 
+    pub fn applied(&self) -> impl Iterator<Item = &Applied> {
+        self.services.values()
+    }
+
+    /// Slots not in use, and the next never-used slot.
+    pub fn slots(&self) -> (&[u32], u32) {
+        (&self.free_slots, self.next_slot)
+    }
+
+    /// The id the next new backend gets.
+    pub fn next_backend_id(&self) -> u32 {
+        self.next_backend_id
+    }
+
+    /// Backend ids whose removal is still pending.
+    pub fn orphans(&self) -> &[u32] {
+        &self.orphans
+    }
+
+    /// Makes the maps equal to `desired`, one service at a time: a service
+    /// that fails is left as it was (its previous state, or absent) and
+    /// reported, and every other service is still applied.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes, ApplyFailed> {
+        self.retry_orphans();
+        let mut changes = Changes::default();
+        let mut failures = Vec::new();
+        let mut wanted: StdHashMap<Frontend, &ServiceSpec> = StdHashMap::new();
+        for spec in &desired.services {
+            match wanted.entry(spec.frontend) {
+                Entry::Vacant(v) => {
+                    v.insert(spec);
+                }
+                // Sources are merged before this, so this is a caller's bug;
+                // the first claimant keeps the frontend.
+                Entry::Occupied(_) => failures.push(failure(
+                    spec,
+                    anyhow!("another service of the same state has this frontend"),
+                )),
+            }
+        }
+        let gone: Vec<Frontend> = self
+            .services
+            .iter()
+            .filter(|(f, a)| !wanted.contains_key(f) && !a.adopted)
+            .map(|(f, _)| *f)
+            .collect();
+        for frontend in gone {
+            match self.remove_service(&frontend) {
+                Ok(()) => changes.removed += 1,
+                Err((spec, e)) => failures.push(failure(&spec, e)),
+            }
+        }
+        for spec in &desired.services {
+            if !std::ptr::eq(wanted[&spec.frontend], spec) {
+                continue;
+            }
+            let result = match self.services.get(&spec.frontend) {
+                Some(applied) if applied.spec == *spec => continue,
+                Some(_) => self.update_service(spec).map(|()| changes.updated += 1),
+                None => self.add_service(spec).map(|()| changes.added += 1),
+            };
+            if let Err(e) = result {
+                failures.push(failure(spec, e));
+            }
+        }
+        if failures.is_empty() {
+            Ok(changes)
+        } else {
+            Err(ApplyFailed { changes, failures })
+        }
+    }
+
+    fn take_slot(&mut self, spec: &ServiceSpec) -> Result<(u32, bool)> {
+        match self.free_slots.pop() {
+            Some(s) => Ok((s, true)),
+            None if self.next_slot < self.maps.max_services() => {
+                self.next_slot += 1;
+                Ok((self.next_slot - 1, false))
+            }
+            None => bail!(
+                "service {}: all {} service slots are in use (raise --max-services)",
+                spec.name,
+                self.maps.max_services()
+            ),
+        }
+    }
+
+    /// Gives back a slot `take_slot` just took, leaving the free list as
+    /// it was before.
+    fn return_slot(&mut self, slot: u32, reused: bool) {
+        if reused {
+            self.free_slots.push(slot);
+        } else {
+            self.next_slot -= 1;
+        }
+    }
+
+    fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let (slot, reused) = self.take_slot(spec)?;
+        let first_id = self.next_backend_id;
+        let mut undo = Undo::default();
+        let mut applied = Applied {
+            spec: spec.clone(),
+            slot,
+            generation: 0,
+            backend_ids: Vec::new(),
+            backend_states: Vec::new(),
+            entry: ServiceValue::default(),
+            adopted: false,
+        };
+        match self.add_steps(&mut applied, &mut undo) {
+            Ok(()) => {
+                self.services.insert(spec.frontend, applied);
+                Ok(())
+            }
+            Err(e) => {
+                self.roll_back(&spec.frontend, undo, first_id);
+                self.return_slot(slot, reused);
+                Err(e)
+            }
+        }
+    }
+
+    fn add_steps(&mut self, applied: &mut Applied, undo: &mut Undo) -> Result<()> {
+        // A reused slot must not carry its previous owner's counters.
+        self.maps.service_stats_zero(applied.slot)?;
+        let (ids, states) =
+            self.write_backends(&applied.spec, applied.slot, None, &mut Vec::new(), undo)?;
+        applied.backend_ids = ids;
+        applied.backend_states = states;
+        self.write_ring_and_service(applied, true, None, undo)
+    }
+
+    fn update_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let old = self
+            .services
+            .get(&spec.frontend)
+            .cloned()
+            .ok_or_else(|| anyhow!("no such service"))?;
+        let first_id = self.next_backend_id;
+        let mut undo = Undo::default();
+        let mut applied = Applied {
+            spec: spec.clone(),
+            adopted: false,
+            ..old.clone()
+        };
+        if let Err(e) = self.update_steps(&old, &mut applied, &mut undo) {
+            self.roll_back(&spec.frontend, undo, first_id);
+            return Err(e);
+        }
+        let kept = applied.backend_ids.clone();
+        self.services.insert(spec.frontend, applied);
+        for id in old.backend_ids.into_iter().filter(|id| !kept.contains(id)) {
+            self.drop_backend(id);
+        }
+        Ok(())
+    }
+
+    fn update_steps(&mut self, old: &Applied, applied: &mut Applied, undo: &mut Undo) -> Result<()> {
+        // Backends that stop taking new flows keep their old state until the
+        // ring no longer names them: a new flow must never meet a ring slot
+        // whose backend refuses it.
+        let mut later = Vec::new();
+        let (ids, states) =
+            self.write_backends(&applied.spec, applied.slot, Some(old), &mut later, undo)?;
+        applied.backend_ids = ids;
+        applied.backend_states = states;
+        // Flip to a ring without the removed backends before removing them.
+        self.write_ring_and_service(applied, false, Some(old.entry), undo)?;
+        for (id, value) in later {
+            let before = old_entry(old, id);
+            self.maps.backend_insert(id, &value)?;
+            if let Some(before) = before {
+                undo.overwritten.push((id, before));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back what `undo` says a failed change wrote, newest first:
+    /// the service entry (so no ring names the new backends), then the
+    /// backends it overwrote, then those it created. `first_id` is the
+    /// next backend id before the change; ids go back to it only if no
+    /// ring ever named them (a conntrack entry could otherwise meet a new
+    /// backend under an old flow's id).
+    fn roll_back(&mut self, frontend: &Frontend, undo: Undo, first_id: u32) {
+        let key = service_key(frontend);
+        let mut clean = true;
+        if let Some(previous) = undo.flipped {
+            let restored = match previous {
+                Some(value) => self.maps.service_insert(&key, &value),
+                None => self.maps.service_remove(&key),
+            };
+            if let Err(e) = restored {
+                log::error!("restoring the service entry of {frontend}: {e:#}");
+                clean = false;
+            }
+        }
+        for (id, value) in undo.overwritten.iter().rev() {
+            if let Err(e) = self.maps.backend_insert(*id, value) {
+                log::error!("restoring backend {id} of {frontend}: {e:#}");
+                clean = false;
+            }
+        }
+        for id in undo.created.iter().rev() {
+            clean &= self.drop_backend(*id);
+        }
+        if clean && undo.flipped.is_none() {
+            self.next_backend_id = first_id;
+        }
+    }
+
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), (ServiceSpec, anyhow::Error)> {
+        let Some(applied) = self.services.get(frontend) else {
+            return Ok(());
+        };
+        if let Err(e) = self.maps.service_remove(&service_key(frontend)) {
+            return Err((applied.spec.clone(), e.context("removing the service entry")));
+        }
+        let Some(applied) = self.services.remove(frontend) else {
+            return Ok(());
+        };
+        for id in applied.backend_ids {
+            self.drop_backend(id);
+        }
+        self.free_slots.push(applied.slot);
+        Ok(())
+    }
+
+    /// Removes a backend no ring names any more, and its counters. On
+    /// failure it is kept as an orphan, removed again at the next `apply`.
+    fn drop_backend(&mut self, id: u32) -> bool {
+        let removed = self
+            .maps
+            .backend_remove(id)
+            .and_then(|()| self.maps.backend_stats_remove(id));
+        if let Err(e) = removed {
+            log::warn!("removing backend {id} (will retry): {e:#}");
+            if !self.orphans.contains(&id) {
+                self.orphans.push(id);
+            }
+            return false;
+        }
+        true
+    }
+
+    fn retry_orphans(&mut self) {
+        for id in std::mem::take(&mut self.orphans) {
+            self.drop_backend(id);
+        }
+    }
+
+    /// Writes BACKENDS entries for `spec`, reusing the ids of backends that
+    /// were already there (so their flows and counters continue). Existing
+    /// backends that stop taking new flows go to `later` instead, to be
+    /// written once the new ring is live. Returns ids and states.
+    fn write_backends(
+        &mut self,
+        spec: &ServiceSpec,
+        slot: u32,
+        old: Option<&Applied>,
+        later: &mut Vec<(u32, Backend)>,
+        undo: &mut Undo,
+    ) -> Result<(Vec<u32>, Vec<u8>)> {
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        let mut states = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let existing = old.and_then(|old| {
+                old.spec
+                    .backends
+                    .iter()
+                    .position(|o| o.addr == b.addr && o.port == b.port)
+                    .map(|i| old.backend_ids[i])
+            });
+            let value = Backend {
+                addr: addr16(b.addr),
+                port: b.port.to_be(),
+                state: if self.reset.contains(&(spec.frontend, b.socket_addr())) {
+                    BACKEND_DOWN
+                } else if b.weight == 0 {
+                    BACKEND_DRAINING
+                } else {
+                    BACKEND_ACTIVE
+                },
+                _pad: 0,
+                service_slot: slot,
+            };
+            let id = match existing {
+                // Written again even when unchanged: its state may differ.
+                Some(id) => id,
+                None => {
+                    let id = self.next_backend_id;
+                    self.next_backend_id = self
+                        .next_backend_id
+                        .checked_add(1)
+                        .ok_or_else(|| anyhow!("backend ids exhausted; restart lbd"))?;
+                    self.maps.backend_stats_zero(id)?;
+                    undo.created.push(id);
+                    id
+                }
+            };
+            ids.push(id);
+            states.push(value.state);
+            if existing.is_some() && value.state != BACKEND_ACTIVE {
+                later.push((id, value));
+                continue;
+            }
+            self.maps.backend_insert(id, &value)?;
+            if let Some(before) = old.and_then(|old| old_entry(old, id)) {
+                undo.overwritten.push((id, before));
+            }
+        }
+        Ok((ids, states))
+    }
+
+    /// Builds the Maglev table, writes it to the idle generation and points
+    /// the service entry at it. `previous` is the entry it replaces.
+    fn write_ring_and_service(
+        &mut self,
+        applied: &mut Applied,
+        first: bool,
+        previous: Option<ServiceValue>,
+        undo: &mut Undo,
+    ) -> Result<()> {
+        let generation = if first {
+            0
+        } else {
+            (applied.generation + 1) % RINGS_PER_SERVICE
+        };
+        let ring = applied.slot * RINGS_PER_SERVICE + generation;
+        let active: Vec<(u64, u32, u32)> = applied
+            .spec
+            .backends
+            .iter()
+            .zip(&applied.backend_ids)
+            .filter(|(b, _)| b.weight > 0)
+            .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
+            .collect();
+        let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
+        let table = maglev::build_table(&keys, MAGLEV_M);
+        if !table.is_empty() {
+            let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
+            self.maps.ring_write((ring * MAGLEV_M) as usize, &ids)?;
+        }
+        let value = ServiceValue {
+            slot: applied.slot,
+            ring,
+            backend_count: if table.is_empty() {
+                0
+            } else {
+                active.len() as u32
+            },
+            flags: if applied.spec.snat.is_some() {
+                FLAG_FULLNAT
+            } else {
+                0
+            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 },
+            snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
+            affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
+        };
+        self.maps
+            .service_insert(&service_key(&applied.spec.frontend), &value)
+            .with_context(|| format!("writing service {}", applied.spec.name))?;
+        undo.flipped = Some(previous);
+        applied.generation = generation;
+        applied.entry = value;
+        Ok(())
+    }
+}
+
+/// The entry backend `id` of `old` has in the maps: only an existing
+/// backend has one to restore.
+fn old_entry(old: &Applied, id: u32) -> Option<Backend> {
+    let i = old.backend_ids.iter().position(|x| *x == id)?;
+    let b = old.spec.backends.get(i)?;
+    Some(Backend {
+        addr: addr16(b.addr),
+        port: b.port.to_be(),
+        state: *old.backend_states.get(i)?,
+        _pad: 0,
+        service_slot: old.slot,
+    })
+}
+
+fn failure(spec: &ServiceSpec, reason: anyhow::Error) -> ServiceFailure {
+    ServiceFailure {
+        name: spec.name.clone(),
+        frontend: spec.frontend.to_string(),
+        source: spec.source.clone(),
+        reason: format!("{reason:#}"),
+    }
+}
+
+impl Reconciler<Maps> {
     /// Writes the datapath's conntrack settings (timeouts, SNAT ports),
     /// keeping its clock.
     pub fn set_conntrack(&mut self, settings: &ConntrackSettings) -> Result<()> {
@@ -220,242 +674,12 @@ impl Reconciler {
     pub fn collect_garbage(&mut self) -> u64 {
         crate::conntrack::collect_garbage(&mut self.maps)
     }
-
-    pub fn applied(&self) -> impl Iterator<Item = &Applied> {
-        self.services.values()
-    }
-
-    /// Makes the maps equal to `desired`.
-    pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes> {
-        let mut changes = Changes::default();
-        let wanted: StdHashMap<Frontend, &ServiceSpec> =
-            desired.services.iter().map(|s| (s.frontend, s)).collect();
-        if wanted.len() != desired.services.len() {
-            bail!("two services share a frontend");
-        }
-        let gone: Vec<Frontend> = self
-            .services
-            .iter()
-            .filter(|(f, a)| !wanted.contains_key(f) && !a.adopted)
-            .map(|(f, _)| *f)
-            .collect();
-        for frontend in gone {
-            self.remove_service(&frontend)?;
-            changes.removed += 1;
-        }
-        for spec in &desired.services {
-            match self.services.get(&spec.frontend) {
-                Some(applied) if applied.spec == *spec => {}
-                Some(_) => {
-                    self.update_service(spec)?;
-                    changes.updated += 1;
-                }
-                None => {
-                    self.add_service(spec)?;
-                    changes.added += 1;
-                }
-            }
-        }
-        Ok(changes)
-    }
-
-    fn add_service(&mut self, spec: &ServiceSpec) -> Result<()> {
-        let slot = match self.free_slots.pop() {
-            Some(s) => s,
-            None if self.next_slot < self.maps.limits.max_services => {
-                self.next_slot += 1;
-                self.next_slot - 1
-            }
-            None => bail!(
-                "service {}: all {} service slots are in use (raise --max-services)",
-                spec.name,
-                self.maps.limits.max_services
-            ),
-        };
-        // A reused slot must not carry its previous owner's counters.
-        let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
-        self.maps.service_stats.set(slot, zero, 0)?;
-        let mut applied = Applied {
-            spec: spec.clone(),
-            slot,
-            generation: 0,
-            backend_ids: Vec::new(),
-            adopted: false,
-        };
-        applied.backend_ids = self.write_backends(spec, slot, &[], &[], &mut Vec::new())?;
-        self.write_ring_and_service(&mut applied, true)?;
-        self.services.insert(spec.frontend, applied);
-        Ok(())
-    }
-
-    fn update_service(&mut self, spec: &ServiceSpec) -> Result<()> {
-        let mut applied = self
-            .services
-            .remove(&spec.frontend)
-            .ok_or_else(|| anyhow!("no such service"))?;
-        let old_backends = applied.spec.backends.clone();
-        let old_ids = applied.backend_ids.clone();
-        // Backends that stop taking new flows keep their old state until the
-        // ring no longer names them: a new flow must never meet a ring slot
-        // whose backend refuses it.
-        let mut later = Vec::new();
-        let result = self.write_backends(spec, applied.slot, &old_backends, &old_ids, &mut later);
-        let ids = match result {
-            Ok(ids) => ids,
-            Err(e) => {
-                self.services.insert(spec.frontend, applied);
-                return Err(e);
-            }
-        };
-        applied.spec = spec.clone();
-        applied.backend_ids = ids;
-        applied.adopted = false;
-        // Flip to a ring without the removed backends before removing them.
-        let flipped = self.write_ring_and_service(&mut applied, false);
-        let kept: Vec<u32> = applied.backend_ids.clone();
-        self.services.insert(spec.frontend, applied);
-        flipped?;
-        for (id, value) in later {
-            self.maps
-                .backends
-                .insert(id, value, 0)
-                .context("the backend map is full (raise --max-backends)")?;
-        }
-        for id in old_ids.into_iter().filter(|id| !kept.contains(id)) {
-            self.remove_backend(id);
-        }
-        Ok(())
-    }
-
-    fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
-        let Some(applied) = self.services.remove(frontend) else {
-            return Ok(());
-        };
-        self.maps
-            .services
-            .remove(&service_key(frontend))
-            .with_context(|| format!("removing service {}", applied.spec.name))?;
-        for id in applied.backend_ids {
-            self.remove_backend(id);
-        }
-        self.free_slots.push(applied.slot);
-        Ok(())
-    }
-
-    fn remove_backend(&mut self, id: u32) {
-        let _ = self.maps.backends.remove(&id);
-        let _ = self.maps.backend_stats.remove(&id);
-    }
-
-    /// Writes BACKENDS entries for `spec`, reusing the ids of backends that
-    /// were already there (so their flows and counters continue). Existing
-    /// backends that stop taking new flows go to `later` instead, to be
-    /// written once the new ring is live.
-    fn write_backends(
-        &mut self,
-        spec: &ServiceSpec,
-        slot: u32,
-        old: &[BackendSpec],
-        old_ids: &[u32],
-        later: &mut Vec<(u32, Backend)>,
-    ) -> Result<Vec<u32>> {
-        let mut ids = Vec::with_capacity(spec.backends.len());
-        for b in &spec.backends {
-            let existing = old
-                .iter()
-                .position(|o| o.addr == b.addr && o.port == b.port)
-                .map(|i| (old_ids[i], old[i]));
-            let id = match existing {
-                // Written again even when unchanged: its state may differ.
-                Some((id, _)) => id,
-                None => {
-                    let id = self.next_backend_id;
-                    self.next_backend_id = self
-                        .next_backend_id
-                        .checked_add(1)
-                        .ok_or_else(|| anyhow!("backend ids exhausted; restart lbd"))?;
-                    let zero = PerCpuValues::try_from(vec![TrafficStats::default(); nr_cpus()?])?;
-                    self.maps
-                        .backend_stats
-                        .insert(id, zero, 0)
-                        .context("the backend statistics map is full (raise --max-backends)")?;
-                    id
-                }
-            };
-            let value = Backend {
-                addr: addr16(b.addr),
-                port: b.port.to_be(),
-                state: if self.reset.contains(&(spec.frontend, b.socket_addr())) {
-                    BACKEND_DOWN
-                } else if b.weight == 0 {
-                    BACKEND_DRAINING
-                } else {
-                    BACKEND_ACTIVE
-                },
-                _pad: 0,
-                service_slot: slot,
-            };
-            ids.push(id);
-            if existing.is_some() && value.state != BACKEND_ACTIVE {
-                later.push((id, value));
-                continue;
-            }
-            self.maps
-                .backends
-                .insert(id, value, 0)
-                .context("the backend map is full (raise --max-backends)")?;
-        }
-        Ok(ids)
-    }
-
-    /// Builds the Maglev table, writes it to the idle generation and points
-    /// the service entry at it.
-    fn write_ring_and_service(&mut self, applied: &mut Applied, first: bool) -> Result<()> {
-        let generation = if first {
-            0
-        } else {
-            (applied.generation + 1) % RINGS_PER_SERVICE
-        };
-        let ring = applied.slot * RINGS_PER_SERVICE + generation;
-        let active: Vec<(u64, u32, u32)> = applied
-            .spec
-            .backends
-            .iter()
-            .zip(&applied.backend_ids)
-            .filter(|(b, _)| b.weight > 0)
-            .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
-            .collect();
-        let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
-        let table = maglev::build_table(&keys, MAGLEV_M);
-        if !table.is_empty() {
-            let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
-            self.maps.rings.write((ring * MAGLEV_M) as usize, &ids)?;
-        }
-        let value = ServiceValue {
-            slot: applied.slot,
-            ring,
-            backend_count: if table.is_empty() {
-                0
-            } else {
-                active.len() as u32
-            },
-            flags: if applied.spec.snat.is_some() {
-                FLAG_FULLNAT
-            } else {
-                0
-            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 },
-            snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
-            affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
-        };
-        self.maps
-            .services
-            .insert(service_key(&applied.spec.frontend), value, 0)
-            .with_context(|| format!("writing service {}", applied.spec.name))?;
-        applied.generation = generation;
-        Ok(())
-    }
 }
 
 pub fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| anyhow!("reading the possible CPUs: {e}"))
 }
+
+#[cfg(test)]
+#[path = "reconciler_tests.rs"]
+mod tests;

@@ -1,0 +1,121 @@
+//! The operations the reconciler performs on the datapath's maps, as a
+//! trait: the real maps implement it, and so does an in-memory fake with
+//! injectable failures (`fake_maps`), against which the reconciler's
+//! rollback is unit-tested. The reconciler is generic over it, so the real
+//! path pays no indirection per write.
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapError, PerCpuValues};
+use lb_common::{Backend, ServiceKey, ServiceValue, TrafficStats};
+
+use crate::datapath::Maps;
+
+pub trait MapSet {
+    /// Capacity of SERVICES (and so the number of slots).
+    fn max_services(&self) -> u32;
+
+    fn service_insert(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    /// Removing an absent entry succeeds.
+    fn service_remove(&mut self, key: &ServiceKey) -> Result<()>;
+
+    fn backend_insert(&mut self, id: u32, value: &Backend) -> Result<()>;
+    /// Removing an absent entry succeeds.
+    fn backend_remove(&mut self, id: u32) -> Result<()>;
+
+    /// Creates (or resets) a backend's counters at zero.
+    fn backend_stats_zero(&mut self, id: u32) -> Result<()>;
+    /// Removing an absent entry succeeds.
+    fn backend_stats_remove(&mut self, id: u32) -> Result<()>;
+
+    /// Resets a service slot's counters to zero.
+    fn service_stats_zero(&mut self, slot: u32) -> Result<()>;
+
+    /// Writes `ids` into RINGS starting at entry `start`.
+    fn ring_write(&mut self, start: usize, ids: &[u32]) -> Result<()>;
+
+    /// Everything in SERVICES, for adoption at start-up.
+    fn services(&self) -> Vec<(ServiceKey, ServiceValue)>;
+    /// Everything in BACKENDS, for adoption at start-up.
+    fn backends(&self) -> Vec<(u32, Backend)>;
+    /// The highest backend id a conntrack entry names (0 if none): new ids
+    /// start above it, so an old flow never lands on a stranger.
+    fn max_conntrack_backend(&self) -> u32;
+}
+
+/// A delete of a key that is not there is not a failure: the entry is gone
+/// either way, which is what every caller wants.
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn zeroes() -> Result<PerCpuValues<TrafficStats>> {
+    Ok(PerCpuValues::try_from(vec![
+        TrafficStats::default();
+        crate::reconciler::nr_cpus()?
+    ])?)
+}
+
+impl MapSet for Maps {
+    fn max_services(&self) -> u32 {
+        self.limits.max_services
+    }
+
+    fn service_insert(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .context("the service map is full (raise --max-services)")
+    }
+
+    fn service_remove(&mut self, key: &ServiceKey) -> Result<()> {
+        Ok(absent_ok(self.services.remove(key))?)
+    }
+
+    fn backend_insert(&mut self, id: u32, value: &Backend) -> Result<()> {
+        self.backends
+            .insert(id, value, 0)
+            .context("the backend map is full (raise --max-backends)")
+    }
+
+    fn backend_remove(&mut self, id: u32) -> Result<()> {
+        Ok(absent_ok(self.backends.remove(&id))?)
+    }
+
+    fn backend_stats_zero(&mut self, id: u32) -> Result<()> {
+        self.backend_stats
+            .insert(id, zeroes()?, 0)
+            .context("the backend statistics map is full (raise --max-backends)")
+    }
+
+    fn backend_stats_remove(&mut self, id: u32) -> Result<()> {
+        Ok(absent_ok(self.backend_stats.remove(&id))?)
+    }
+
+    fn service_stats_zero(&mut self, slot: u32) -> Result<()> {
+        Ok(self.service_stats.set(slot, zeroes()?, 0)?)
+    }
+
+    fn ring_write(&mut self, start: usize, ids: &[u32]) -> Result<()> {
+        self.rings.write(start, ids)
+    }
+
+    fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    fn backends(&self) -> Vec<(u32, Backend)> {
+        self.backends.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    fn max_conntrack_backend(&self) -> u32 {
+        self.conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, v)| v.backend_id)
+            .max()
+            .unwrap_or(0)
+    }
+}
