@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::config;
 use crate::control::{self, Call, Request, Response};
 use crate::datapath::{Datapath, Limits};
+use crate::failures;
 use crate::health::{Checkers, Transition};
 use crate::interfaces::{self, Links};
 use crate::model::{Frontend, OnDown, ServiceSpec};
@@ -52,9 +53,6 @@ pub const INTERFACES_TASK: &str = "interfaces";
 /// simpler and more robust than inotify against editors that replace the
 /// file, and one stat a second costs nothing.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
-/// How often expired conntrack entries are deleted. The datapath ignores
-/// them anyway; this only frees their slots.
-const CONNTRACK_GC: Duration = Duration::from_secs(5);
 /// The longest lbd waits for its sources' first state before telling
 /// systemd it is ready.
 const READY_GRACE: Duration = Duration::from_secs(5);
@@ -67,12 +65,14 @@ struct State {
     datapath: Datapath,
     config_services: Vec<ServiceSpec>,
     conntrack: crate::model::ConntrackSettings,
-    /// Expired conntrack entries deleted so far.
-    gc_removed: u64,
+    /// Counts connections and deletes expired ones off this loop.
+    census: crate::census::Worker,
     config_status: ConfigStatus,
     docker_services: Vec<ServiceSpec>,
     docker_status: Option<DockerStatus>,
     conflicts: Vec<Conflict>,
+    /// Services the last convergence could not apply, and why.
+    failing: Vec<crate::reconciler::ServiceFailure>,
     latencies: VecDeque<Duration>,
     reconcile: crate::status::Reconcile,
     /// Where Docker backends run, for `lbctl status`.
@@ -105,12 +105,13 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
+    let census = crate::census::Worker::start(&maps)?;
     let mut state = State {
         reconciler: Reconciler::new(maps)?,
         datapath,
         config_services: file.services,
         conntrack: file.conntrack,
-        gc_removed: 0,
+        census,
         config_status: ConfigStatus {
             path: opts.config.as_ref().map(|p| p.display().to_string()),
             ..Default::default()
@@ -121,6 +122,7 @@ pub async fn run(opts: Options) -> Result<()> {
             ..Default::default()
         }),
         conflicts: Vec::new(),
+        failing: Vec::new(),
         latencies: VecDeque::new(),
         reconcile: Default::default(),
         backend_nodes: Default::default(),
@@ -143,7 +145,9 @@ pub async fn run(opts: Options) -> Result<()> {
     if !state.awaiting_docker {
         state.reconciler.release_adopted();
     }
-    state.converge().context("applying the initial state")?;
+    if let Some(e) = failures::config_error(&state.converge()) {
+        anyhow::bail!("applying the initial state: {e}");
+    }
     sync_vips(&mut vips, &state.vips_wanted).await;
 
     let tasks = &state.tasks;
@@ -186,7 +190,6 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(CONFIG_POLL);
-    let mut gc = tokio::time::interval(CONNTRACK_GC);
     let mut config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
     let started = std::time::Instant::now();
     let mut ready = false;
@@ -211,7 +214,6 @@ pub async fn run(opts: Options) -> Result<()> {
                 state.reload(&opts);
                 crate::notify::ready(&state.summary());
             }
-            _ = gc.tick() => state.gc_removed += state.reconciler.collect_garbage(),
             _ = poll.tick() => {
                 if let Some(path) = &opts.config {
                     let now = stamp(path);
@@ -283,8 +285,9 @@ impl State {
         }
     }
 
-    /// Merges the sources and makes the maps equal to the result.
-    fn converge(&mut self) -> Result<()> {
+    /// Merges the sources and makes the maps equal to the result, service
+    /// by service; returns the services that could not be applied.
+    fn converge(&mut self) -> Vec<crate::reconciler::ServiceFailure> {
         let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
         self.checkers.sync(&desired.services);
         let checkers = &self.checkers;
@@ -327,7 +330,12 @@ impl State {
         }
         self.conflicts = conflicts;
         let started = std::time::Instant::now();
-        let changes = self.reconciler.apply(&desired)?;
+        let (changes, failing) = failures::split(self.reconciler.apply(&desired));
+        failures::log_changes(&self.failing, &failing);
+        if let Some(d) = self.docker_status.as_mut() {
+            d.failed = failures::docker_lines(&failing);
+        }
+        self.failing = failing.clone();
         if changes != Default::default() {
             let ms = started.elapsed().as_secs_f64() * 1e3;
             self.reconcile.count += 1;
@@ -335,7 +343,7 @@ impl State {
             self.reconcile.max_ms = self.reconcile.max_ms.max(ms);
             log::info!("applied {} services ({changes:?})", desired.services.len());
         }
-        Ok(())
+        failing
     }
 
     fn reload(&mut self, opts: &Options) {
@@ -346,7 +354,9 @@ impl State {
             .map_err(anyhow::Error::from)
             .and_then(|file| {
                 self.config_services = file.services;
-                self.converge()?;
+                if let Some(e) = failures::config_error(&self.converge()) {
+                    anyhow::bail!(e);
+                }
                 self.reconciler.set_conntrack(&file.conntrack)?;
                 self.conntrack = file.conntrack;
                 Ok(())
@@ -360,8 +370,8 @@ impl State {
                 log::error!("reload rejected, keeping the previous state: {e:#}");
                 self.config_status.last_error = Some(format!("{e:#}"));
                 self.config_services = previous;
-                if let Err(e) = self.converge() {
-                    log::error!("restoring the previous state: {e:#}");
+                if let Some(e) = failures::config_error(&self.converge()) {
+                    log::error!("restoring the previous state: {e}");
                 }
             }
         }
@@ -407,8 +417,8 @@ impl State {
                 if !changed {
                     return;
                 }
-                if let Err(e) = self.converge() {
-                    log::error!("applying the docker state: {e:#}");
+                // Failures are logged and listed in Docker's status.
+                if self.converge().iter().any(failures::from_docker) {
                     return;
                 }
                 if let Some(t) = snapshot.event_time {
@@ -474,9 +484,8 @@ impl State {
             );
             self.down.insert(key, t.detail);
         }
-        if let Err(e) = self.converge() {
-            log::error!("applying a health change: {e:#}");
-        }
+        // Failures are logged and shown in status.
+        self.converge();
     }
 
     /// `lbctl drain` / `undrain`: checks that the backend exists, records
@@ -500,8 +509,8 @@ impl State {
         } else {
             self.drained.remove(&key)
         };
-        if let Err(e) = self.converge() {
-            return Response::Error(format!("{e:#}"));
+        if let Some(f) = self.converge().iter().find(|f| f.name == key.0) {
+            return Response::Error(f.to_string());
         }
         let verb = if drain { "draining" } else { "undrained" };
         let note = if changed { "" } else { " (no change)" };
@@ -518,8 +527,12 @@ impl State {
     }
 
     fn status(&self) -> Response {
-        let census = status::census(&self.reconciler);
-        match status::collect(&self.reconciler, &census, &|s, b| {
+        // The latest census, however old: a walk is never waited for.
+        let snapshot = self.census.latest();
+        self.census.ask();
+        let empty = status::Census::default();
+        let census = snapshot.as_ref().map_or(&empty, |s| &s.census);
+        match status::collect(&self.reconciler, census, &|s, b| {
             let state = if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
                 format!("down ({why})")
             } else if b.weight == 0 {
@@ -535,6 +548,7 @@ impl State {
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),
                 conflicts: self.conflicts.clone(),
+                failing: self.failing.clone(),
                 convergence: self.convergence(),
                 reconcile: self.reconcile.clone(),
                 conntrack_entries: census.entries,
@@ -542,7 +556,13 @@ impl State {
                 conntrack: self
                     .reconciler
                     .datapath_config()
-                    .map(|cfg| status::ConntrackStatus::new(&cfg, &census, self.gc_removed))
+                    .map(|cfg| {
+                        status::ConntrackStatus::new(
+                            &cfg,
+                            snapshot.as_deref(),
+                            self.census.gc_removed(),
+                        )
+                    })
                     .unwrap_or_default(),
                 datapath: status::datapath_counters(&self.reconciler),
                 tasks: self.tasks.snapshot(),

@@ -21,15 +21,34 @@ pub enum MapKind {
 /// One successful write, in the order it happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    Service { port: u16, ring: u32, count: u32 },
-    RemoveService { port: u16 },
-    Backend { id: u32, state: u8 },
-    RemoveBackend { id: u32 },
-    BackendStats { id: u32 },
-    RemoveBackendStats { id: u32 },
-    ServiceStats { slot: u32 },
+    Service {
+        port: u16,
+        ring: u32,
+        count: u32,
+    },
+    RemoveService {
+        port: u16,
+    },
+    Backend {
+        id: u32,
+        state: u8,
+    },
+    RemoveBackend {
+        id: u32,
+    },
+    BackendStats {
+        id: u32,
+    },
+    RemoveBackendStats {
+        id: u32,
+    },
+    ServiceStats {
+        slot: u32,
+    },
     /// The ring (slot * RINGS_PER_SERVICE + generation) written.
-    Ring { ring: u32 },
+    Ring {
+        ring: u32,
+    },
 }
 
 /// What a test sees of the maps: everything the datapath reads. The idle
@@ -98,11 +117,7 @@ impl FakeMaps {
     pub fn content(&self) -> Content {
         let by_port = |(k, _): (&([u8; 16], u16, u8), &ServiceValue)| (k.1, k.2);
         Content {
-            services: self
-                .services
-                .iter()
-                .map(|e| (by_port(e), *e.1))
-                .collect(),
+            services: self.services.iter().map(|e| (by_port(e), *e.1)).collect(),
             backends: self.backends.clone(),
             backend_stats: self.backend_stats.clone(),
             live_rings: self

@@ -1,11 +1,13 @@
 //! lbd's building blocks: sources of desired state (config), the reconciler
 //! that writes the datapath's maps, and the daemon that ties them together.
 
+pub mod census;
 pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod failures;
 #[cfg(test)]
 pub mod fake_maps;
 pub mod health;
@@ -13,6 +15,7 @@ pub mod instance;
 pub mod interfaces;
 pub mod logging;
 pub mod maglev;
+pub mod map_batch;
 pub mod mapset;
 pub mod model;
 pub mod notify;

@@ -12,11 +12,11 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
 use lb_common::{
-    Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN,
-    BACKEND_DRAINING, FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
+    Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
+    FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::datapath::Maps;
 use crate::maglev;
@@ -309,7 +309,7 @@ impl<M: MapSet> Reconciler<M> {
         for frontend in gone {
             match self.remove_service(&frontend) {
                 Ok(()) => changes.removed += 1,
-                Err((spec, e)) => failures.push(failure(&spec, e)),
+                Err(f) => failures.push(f),
             }
         }
         for spec in &desired.services {
@@ -418,7 +418,12 @@ impl<M: MapSet> Reconciler<M> {
         Ok(())
     }
 
-    fn update_steps(&mut self, old: &Applied, applied: &mut Applied, undo: &mut Undo) -> Result<()> {
+    fn update_steps(
+        &mut self,
+        old: &Applied,
+        applied: &mut Applied,
+        undo: &mut Undo,
+    ) -> Result<()> {
         // Backends that stop taking new flows keep their old state until the
         // ring no longer names them: a new flow must never meet a ring slot
         // whose backend refuses it.
@@ -472,12 +477,15 @@ impl<M: MapSet> Reconciler<M> {
         }
     }
 
-    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), (ServiceSpec, anyhow::Error)> {
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ServiceFailure> {
         let Some(applied) = self.services.get(frontend) else {
             return Ok(());
         };
         if let Err(e) = self.maps.service_remove(&service_key(frontend)) {
-            return Err((applied.spec.clone(), e.context("removing the service entry")));
+            return Err(failure(
+                &applied.spec,
+                e.context("removing the service entry"),
+            ));
         }
         let Some(applied) = self.services.remove(frontend) else {
             return Ok(());

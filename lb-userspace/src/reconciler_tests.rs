@@ -44,10 +44,22 @@ fn fresh() -> Reconciler<FakeMaps> {
     Reconciler::new(FakeMaps::new(4, 16)).unwrap()
 }
 
+/// One service's bookkeeping: frontend, slot, generation, ids, states,
+/// entry, spec.
+type Row = (
+    Frontend,
+    u32,
+    u32,
+    Vec<u32>,
+    Vec<u8>,
+    ServiceValue,
+    ServiceSpec,
+);
+
 /// The reconciler's bookkeeping, comparable as a whole.
 #[derive(Debug, PartialEq)]
 struct Books {
-    services: Vec<(Frontend, u32, u32, Vec<u32>, Vec<u8>, ServiceValue, ServiceSpec)>,
+    services: Vec<Row>,
     free_slots: Vec<u32>,
     next_slot: u32,
     next_backend_id: u32,
@@ -102,13 +114,26 @@ fn add_writes_counters_backends_ring_then_the_service_entry() {
         vec![
             Write::ServiceStats { slot: 0 },
             Write::BackendStats { id: 1 },
-            Write::Backend { id: 1, state: BACKEND_ACTIVE },
+            Write::Backend {
+                id: 1,
+                state: BACKEND_ACTIVE
+            },
             Write::BackendStats { id: 2 },
-            Write::Backend { id: 2, state: BACKEND_ACTIVE },
+            Write::Backend {
+                id: 2,
+                state: BACKEND_ACTIVE
+            },
             Write::BackendStats { id: 3 },
-            Write::Backend { id: 3, state: BACKEND_ACTIVE },
+            Write::Backend {
+                id: 3,
+                state: BACKEND_ACTIVE
+            },
             Write::Ring { ring: 0 },
-            Write::Service { port: 80, ring: 0, count: 3 },
+            Write::Service {
+                port: 80,
+                ring: 0,
+                count: 3
+            },
         ]
     );
     let ring = r.maps().ring(0);
@@ -123,7 +148,11 @@ fn add_writes_counters_backends_ring_then_the_service_entry() {
     }
     // Applying the same state again writes nothing.
     let writes = r.maps().log.len();
-    assert_eq!(r.apply(&state(&[spec("web", 80, &[(1, 1), (2, 1), (3, 1)])])).unwrap(), Changes::default());
+    assert_eq!(
+        r.apply(&state(&[spec("web", 80, &[(1, 1), (2, 1), (3, 1)])]))
+            .unwrap(),
+        Changes::default()
+    );
     assert_eq!(r.maps().log.len(), writes);
 }
 
@@ -142,21 +171,35 @@ fn update_reuses_ids_and_writes_a_drained_backend_after_the_ring_flip() {
     assert_eq!(
         r.maps().log[start..],
         [
-            Write::Backend { id: 1, state: BACKEND_ACTIVE },
+            Write::Backend {
+                id: 1,
+                state: BACKEND_ACTIVE
+            },
             Write::BackendStats { id: 4 },
-            Write::Backend { id: 4, state: BACKEND_ACTIVE },
+            Write::Backend {
+                id: 4,
+                state: BACKEND_ACTIVE
+            },
             // The idle generation, then the flip.
             Write::Ring { ring: 1 },
-            Write::Service { port: 80, ring: 1, count: 2 },
+            Write::Service {
+                port: 80,
+                ring: 1,
+                count: 2
+            },
             // Only now: no ring names 2 any more, and 3 can go.
-            Write::Backend { id: 2, state: BACKEND_DRAINING },
+            Write::Backend {
+                id: 2,
+                state: BACKEND_DRAINING
+            },
             Write::RemoveBackend { id: 3 },
             Write::RemoveBackendStats { id: 3 },
         ]
     );
     assert_eq!(ring_ids(&r, 80), BTreeSet::from([1, 4]));
     // The next change flips back to generation 0.
-    r.apply(&state(&[spec("web", 80, &[(1, 1), (4, 1)])])).unwrap();
+    r.apply(&state(&[spec("web", 80, &[(1, 1), (4, 1)])]))
+        .unwrap();
     assert_eq!(r.maps().service(80).unwrap().ring, 0);
     assert!(r.maps().backend(2).is_none());
 }
@@ -164,8 +207,11 @@ fn update_reuses_ids_and_writes_a_drained_backend_after_the_ring_flip() {
 #[test]
 fn remove_frees_the_slot_but_never_an_id() {
     let mut r = fresh();
-    r.apply(&state(&[spec("a", 80, &[(1, 1)]), spec("b", 81, &[(2, 1)])]))
-        .unwrap();
+    r.apply(&state(&[
+        spec("a", 80, &[(1, 1)]),
+        spec("b", 81, &[(2, 1)]),
+    ]))
+    .unwrap();
     let start = r.maps().log.len();
     let changes = r.apply(&state(&[spec("b", 81, &[(2, 1)])])).unwrap();
     assert_eq!(changes.removed, 1);
@@ -177,8 +223,11 @@ fn remove_frees_the_slot_but_never_an_id() {
             Write::RemoveBackendStats { id: 1 },
         ]
     );
-    r.apply(&state(&[spec("b", 81, &[(2, 1)]), spec("c", 82, &[(1, 1)])]))
-        .unwrap();
+    r.apply(&state(&[
+        spec("b", 81, &[(2, 1)]),
+        spec("c", 82, &[(1, 1)]),
+    ]))
+    .unwrap();
     let c = r.applied().find(|a| a.spec.name == "c").unwrap();
     assert_eq!(c.slot, 0, "the freed slot is taken again");
     assert_eq!(c.backend_ids, vec![3], "ids are not reused");
@@ -256,7 +305,12 @@ fn a_failure_at_any_write_of_an_update_before_it_commits_rolls_it_back() {
         assert_eq!(after.free_slots, before.free_slots);
         assert_eq!(after.orphans, before.orphans);
         // New ids go back only if no ring ever named them.
-        let flipped = r.maps().log.iter().rev().any(|w| matches!(w, Write::Service { ring: 1, .. }));
+        let flipped = r
+            .maps()
+            .log
+            .iter()
+            .rev()
+            .any(|w| matches!(w, Write::Service { ring: 1, .. }));
         if !flipped {
             assert_eq!(after.next_backend_id, before.next_backend_id, "write {k}");
         }
@@ -283,8 +337,11 @@ fn a_failure_at_any_write_of_an_update_before_it_commits_rolls_it_back() {
 #[test]
 fn a_failed_removal_keeps_the_service_and_reports_it() {
     let mut r = fresh();
-    r.apply(&state(&[spec("a", 80, &[(1, 1)]), spec("b", 81, &[(2, 1)])]))
-        .unwrap();
+    r.apply(&state(&[
+        spec("a", 80, &[(1, 1)]),
+        spec("b", 81, &[(2, 1)]),
+    ]))
+    .unwrap();
     let content = r.maps().content();
     r.maps_mut().fail_map = Some(MapKind::Services);
     let err = r.apply(&state(&[spec("b", 81, &[(2, 1)])])).unwrap_err();
@@ -293,7 +350,12 @@ fn a_failed_removal_keeps_the_service_and_reports_it() {
     assert_eq!(r.maps().content(), content);
     assert_eq!(r.applied().count(), 2);
     r.maps_mut().fail_map = None;
-    assert_eq!(r.apply(&state(&[spec("b", 81, &[(2, 1)])])).unwrap().removed, 1);
+    assert_eq!(
+        r.apply(&state(&[spec("b", 81, &[(2, 1)])]))
+            .unwrap()
+            .removed,
+        1
+    );
 }
 
 #[test]

@@ -96,6 +96,10 @@ pub struct Status {
     pub docker: Option<DockerStatus>,
     /// Services rejected because another owns their frontend.
     pub conflicts: Vec<Conflict>,
+    /// Services that could not be applied (their previous state, if any,
+    /// keeps serving), with the source that asked for them and why.
+    #[serde(default)]
+    pub failing: Vec<crate::reconciler::ServiceFailure>,
     pub convergence: Option<Convergence>,
     /// How long applying a desired state to the maps took.
     #[serde(default)]
@@ -142,13 +146,28 @@ pub struct ConntrackStatus {
     pub snat_ports: (u16, u16),
     /// Expired entries deleted by lbd's garbage collector.
     pub gc_removed: u64,
+    /// How old the counts are (they come from a census taken in the
+    /// background); None until the first census.
+    #[serde(default)]
+    pub census_age_ms: Option<u64>,
+    /// How long that census took to walk the tables.
+    #[serde(default)]
+    pub census_walk_ms: u64,
 }
 
 impl ConntrackStatus {
-    /// Settings from the datapath's CONFIG, counts from `census`.
-    pub fn new(cfg: &lb_common::Config, census: &Census, gc_removed: u64) -> Self {
+    /// Settings from the datapath's CONFIG, counts from the latest census.
+    pub fn new(
+        cfg: &lb_common::Config,
+        snapshot: Option<&crate::census::Snapshot>,
+        gc_removed: u64,
+    ) -> Self {
         const S: u64 = 1_000_000_000;
+        let empty = Census::default();
+        let census = snapshot.map_or(&empty, |s| &s.census);
         ConntrackStatus {
+            census_age_ms: snapshot.map(|s| s.taken.elapsed().as_millis() as u64),
+            census_walk_ms: snapshot.map_or(0, |s| s.walk.as_millis() as u64),
             confirmed: census.confirmed,
             pending: census.entries - census.confirmed,
             syn_timeout_secs: cfg.timeout_syn_ns / S,
@@ -161,42 +180,14 @@ impl ConntrackStatus {
     }
 }
 
-/// A flow counts as active while it saw a packet this recently.
-const ACTIVE_FLOW_AGE: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// What one walk over CONNTRACK tells: how many entries there are, and how
-/// many of them are active, per backend id.
+/// many of them are active, per backend id. Taken by `census::Worker`.
 #[derive(Default)]
 pub struct Census {
     /// Connections, confirmed or not.
     pub entries: u64,
     pub confirmed: u64,
     pub active: BTreeMap<u32, u64>,
-}
-
-pub fn census(reconciler: &Reconciler) -> Census {
-    let mut out = Census::default();
-    let maps = reconciler.maps();
-    let horizon =
-        maps.config.get(&0, 0).ok().map(|cfg| {
-            crate::conntrack::now(&cfg).saturating_sub(ACTIVE_FLOW_AGE.as_nanos() as u64)
-        });
-    let halves = maps
-        .conntrack
-        .iter()
-        .chain(maps.ct_pending.iter())
-        .filter_map(|r| r.ok());
-    // One connection, two halves: count the forward ones.
-    for (_, ct) in halves.filter(|(_, ct)| ct.flags & lb_common::CT_REPLY == 0) {
-        out.entries += 1;
-        if ct.state & lb_common::ST_CONFIRMED != 0 {
-            out.confirmed += 1;
-        }
-        if horizon.is_some_and(|h| ct.last_seen_ns >= h) {
-            *out.active.entry(ct.backend_id).or_insert(0) += 1;
-        }
-    }
-    out
 }
 
 /// A backend's state ("active", "draining", "down (why)") and the node it
@@ -353,6 +344,9 @@ pub fn render_table(status: &Status) -> String {
         for r in &d.rejected {
             let _ = writeln!(out, "docker: rejected {r}");
         }
+        for f in &d.failed {
+            let _ = writeln!(out, "docker: NOT applied {f}");
+        }
     }
     for c in &status.conflicts {
         let _ = writeln!(
@@ -360,6 +354,14 @@ pub fn render_table(status: &Status) -> String {
             "CONFLICT on {}: {} rejected, {} keeps it",
             c.frontend, c.rejected, c.owner
         );
+    }
+    // Docker's own are listed with Docker above.
+    for f in status
+        .failing
+        .iter()
+        .filter(|f| !crate::failures::from_docker(f))
+    {
+        let _ = writeln!(out, "FAILED to apply {f}");
     }
     if let Some(c) = &status.convergence {
         let _ = writeln!(
@@ -375,10 +377,18 @@ pub fn render_table(status: &Status) -> String {
         .collect();
     let _ = writeln!(out, "datapath: {}", counters.join(" "));
     let ct = &status.conntrack;
+    let counted = match ct.census_age_ms {
+        Some(age) => format!(
+            "counted {:.1} s ago in {} ms",
+            age as f64 / 1e3,
+            ct.census_walk_ms
+        ),
+        None => "not counted yet".into(),
+    };
     let _ = writeln!(
         out,
-        "conntrack: {} confirmed of {}, {} pending; timeouts: syn {}s, tcp {}s, closing {}s, \
-         udp {}s; snat ports {}-{}; {} expired removed",
+        "conntrack: {} confirmed of {}, {} pending ({counted}); timeouts: syn {}s, tcp {}s, \
+         closing {}s, udp {}s; snat ports {}-{}; {} expired removed",
         ct.confirmed,
         status.conntrack_capacity,
         ct.pending,

@@ -63,6 +63,9 @@ pub struct DockerStatus {
     pub last_error: Option<String>,
     pub resyncs: u64,
     pub rejected: Vec<String>,
+    /// Docker's services that could not be applied to the datapath, and why.
+    #[serde(default)]
+    pub failed: Vec<String>,
     /// "manager", "worker" or "inactive" (not in a Swarm).
     pub swarm: Option<String>,
 }

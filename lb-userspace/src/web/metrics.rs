@@ -94,6 +94,14 @@ struct DownReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    service: Text,
+    frontend: Text,
+    source: Text,
+    reason: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CounterLabels {
     counter: Text,
 }
@@ -302,6 +310,22 @@ pub fn encode(status: &Status) -> String {
         "Services rejected because another service owns their frontend",
         count(status.conflicts.len()),
     );
+    let failing = Family::<FailureLabels, Gauge>::default();
+    for f in &status.failing {
+        failing
+            .get_or_create(&FailureLabels {
+                service: Text::new(&f.name),
+                frontend: Text::new(&f.frontend),
+                source: Text::new(&f.source),
+                reason: Text::new(&f.reason),
+            })
+            .set(1);
+    }
+    registry.register(
+        "service_apply_failed",
+        "1 for a service that could not be applied to the datapath, labelled with why",
+        failing,
+    );
     registry.register(
         "interfaces",
         "Interfaces the datapath is attached to",
@@ -491,6 +515,12 @@ mod tests {
                 ..Default::default()
             }),
             conflicts: Vec::new(),
+            failing: vec![crate::reconciler::ServiceFailure {
+                name: "api".into(),
+                frontend: "10.73.0.11:80/tcp".into(),
+                source: "docker:labels".into(),
+                reason: "the backend map is \"full\"".into(),
+            }],
             convergence: Some(Convergence {
                 samples: 10,
                 p50_ms: 2.5,
@@ -583,6 +613,10 @@ mod tests {
         line(&text, "lb_conntrack_capacity 1024");
         line(&text, "lb_conntrack_pending 2");
         line(&text, "lb_conflicts 0");
+        line(
+            &text,
+            r#"lb_service_apply_failed{service="api",frontend="10.73.0.11:80/tcp",source="docker:labels",reason="the backend map is \"full\""} 1"#,
+        );
         line(
             &text,
             "lb_docker_connected{host=\"unix:///var/run/docker.sock\"} 1",
