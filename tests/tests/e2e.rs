@@ -204,12 +204,17 @@ fn tcp_is_balanced_and_backends_see_the_client() {
         );
         assert!(counter(backend, "reply_packets") >= seen[&name] as u64);
     }
-    // Every connection is a conntrack entry, and the reload-free start counts
-    // as one reconciliation.
-    assert!(
-        status["conntrack_entries"].as_u64().unwrap() >= 300,
-        "{status:#}"
-    );
+    // Every connection is a conntrack entry (counted in the background, so
+    // a census that saw them may take a moment), and the reload-free start
+    // counts as one reconciliation.
+    let mut entries = 0;
+    let counted = wait_until(Duration::from_secs(10), "a census of 300 flows", || {
+        entries = env.lbd.status().unwrap()["conntrack_entries"]
+            .as_u64()
+            .unwrap();
+        entries >= 300
+    });
+    assert!(counted.is_ok(), "{entries} conntrack entries");
     assert!(status["reconcile"]["count"].as_u64().unwrap() >= 1);
     // SIGTERM detaches and removes every pin.
     assert!(env.lbd.stop(), "lbd did not exit cleanly");
@@ -472,19 +477,21 @@ fn a_drained_backend_keeps_its_flows_and_gets_no_new_ones() {
     );
     assert_eq!(ask(), pinned, "the established connection moved");
 
-    let status = env.lbd.status().unwrap();
-    let backend = service(&status, "web")["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == address.as_str())
-        .unwrap()
-        .clone();
+    // Active flows come from a census taken in the background.
+    let mut backend = Value::Null;
+    let counted = wait_until(Duration::from_secs(10), "a census of its flow", || {
+        let status = env.lbd.status().unwrap();
+        backend = service(&status, "web")["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == address.as_str())
+            .unwrap()
+            .clone();
+        backend["active_flows"].as_u64().unwrap() >= 1
+    });
     assert_eq!(backend["state"], "draining");
-    assert!(
-        backend["active_flows"].as_u64().unwrap() >= 1,
-        "{backend:#}"
-    );
+    assert!(counted.is_ok(), "{backend:#}");
 
     lb_tests::lbd::lbctl(&env.lbd.socket, &["undrain", "web", &address]).unwrap();
     let seen = tcp_spread(&env, web(), 100);
