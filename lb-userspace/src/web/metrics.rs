@@ -373,6 +373,17 @@ pub fn encode(status: &Status) -> String {
         "Expired conntrack entries deleted by lbd",
         gc,
     );
+    // The conntrack counts come from a census taken in the background.
+    if let Some(age_ms) = status.conntrack.census_age_ms {
+        let age = F64Gauge::default();
+        age.set(age_ms as f64 / 1000.0);
+        registry.register_with_unit(
+            "conntrack_census_age",
+            "How old the conntrack counts are",
+            Unit::Seconds,
+            age,
+        );
+    }
     let reconciles = U64Counter::default();
     reconciles.inc_by(status.reconcile.count);
     registry.register(
@@ -533,6 +544,7 @@ mod tests {
             conntrack: crate::status::ConntrackStatus {
                 confirmed: 10,
                 pending: 2,
+                census_age_ms: Some(1500),
                 ..Default::default()
             },
             datapath: [("seen".to_string(), 7), ("malformed".to_string(), 1)]
@@ -612,6 +624,7 @@ mod tests {
         line(&text, "lb_task_restarts_total{task=\"interfaces\"} 2");
         line(&text, "lb_conntrack_capacity 1024");
         line(&text, "lb_conntrack_pending 2");
+        line(&text, "lb_conntrack_census_age_seconds 1.5");
         line(&text, "lb_conflicts 0");
         line(
             &text,
