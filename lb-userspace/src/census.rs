@@ -181,7 +181,18 @@ fn run(shared: &Shared, tables: &mut Tables) {
             wake.asked = false;
         }
         let started = Instant::now();
-        let Some((census, removed)) = walk(tables, &shared.stopping) else {
+        // A walk that panics (a bug) must not end the census for good: the
+        // thread is not supervised like the async tasks, so it carries on
+        // after a pause, and the census age in status shows the gap.
+        let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            walk(tables, &shared.stopping)
+        }));
+        let Ok(walked) = walked else {
+            log::error!("the conntrack census failed; retrying in a second");
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        };
+        let Some((census, removed)) = walked else {
             return;
         };
         shared.gc_removed.fetch_add(removed, Ordering::Relaxed);
