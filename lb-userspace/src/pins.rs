@@ -169,15 +169,43 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
 }
 
 /// A process whose mounts outlive lbd: pid 1 when lbd may look at it, else
-/// lbd's parent (which `ip netns exec` or `unshare -m` leave in the mount
-/// namespace lbd was started from). None when neither is visible.
+/// lbd's oldest ancestor that it may look at (which `ip netns exec` or
+/// `unshare -m` leave in the mount namespace they were started from, even
+/// when lbd's parent is a shell inside). None when none is visible.
 fn reference_process() -> Option<PathBuf> {
-    let parent = nix::unistd::getppid().as_raw();
-    [1, parent]
-        .into_iter()
-        .filter(|pid| *pid > 0)
-        .map(|pid| PathBuf::from(format!("/proc/{pid}")))
-        .find(|p| std::fs::read_link(p.join("ns/mnt")).is_ok())
+    let visible = |pid: i32| {
+        let path = PathBuf::from(format!("/proc/{pid}"));
+        std::fs::read_link(path.join("ns/mnt"))
+            .is_ok()
+            .then_some(path)
+    };
+    if let Some(init) = visible(1) {
+        return Some(init);
+    }
+    let mut oldest = None;
+    let mut pid = nix::unistd::getppid().as_raw();
+    // Bounded, should the tree change under the walk (a pid reused).
+    for _ in 0..64 {
+        if pid <= 1 {
+            break;
+        }
+        if let Some(path) = visible(pid) {
+            oldest = Some(path);
+        }
+        match parent_of(pid) {
+            Some(parent) => pid = parent,
+            None => break,
+        }
+    }
+    oldest
+}
+
+/// The parent pid from /proc/PID/stat (the fourth field; the second, the
+/// command name in parentheses, may itself hold spaces and parentheses).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn same_mount_namespace(reference: &Path) -> bool {

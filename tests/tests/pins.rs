@@ -221,6 +221,7 @@ fn lbd_under_ip_netns_exec_is_refused_and_leaves_nothing() {
     let pins = Scratch(PathBuf::from("/sys/fs/bpf").join(&name));
     let config = tmp.0.join("lbd.toml");
     std::fs::write(&config, CONFIG).unwrap();
+    let mounts_before = mounts_under(Path::new("/sys/fs/bpf"));
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns.name()])
         .arg(target_bin("lbd"))
@@ -240,6 +241,28 @@ fn lbd_under_ip_netns_exec_is_refused_and_leaves_nothing() {
     assert!(!pins.0.exists(), "pins left behind");
     assert_eq!(mounts_under(&pins.0), Vec::<String>::new());
     assert_eq!(mounts_under(&tmp.0), Vec::<String>::new());
+
+    // Nor on a bpffs mounted inside, by a shell that then starts lbd.
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name(), "sh", "-c"])
+        .arg(r#"mount -t bpf bpf /sys/fs/bpf && "$0" "$@""#)
+        .arg(target_bin("lbd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(tmp.0.join("lbd.sock"))
+        .arg("--pin-dir")
+        .arg(&pins.0);
+    let out = run(cmd, &tmp.0.join("lbd.err"));
+    refused("lbd on a bpffs private to ip netns exec", &out);
+    assert!(
+        out.1.contains("private to lbd's mount namespace") && out.1.contains("nsenter --net="),
+        "{}",
+        out.1
+    );
+    assert!(!pins.0.exists(), "pins left behind");
+    assert_eq!(mounts_under(Path::new("/sys/fs/bpf")), mounts_before);
+    remove_run_files(&pins.0);
 }
 
 #[test]
