@@ -254,3 +254,15 @@ fn private_namespace(dir: &Path, why: &str) -> String {
         dir.display()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_of_reads_the_parent_pid_whatever_the_command_name() {
+        let me = std::process::id() as i32;
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw()));
+        assert_eq!(parent_of(-1), None);
+    }
+}
