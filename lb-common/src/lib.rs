@@ -37,6 +37,27 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const AFFINITY: &str = "AFFINITY";
+    /// The layout record of a pin directory (see [`super::Layout`]). Made
+    /// and read by lbd only; the datapath never looks at it.
+    pub const LAYOUT: &str = "LAYOUT";
+}
+
+/// The version of the pinned maps' layout: what the bytes of every key and
+/// value mean. Bump it whenever a map key or value type in this file (or a
+/// map's type or flags in lb-ebpf) changes, even if its size stays the same:
+/// an lbd then refuses pins made under another version instead of reading
+/// them wrongly. Map sizes are checked separately, map by map.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// LAYOUT's only value: under which layout and limits the maps of a pin
+/// directory were made.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Layout {
+    pub version: u32,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_flows: u32,
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -355,6 +376,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for Layout {}
 }
 
 // No implicit padding anywhere: each size is the sum of its fields.
@@ -367,6 +389,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 96);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
+const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 
 /// The IPv4-mapped IPv6 form of an IPv4 address.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {

@@ -81,8 +81,10 @@ struct State {
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
     awaiting_docker: bool,
-    /// Backends drained with `lbctl drain`: (service name, backend address).
-    drained: std::collections::BTreeSet<(String, String)>,
+    /// Backends drained with `lbctl drain`: (service name, backend address),
+    /// recorded under /run for the next lbd (see drains.rs).
+    drained: crate::drains::Drained,
+    pin_dir: PathBuf,
     checkers: Checkers,
     /// Backends that failed their health checks, and why.
     down: HashMap<(Frontend, SocketAddr), String>,
@@ -103,6 +105,7 @@ pub async fn run(opts: Options) -> Result<()> {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
+    let drained = crate::drains::load(&opts.pin_dir)?;
     let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let census = crate::census::Worker::start(&maps)?;
@@ -127,7 +130,8 @@ pub async fn run(opts: Options) -> Result<()> {
         reconcile: Default::default(),
         backend_nodes: Default::default(),
         awaiting_docker: opts.docker.is_some(),
-        drained: Default::default(),
+        drained,
+        pin_dir: opts.pin_dir.clone(),
         checkers: Checkers::new(health_tx),
         down: HashMap::new(),
         vips_wanted: BTreeSet::new(),
@@ -251,6 +255,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         log::info!("exiting; detaching and removing {}", opts.pin_dir.display());
         datapath.shutdown();
+        crate::drains::forget(&opts.pin_dir);
     }
     Ok(())
 }
@@ -509,6 +514,17 @@ impl State {
         } else {
             self.drained.remove(&key)
         };
+        if changed {
+            if let Err(e) = crate::drains::save(&self.pin_dir, &self.drained) {
+                // Unrecorded, a drain would not survive a restart: undo it.
+                if drain {
+                    self.drained.remove(&key);
+                } else {
+                    self.drained.insert(key);
+                }
+                return Response::Error(format!("recording the drain: {e:#}"));
+            }
+        }
         if let Some(f) = self.converge().iter().find(|f| f.name == key.0) {
             return Response::Error(f.to_string());
         }

@@ -67,7 +67,8 @@ enum Attachment {
     Pinned(PinnedLink),
 }
 
-const MAP_NAMES: [&str; 10] = [
+/// The maps lbd pins, by name.
+pub const MAP_NAMES: [&str; 10] = [
     maps::AFFINITY,
     maps::SERVICES,
     maps::BACKENDS,
@@ -80,40 +81,56 @@ const MAP_NAMES: [&str; 10] = [
     maps::GLOBAL_STATS,
 ];
 
+/// Every name lbd pins directly in its pin directory.
+pub fn pinned_names() -> Vec<&'static str> {
+    let mut names = MAP_NAMES.to_vec();
+    names.push(maps::LAYOUT);
+    names
+}
+
+/// The maps' sizes under `limits` (those not listed keep the object's).
+fn max_entries(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
+    let ring_entries = limits
+        .max_services
+        .checked_mul(RINGS_PER_SERVICE * MAGLEV_M)
+        .ok_or_else(|| anyhow!("too many services for the ring map"))?;
+    let flows2 = limits
+        .max_flows
+        .checked_mul(2)
+        .ok_or_else(|| anyhow!("--max-flows too large"))?;
+    Ok(vec![
+        (maps::SERVICES, limits.max_services),
+        (maps::SERVICE_STATS, limits.max_services),
+        (maps::RINGS, ring_entries),
+        (maps::BACKENDS, limits.max_backends),
+        (maps::BACKEND_STATS, limits.max_backends),
+        (maps::CONNTRACK, flows2),
+        (maps::CT_PENDING, limits.max_flows),
+        (maps::AFFINITY, limits.max_flows),
+    ])
+}
+
 impl Datapath {
     /// Loads the object. With a pin directory, every map is pinned there by
     /// name, and maps already pinned there (from an earlier lbd) are reused,
     /// so conntrack survives a restart.
     pub fn load(pin_dir: Option<&Path>, limits: Limits) -> Result<(Datapath, Maps)> {
-        let ring_entries = limits
-            .max_services
-            .checked_mul(RINGS_PER_SERVICE * MAGLEV_M)
-            .ok_or_else(|| anyhow!("too many services for the ring map"))?;
+        let sizes = max_entries(limits)?;
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(maps::SERVICES, limits.max_services)
-            .map_max_entries(maps::SERVICE_STATS, limits.max_services)
-            .map_max_entries(maps::RINGS, ring_entries)
-            .map_max_entries(maps::BACKENDS, limits.max_backends)
-            .map_max_entries(maps::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(
-                maps::CONNTRACK,
-                limits
-                    .max_flows
-                    .checked_mul(2)
-                    .ok_or_else(|| anyhow!("--max-flows too large"))?,
-            )
-            .map_max_entries(maps::CT_PENDING, limits.max_flows)
-            .map_max_entries(maps::AFFINITY, limits.max_flows);
+        for (name, entries) in &sizes {
+            loader.map_max_entries(name, *entries);
+        }
         if let Some(dir) = pin_dir {
-            prepare_pin_dir(dir)?;
+            crate::pins::prepare(dir)?;
+            let shapes = crate::layout::expected(EBPF_OBJECT, &MAP_NAMES, &sizes)?;
+            crate::layout::check_or_record(dir, &shapes, limits)?;
             for name in MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context(
-            "loading the eBPF object (maps pinned by an incompatible build? run `lbd --cleanup`)",
-        )?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(progs::TC_INGRESS)
             .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
@@ -337,8 +354,11 @@ impl Datapath {
 
     fn link_pin(&self, ifname: &str) -> Option<PathBuf> {
         self.pin_dir.as_ref().map(|d| {
-            d.join("links")
-                .join(format!("ingress_{}", ifname.replace(':', "-")))
+            d.join(crate::pins::LINKS_DIR).join(format!(
+                "{}{}",
+                crate::pins::LINK_PREFIX,
+                ifname.replace(':', "-")
+            ))
         })
     }
 }
@@ -377,41 +397,11 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Creates the pin directory, mounting bpffs on its parent first when the
-/// parent is not on one (fresh hosts, or inside `ip netns exec`, which
-/// remounts /sys).
-fn prepare_pin_dir(dir: &Path) -> Result<()> {
-    let parent = dir.parent().unwrap_or(dir);
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    if !is_bpffs(parent)? {
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting bpffs on {}", parent.display()))?;
-        log::info!("mounted bpffs on {}", parent.display());
-    }
-    std::fs::create_dir_all(dir.join("links"))
-        .with_context(|| format!("creating {}", dir.display()))?;
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> Result<bool> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let st =
-        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
-    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-}
-
-/// Removes everything under a pin directory (maps, links) and the directory.
+/// Removes what lbd pinned under a pin directory (maps, links, the layout
+/// record) and the directory if nothing else is left in it; logs failures.
 pub fn remove_pins(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("removing {}: {e}", dir.display());
-        }
+    if let Err(e) = crate::pins::remove(dir, &pinned_names()) {
+        log::warn!("removing the pins in {}: {e:#}", dir.display());
     }
 }
 

@@ -15,6 +15,9 @@ use crate::topology::target_bin;
 
 pub struct Lbd {
     process: Option<ChildGuard>,
+    /// The network namespace lbd runs in, where `lbd --cleanup` must run
+    /// too: it removes the frontend addresses lbd added there.
+    netns: PathBuf,
     dir: PathBuf,
     /// Given on every start, restarts included (`--docker ...`, say).
     extra_args: Vec<String>,
@@ -58,6 +61,7 @@ impl Lbd {
         std::fs::create_dir_all(&dir)?;
         let mut lbd = Lbd {
             process: None,
+            netns: ns.path(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             env: env
                 .iter()
@@ -76,6 +80,7 @@ impl Lbd {
     /// Starts lbd (again) with this wrapper's config, socket and pins.
     pub fn spawn(&mut self, ns: &Netns, interfaces: &[&str]) -> Result<()> {
         let lbd = self;
+        lbd.netns = ns.path();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -162,7 +167,9 @@ impl Lbd {
         std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
     }
 
-    /// Stops lbd with SIGTERM and returns whether it exited cleanly.
+    /// Stops lbd with SIGTERM and returns whether it exited cleanly. Unless
+    /// started with `--teardown-on-exit`, lbd leaves its datapath attached
+    /// and pinned for the next one.
     pub fn stop(&mut self) -> bool {
         self.process
             .take()
@@ -173,13 +180,42 @@ impl Lbd {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Runs `lbd --cleanup` for this lbd's pins in its namespace, as an
+    /// operator would after stopping it, and returns its exit status and
+    /// standard error.
+    pub fn cleanup(&self) -> Result<(std::process::ExitStatus, String)> {
+        let err = self.dir.join("cleanup.err");
+        let mut cmd = crate::netns::command_in(&self.netns, target_bin("lbd"));
+        cmd.arg("--cleanup")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err)?);
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        wait_until(Duration::from_secs(10), "lbd --cleanup", || {
+            child.try_wait().is_some()
+        })?;
+        let status = child.terminate();
+        Ok((status, std::fs::read_to_string(&err).unwrap_or_default()))
+    }
 }
 
 impl Drop for Lbd {
     fn drop(&mut self) {
         self.stop();
-        // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // SIGTERM leaves the datapath pinned: tear it down as an operator
+        // would. Only inside lbd's own namespace, which must still exist
+        // (elsewhere --cleanup would remove addresses from the wrong lo).
+        if self.netns.exists() {
+            match self.cleanup() {
+                Ok((status, _)) if status.success() => {}
+                Ok((status, err)) => eprintln!("lbd --cleanup failed ({status}): {err}"),
+                Err(e) => eprintln!("lbd --cleanup: {e:#}"),
+            }
+        }
+        // Covers a cleanup that could not run.
+        lb_userspace::datapath::remove_pins(&self.pin_dir);
         remove_run_files(&self.pin_dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -190,11 +226,11 @@ impl Drop for Lbd {
     }
 }
 
-/// Removes what lbd keeps under /run for `pin_dir` (its instance lock and
-/// its record of frontend addresses): lbd leaves them for the next lbd of
-/// the same pins, and a test's pins are its own.
+/// Removes what lbd keeps under /run for `pin_dir` (its instance lock, its
+/// record of frontend addresses and its record of drains): lbd leaves them
+/// for the next lbd of the same pins, and a test's pins are its own.
 pub fn remove_run_files(pin_dir: &Path) {
-    for ext in ["lock", "vips"] {
+    for ext in ["lock", "vips", "drains"] {
         let _ = std::fs::remove_file(lb_userspace::instance::run_file(pin_dir, ext));
     }
 }

@@ -216,8 +216,12 @@ fn tcp_is_balanced_and_backends_see_the_client() {
     });
     assert!(counted.is_ok(), "{entries} conntrack entries");
     assert!(status["reconcile"]["count"].as_u64().unwrap() >= 1);
-    // SIGTERM detaches and removes every pin.
+    // SIGTERM leaves the datapath pinned for the next lbd; `lbd --cleanup`
+    // removes every pin.
     assert!(env.lbd.stop(), "lbd did not exit cleanly");
+    assert!(env.lbd.pin_dir.join("links").exists(), "pins removed");
+    let (status, err) = env.lbd.cleanup().unwrap();
+    assert!(status.success(), "{err}");
     assert!(!env.lbd.pin_dir.exists(), "pins left behind");
 }
 
@@ -728,4 +732,84 @@ fn a_second_lbd_on_the_same_pins_or_socket_is_refused() {
     assert!(env.lbd.status().is_ok());
     assert!(!other_pins.exists(), "the refused lbd made its pins");
     lb_tests::lbd::remove_run_files(&other_pins);
+}
+
+/// What `systemctl restart` does, under load and with long-lived
+/// connections open: SIGTERM, then a new lbd. Nothing fails, no connection
+/// moves, and a backend drained before the restart stays drained after it.
+#[test]
+fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut env = setup("sigterm");
+    let sessions = Sessions::open(&env, 5);
+    let ask = || sessions.ask();
+    let before = ask();
+    let drained = format!("10.72.1.2:{TCP_PORT}");
+    lb_tests::lbd::lbctl(&env.lbd.socket, &["drain", "web", &drained]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+        env.topo.client.spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            // Bounded in count and time.
+            while !stop.load(Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+                && sent.load(Ordering::Relaxed) < 20_000
+            {
+                sent.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = tcp_request(web(), TIMEOUT) {
+                    eprintln!("request failed: {e:#}");
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    assert!(env.lbd.stop(), "lbd did not exit cleanly on SIGTERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ask(),
+        before,
+        "long-lived connections moved while lbd was away"
+    );
+    assert!(
+        env.lbd.pin_dir.join("links").exists(),
+        "SIGTERM removed the pins"
+    );
+
+    env.lbd
+        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .expect("lbd starts again and adopts the datapath");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ask(),
+        before,
+        "long-lived connections moved after the restart"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    drop(sessions);
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("SIGTERM and start under load: {sent} requests, {failed} failed");
+    assert!(sent > 50, "the load barely ran: {sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    assert!(
+        env.lbd.log().contains("adopted 5 services"),
+        "{}",
+        env.lbd.log()
+    );
+
+    // The drain outlived the lbd that was told.
+    assert_eq!(backend_state(&env, &drained), "draining");
+    let seen = tcp_spread(&env, web(), 100);
+    assert!(
+        !seen.contains_key("b1"),
+        "the drained backend got new flows after the restart: {seen:?}"
+    );
 }

@@ -142,8 +142,8 @@ impl Drop for MetricsLbd {
         if let Some(mut p) = self.process.take() {
             p.terminate();
         }
-        // lbd removes its pins on SIGTERM; this covers an lbd that crashed.
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // lbd leaves its datapath pinned on SIGTERM, for the next lbd.
+        lb_userspace::datapath::remove_pins(&self.pin_dir);
         lb_tests::lbd::remove_run_files(&self.pin_dir);
         if std::thread::panicking() {
             eprintln!("lbd's log:\n{}", self.log());

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use lb_userspace::daemon::{self, Options};
-use lb_userspace::datapath::{remove_pins, Limits};
+use lb_userspace::datapath::{pinned_names, Limits};
 
 /// Where lbd looks for its configuration when --config is not given.
 const DEFAULT_CONFIG: &str = "/etc/lbd/lbd.toml";
@@ -33,7 +33,8 @@ struct Args {
     /// is). Found by itself from the engine's containers; this overrides it.
     #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
     docker_exec_root: Option<PathBuf>,
-    /// Where maps and links are pinned (bpffs is mounted if needed).
+    /// Where maps and links are pinned. Must be on bpffs; lbd mounts bpffs
+    /// only at /sys/fs/bpf, when nothing is mounted there yet.
     #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
     /// Control socket for lbctl.
@@ -52,10 +53,18 @@ struct Args {
     /// reset or an ICMP port unreachable.
     #[arg(long, env = "LBD_NO_LOCAL_VIPS")]
     no_local_vips: bool,
-    /// On exit, leave the datapath attached and its maps pinned.
-    #[arg(long)]
+    /// On exit, leave the datapath attached and its maps pinned. This is
+    /// the default; the flag is still accepted.
+    #[arg(long, conflicts_with = "teardown_on_exit")]
     keep_datapath: bool,
-    /// Remove everything pinned under --pin-dir (detaching the datapath) and exit.
+    /// On SIGTERM or SIGINT, detach the datapath and remove its pins, the
+    /// frontend addresses and the drains, as --cleanup does, instead of
+    /// leaving the datapath running for the next lbd. Drops every
+    /// connection through this node.
+    #[arg(long, env = "LBD_TEARDOWN_ON_EXIT")]
+    teardown_on_exit: bool,
+    /// Remove what lbd pinned under --pin-dir (detaching the datapath), the
+    /// frontend addresses it added and its record of drains, and exit.
     #[arg(long)]
     cleanup: bool,
     /// Check this configuration file and exit: 0 if it is valid, 1 with
@@ -96,9 +105,11 @@ async fn main() -> Result<()> {
         };
     }
     if args.cleanup {
+        lb_userspace::pins::check_cleanable(&args.pin_dir)?;
         // Not from under a running lbd.
         let _instance = lb_userspace::instance::Instance::claim(&args.pin_dir, None)?;
-        remove_pins(&args.pin_dir);
+        lb_userspace::pins::remove(&args.pin_dir, &pinned_names())?;
+        lb_userspace::drains::forget(&args.pin_dir);
         let record = daemon::vips_record(&args.pin_dir);
         lb_userspace::vips::Vips::new(record.clone())
             .await?
@@ -124,7 +135,7 @@ async fn main() -> Result<()> {
         pin_dir: args.pin_dir,
         socket: args.socket,
         interfaces: args.interfaces,
-        keep_datapath: args.keep_datapath,
+        keep_datapath: !args.teardown_on_exit,
         metrics: args.metrics,
         local_vips: !args.no_local_vips,
         inject_fault: args.inject_fault,
