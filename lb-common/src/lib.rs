@@ -22,6 +22,11 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 /// connections not yet confirmed, as many entries as there are connections.
 pub const DEFAULT_MAX_FLOWS: u32 = 262144;
 
+/// The layout of the pinned maps (their keys, values and meaning). Raised
+/// whenever a struct here or the way the datapath reads it changes, so that
+/// lbd and operators can tell which datapath a node runs.
+pub const LAYOUT_VERSION: u32 = 1;
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 

@@ -195,7 +195,8 @@ impl Reconciler {
         &self.maps
     }
 
-    /// For tests that set the datapath's clock or inspect conntrack closely.
+    /// For flushing conntrack, and for tests that set the datapath's clock
+    /// or inspect conntrack closely.
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
     }

@@ -9,7 +9,6 @@ use anyhow::{Context as _, Result};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::model::ServiceSpec;
@@ -55,17 +54,7 @@ pub enum Update {
     },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DockerStatus {
-    pub host: String,
-    pub connected: bool,
-    pub api_version: Option<String>,
-    pub last_error: Option<String>,
-    pub resyncs: u64,
-    pub rejected: Vec<String>,
-    /// "manager", "worker" or "inactive" (not in a Swarm).
-    pub swarm: Option<String>,
-}
+pub use lb_api::status::DockerStatus;
 
 /// The engine's default `--exec-root`; its network namespaces are in
 /// `<exec-root>/netns`.

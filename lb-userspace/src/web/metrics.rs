@@ -457,6 +457,7 @@ mod tests {
                         weight: 2,
                         state: "active".into(),
                         active_flows: 5,
+                        weight_override: None,
                         counters: counters(30),
                     },
                     BackendStatus {
@@ -466,6 +467,7 @@ mod tests {
                         weight: 0,
                         state: "draining".into(),
                         active_flows: 2,
+                        weight_override: None,
                         counters: counters(20),
                     },
                     BackendStatus {
@@ -475,6 +477,7 @@ mod tests {
                         weight: 1,
                         state: "down (tcp: connection refused)".into(),
                         active_flows: 0,
+                        weight_override: None,
                         counters: counters(0),
                     },
                 ],
