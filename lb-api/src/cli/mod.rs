@@ -2,3 +2,4 @@
 //! defined here so that they can be read without building the datapath.
 
 pub mod lbctl;
+pub mod lbd;

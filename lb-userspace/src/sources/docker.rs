@@ -16,7 +16,7 @@ use crate::sources::labels::{self, Rejected};
 use crate::sources::netns_dir::NetnsDir;
 use crate::sources::swarm;
 
-pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+pub use lb_api::cli::lbd::DEFAULT_DOCKER_HOST as DEFAULT_HOST;
 
 /// How often everything is listed again even without events.
 const RESYNC: Duration = Duration::from_secs(30);
