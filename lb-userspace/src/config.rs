@@ -43,7 +43,7 @@ const MAX_TIMEOUT_SECS: i64 = 7 * 86_400;
 
 /// Largest accepted backend weight. Keeps weight arithmetic far from
 /// overflow and is already far finer than a Maglev table can express.
-pub const MAX_WEIGHT: u32 = 65535;
+pub use lb_api::control::MAX_WEIGHT;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {

@@ -1,15 +1,23 @@
 //! Connection tracking from userspace: the settings the datapath runs with,
-//! its clock, and the garbage collector that deletes expired entries (the
+//! its clock, the garbage collector that deletes expired entries (the
 //! datapath already ignores them; deleting them frees their slots before
-//! the LRU has to evict anything).
+//! the LRU has to evict anything), and the listing and flushing of
+//! connections for `lbctl conntrack`.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use aya::maps::{HashMap, MapData};
-use lb_common::{Config, CtEntry, FlowKey};
+use lb_api::connections::{Connection, ConnectionList};
+use lb_common::{
+    Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED, ST_FIN_BACKEND, ST_FIN_CLIENT,
+    ST_RST, ST_SEEN_REPLY,
+};
 
 use crate::datapath::Maps;
 use crate::model::ConntrackSettings;
+use crate::reconciler::{addr_of, Reconciler};
 
 const NS: u64 = 1_000_000_000;
 
@@ -93,6 +101,144 @@ fn sweep(map: &mut HashMap<MapData, FlowKey, CtEntry>, cfg: &Config, now: u64) -
         .map(|(k, _)| k)
         .collect();
     dead.iter().filter(|k| map.remove(k).is_ok()).count() as u64
+}
+
+/// What both halves of a connection carry alike: client, frontend, proto.
+type Identity = ([u8; 16], u16, [u8; 16], u16, u8);
+
+fn identity(e: &CtEntry) -> Identity {
+    (
+        e.client,
+        e.client_port,
+        e.frontend,
+        e.frontend_port,
+        e.proto,
+    )
+}
+
+fn socket(addr: &[u8; 16], port_be: u16) -> String {
+    SocketAddr::new(addr_of(addr), u16::from_be(port_be)).to_string()
+}
+
+fn state_name(state: u8) -> &'static str {
+    if state & ST_RST != 0 {
+        "reset"
+    } else if state & (ST_FIN_CLIENT | ST_FIN_BACKEND) != 0 {
+        "closing"
+    } else if state & ST_CONFIRMED != 0 {
+        "established"
+    } else if state & ST_SEEN_REPLY != 0 {
+        "answered"
+    } else {
+        "new"
+    }
+}
+
+/// The service slot that `service` (a name or a frontend) names, or every
+/// slot for None.
+fn slot_of(reconciler: &Reconciler, service: Option<&str>) -> Result<Option<u32>, String> {
+    let Some(wanted) = service else {
+        return Ok(None);
+    };
+    let applied: Vec<_> = reconciler.applied().collect();
+    lb_api::select::service(applied.iter().copied(), wanted, |a| {
+        (a.spec.name.clone(), a.spec.frontend.to_string())
+    })
+    .map(|a| Some(a.slot))
+}
+
+/// Every live connection (of `service`, if given) once, whichever of its
+/// halves and tables hold it; at most `limit` of them are listed.
+pub fn list(
+    reconciler: &Reconciler,
+    service: Option<&str>,
+    limit: usize,
+) -> Result<ConnectionList, String> {
+    let slot = slot_of(reconciler, service)?;
+    let maps = reconciler.maps();
+    let cfg = maps.config.get(&0, 0).map_err(|e| e.to_string())?;
+    let now = now(&cfg);
+    let mut found: BTreeMap<Identity, CtEntry> = BTreeMap::new();
+    let halves = maps
+        .conntrack
+        .iter()
+        .chain(maps.ct_pending.iter())
+        .filter_map(|r| r.ok())
+        .map(|(_, e)| e)
+        .filter(|e| slot.is_none_or(|s| e.service_slot == s) && !expired(e, &cfg, now));
+    for e in halves {
+        // A forward half is the better witness: its last_seen_ns is the
+        // client's latest packet.
+        match found.get(&identity(&e)) {
+            Some(seen) if seen.flags & CT_REPLY == 0 || e.flags & CT_REPLY != 0 => {}
+            _ => {
+                found.insert(identity(&e), e);
+            }
+        }
+    }
+    let services: BTreeMap<u32, (String, String)> = reconciler
+        .applied()
+        .map(|a| (a.slot, (a.spec.name.clone(), a.spec.frontend.to_string())))
+        .collect();
+    let connections = found
+        .values()
+        .take(limit)
+        .map(|e| {
+            let proto = match e.proto {
+                lb_common::PROTO_TCP => "tcp",
+                _ => "udp",
+            };
+            let (service, frontend) = services.get(&e.service_slot).cloned().unwrap_or_else(|| {
+                (
+                    "-".into(),
+                    format!("{}/{proto}", socket(&e.frontend, e.frontend_port)),
+                )
+            });
+            let idle = now.saturating_sub(e.last_seen_ns);
+            let timeout = cfg.timeout_ns(e.proto, e.state);
+            Connection {
+                service,
+                frontend,
+                client: socket(&e.client, e.client_port),
+                backend: socket(&e.backend, e.backend_port),
+                nat: (e.flags & CT_SNAT != 0).then(|| socket(&e.nat_addr, e.nat_port)),
+                state: state_name(e.state).into(),
+                confirmed: e.state & ST_CONFIRMED != 0,
+                idle_secs: idle as f64 / NS as f64,
+                expires_in_secs: timeout.saturating_sub(idle) as f64 / NS as f64,
+            }
+        })
+        .collect();
+    Ok(ConnectionList {
+        connections,
+        total: found.len() as u64,
+    })
+}
+
+/// Deletes both halves of every connection (of `service`, if given) from
+/// both tables; returns how many live connections that ended. Their next
+/// packet is a new flow to the datapath.
+pub fn flush(reconciler: &mut Reconciler, service: Option<&str>) -> Result<u64, String> {
+    let slot = slot_of(reconciler, service)?;
+    let maps = reconciler.maps_mut();
+    let cfg = maps.config.get(&0, 0).map_err(|e| e.to_string())?;
+    let now = now(&cfg);
+    let mut live = BTreeSet::new();
+    for map in [&mut maps.conntrack, &mut maps.ct_pending] {
+        // Collected first: deleting while iterating a BPF hash map restarts
+        // the walk.
+        let doomed: Vec<(FlowKey, CtEntry)> = map
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| slot.is_none_or(|s| e.service_slot == s))
+            .collect();
+        for (key, e) in doomed {
+            if map.remove(&key).is_ok() && !expired(&e, &cfg, now) {
+                live.insert(identity(&e));
+            }
+        }
+    }
+    Ok(live.len() as u64)
 }
 
 #[cfg(test)]

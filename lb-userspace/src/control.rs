@@ -1,40 +1,15 @@
-//! The control socket between lbd and lbctl: one JSON request per line, one
-//! JSON response per line. The socket is mode 0600, so only root can use it.
+//! lbd's end of the control socket: one JSON request per line, one JSON
+//! response per line (the protocol itself is in lb-api). The socket is mode
+//! 0600, so only root can use it.
 
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::status::Status;
-
-pub const DEFAULT_SOCKET: &str = "/run/lbd.sock";
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    /// No new flows for this backend; its established flows continue.
-    Drain {
-        service: String,
-        backend: String,
-    },
-    Undrain {
-        service: String,
-        backend: String,
-    },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Response {
-    Status(Box<Status>),
-    Done(String),
-    Error(String),
-}
+pub use lb_api::control::{request, Request, Response, DEFAULT_SOCKET};
 
 /// A request on its way to the daemon's main loop, with where to answer.
 pub type Call = (Request, oneshot::Sender<Response>);
@@ -82,19 +57,4 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> Result<()> {
         write.write_all(&out).await?;
     }
     Ok(())
-}
-
-/// One request from a client (lbctl), blocking.
-pub fn request(path: &Path, request: &Request) -> Result<Response> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path)
-        .with_context(|| format!("connecting to lbd at {} (is lbd running?)", path.display()))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reader = std::io::BufReader::new(stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer)?;
-    serde_json::from_str(&answer).context("reading lbd's answer")
 }

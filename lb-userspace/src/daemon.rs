@@ -81,9 +81,9 @@ struct State {
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
     awaiting_docker: bool,
-    /// Backends drained with `lbctl drain`: (service name, backend address),
-    /// recorded under /run for the next lbd (see drains.rs).
-    drained: crate::drains::Drained,
+    /// Drains and weights set with lbctl; drains are recorded under /run
+    /// for the next lbd (see drains.rs).
+    overrides: crate::overrides::Overrides,
     pin_dir: PathBuf,
     checkers: Checkers,
     /// Backends that failed their health checks, and why.
@@ -130,7 +130,7 @@ pub async fn run(opts: Options) -> Result<()> {
         reconcile: Default::default(),
         backend_nodes: Default::default(),
         awaiting_docker: opts.docker.is_some(),
-        drained,
+        overrides: crate::overrides::Overrides::with_drained(drained),
         pin_dir: opts.pin_dir.clone(),
         checkers: Checkers::new(health_tx),
         down: HashMap::new(),
@@ -211,11 +211,15 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
             Some(update) = docker_rx.recv() => state.docker_update(update),
             Some((request, reply)) = calls_rx.recv() => {
-                let _ = reply.send(state.answer(request));
+                if matches!(request, Request::Reload) {
+                    // Read now: the poll need not read it again.
+                    config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
+                }
+                let _ = reply.send(state.answer(request, &opts));
             }
             _ = hup.recv() => {
                 crate::notify::reloading();
-                state.reload(&opts);
+                let _ = state.reload(&opts);
                 crate::notify::ready(&state.summary());
             }
             _ = poll.tick() => {
@@ -223,7 +227,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     let now = stamp(path);
                     if now != config_stamp {
                         config_stamp = now;
-                        state.reload(&opts);
+                        let _ = state.reload(&opts);
                     }
                 }
             }
@@ -297,14 +301,11 @@ impl State {
         self.checkers.sync(&desired.services);
         let checkers = &self.checkers;
         self.down.retain(|(f, b), _| checkers.checks(f, b));
+        self.overrides.apply(&mut desired.services);
         let mut reset = HashSet::new();
         for service in &mut desired.services {
             let on_down = service.health.as_ref().map(|h| h.on_down);
             for backend in &mut service.backends {
-                let key = (service.name.clone(), backend.socket_addr().to_string());
-                if self.drained.contains(&key) {
-                    backend.weight = 0;
-                }
                 if self
                     .down
                     .contains_key(&(service.frontend, backend.socket_addr()))
@@ -351,10 +352,15 @@ impl State {
         failing
     }
 
-    fn reload(&mut self, opts: &Options) {
-        let Some(path) = &opts.config else { return };
+    /// Reads the config file again: what changed, or why the file was
+    /// rejected (the previous state then keeps serving).
+    fn reload(&mut self, opts: &Options) -> Result<String, String> {
+        let Some(path) = &opts.config else {
+            return Err("lbd was started without a config file".into());
+        };
         self.config_status.reloads += 1;
         let previous = std::mem::take(&mut self.config_services);
+        let mut summary = String::new();
         let result = config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|file| {
@@ -363,13 +369,17 @@ impl State {
                     anyhow::bail!(e);
                 }
                 self.reconciler.set_conntrack(&file.conntrack)?;
+                let conntrack_changed = self.conntrack != file.conntrack;
                 self.conntrack = file.conntrack;
+                summary =
+                    crate::reload::summary(&previous, &self.config_services, conntrack_changed);
                 Ok(())
             });
         match result {
             Ok(()) => {
-                log::info!("reloaded {}", path.display());
+                log::info!("reloaded {}: {summary}", path.display());
                 self.config_status.last_error = None;
+                Ok(format!("reloaded {}: {summary}", path.display()))
             }
             Err(e) => {
                 log::error!("reload rejected, keeping the previous state: {e:#}");
@@ -378,6 +388,9 @@ impl State {
                 if let Some(e) = failures::config_error(&self.converge()) {
                     log::error!("restoring the previous state: {e}");
                 }
+                Err(format!(
+                    "reload rejected, the previous state keeps serving: {e:#}"
+                ))
             }
         }
     }
@@ -495,50 +508,83 @@ impl State {
 
     /// `lbctl drain` / `undrain`: checks that the backend exists, records
     /// the override and converges.
-    fn drain(&mut self, service: String, backend: String, drain: bool) -> Response {
-        let known = self.reconciler.applied().any(|a| {
-            a.spec.name == service
-                && a.spec
-                    .backends
-                    .iter()
-                    .any(|b| b.socket_addr().to_string() == backend)
-        });
-        if !known {
-            return Response::Error(format!(
-                "no backend {backend} in a service named {service:?}"
-            ));
-        }
-        let key = (service, backend);
-        let changed = if drain {
-            self.drained.insert(key.clone())
-        } else {
-            self.drained.remove(&key)
+    fn drain(&mut self, service: &str, backend: &str, drain: bool) -> Response {
+        let applied = self.reconciler.applied().map(|a| &a.spec);
+        let (key, name) = match crate::overrides::find(applied, service, backend) {
+            Ok(found) => found,
+            Err(e) => return Response::Error(e),
         };
+        let changed = self.overrides.drain(key, drain);
         if changed {
-            if let Err(e) = crate::drains::save(&self.pin_dir, &self.drained) {
+            if let Err(e) = crate::drains::save(&self.pin_dir, self.overrides.drained()) {
                 // Unrecorded, a drain would not survive a restart: undo it.
-                if drain {
-                    self.drained.remove(&key);
-                } else {
-                    self.drained.insert(key);
-                }
+                self.overrides.drain(key, !drain);
                 return Response::Error(format!("recording the drain: {e:#}"));
             }
         }
-        if let Some(f) = self.converge().iter().find(|f| f.name == key.0) {
-            return Response::Error(f.to_string());
-        }
         let verb = if drain { "draining" } else { "undrained" };
         let note = if changed { "" } else { " (no change)" };
-        log::info!("{verb} {} of {}{note}", key.1, key.0);
-        Response::Done(format!("{verb} {} of {}{note}", key.1, key.0))
+        self.done(format!("{verb} {} of {name}{note}", key.1))
     }
 
-    fn answer(&mut self, request: Request) -> Response {
+    /// `lbctl weight`: records the override (None clears it) and converges.
+    fn weight(&mut self, service: &str, backend: &str, weight: Option<u32>) -> Response {
+        if weight.is_some_and(|w| w > config::MAX_WEIGHT) {
+            return Response::Error(format!("weights go from 0 to {}", config::MAX_WEIGHT));
+        }
+        let applied = self.reconciler.applied().map(|a| &a.spec);
+        let (key, name) = match crate::overrides::find(applied, service, backend) {
+            Ok(found) => found,
+            Err(e) => return Response::Error(e),
+        };
+        self.overrides.set_weight(key, weight);
+        self.done(match weight {
+            Some(w) => format!("weight of {} in {name} set to {w}", key.1),
+            None => format!("weight of {} in {name} back to its source's", key.1),
+        })
+    }
+
+    /// Converges after an lbctl change and answers with `what` or the error.
+    fn done(&mut self, what: String) -> Response {
+        let failures = self.converge();
+        if !failures.is_empty() {
+            let all: Vec<String> = failures.iter().map(|f| f.to_string()).collect();
+            return Response::Error(all.join("; "));
+        }
+        log::info!("{what}");
+        Response::Done(what)
+    }
+
+    fn answer(&mut self, request: Request, opts: &Options) -> Response {
         match request {
-            Request::Drain { service, backend } => self.drain(service, backend, true),
-            Request::Undrain { service, backend } => self.drain(service, backend, false),
+            Request::Drain { service, backend } => self.drain(&service, &backend, true),
+            Request::Undrain { service, backend } => self.drain(&service, &backend, false),
+            Request::Weight {
+                service,
+                backend,
+                weight,
+            } => self.weight(&service, &backend, weight),
             Request::Status => self.status(),
+            Request::Version => Response::Version(crate::version::info()),
+            Request::Reload => match self.reload(opts) {
+                Ok(summary) => Response::Done(summary),
+                Err(e) => Response::Error(e),
+            },
+            Request::ConntrackList { service, limit } => {
+                match crate::conntrack::list(&self.reconciler, service.as_deref(), limit) {
+                    Ok(list) => Response::Connections(list),
+                    Err(e) => Response::Error(e),
+                }
+            }
+            Request::ConntrackFlush { service: which } => {
+                match crate::conntrack::flush(&mut self.reconciler, which.as_deref()) {
+                    Ok(n) => Response::Done(format!(
+                        "flushed {n} connections{}",
+                        which.map(|s| format!(" of {s}")).unwrap_or_default()
+                    )),
+                    Err(e) => Response::Error(e),
+                }
+            }
         }
     }
 
@@ -549,14 +595,16 @@ impl State {
         let empty = status::Census::default();
         let census = snapshot.as_ref().map_or(&empty, |s| &s.census);
         match status::collect(&self.reconciler, census, &|s, b| {
-            let state = if let Some(why) = self.down.get(&(s.frontend, b.socket_addr())) {
+            let key = (s.frontend, b.socket_addr());
+            let state = if let Some(why) = self.down.get(&key) {
                 format!("down ({why})")
             } else if b.weight == 0 {
                 "draining".to_string()
             } else {
                 "active".to_string()
             };
-            (state, self.backend_nodes.get(&b.addr).cloned())
+            let node = self.backend_nodes.get(&b.addr).cloned();
+            (state, node, self.overrides.weight(&key))
         }) {
             Ok(services) => Response::Status(Box::new(Status {
                 services,
@@ -573,7 +621,7 @@ impl State {
                     .reconciler
                     .datapath_config()
                     .map(|cfg| {
-                        status::ConntrackStatus::new(
+                        status::conntrack_status(
                             &cfg,
                             snapshot.as_deref(),
                             self.census.gc_removed(),

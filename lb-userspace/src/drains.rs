@@ -5,15 +5,18 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-/// (service name, backend address), as `lbctl drain` names them.
-pub type Drained = BTreeSet<(String, String)>;
+/// (frontend, backend address): a service's backend however `lbctl drain`
+/// named them.
+pub type Drained = BTreeSet<crate::overrides::Key>;
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
-    service: String,
+    /// `10.73.0.10:80/tcp`
+    frontend: String,
+    /// `10.72.1.2:8080`, `[fd00::2]:8080`
     backend: String,
 }
 
@@ -31,16 +34,26 @@ pub fn load(pin_dir: &Path) -> Result<Drained> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Drained::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let entries: Vec<Entry> = serde_json::from_str(&text).with_context(|| {
+    let invalid = || {
         format!(
             "{} (the backends drained with `lbctl drain`) is not valid; fix or remove it",
             path.display()
         )
-    })?;
-    Ok(entries
+    };
+    let entries: Vec<Entry> = serde_json::from_str(&text).with_context(invalid)?;
+    entries
         .into_iter()
-        .map(|e| (e.service, e.backend))
-        .collect())
+        .map(|e| {
+            let frontend = crate::config::parse_frontend(&e.frontend)
+                .map_err(|why| anyhow!("frontend {:?}: {why}", e.frontend))?;
+            let backend = e
+                .backend
+                .parse()
+                .map_err(|why| anyhow!("backend {:?}: {why}", e.backend))?;
+            Ok((frontend, backend))
+        })
+        .collect::<Result<Drained>>()
+        .with_context(invalid)
 }
 
 /// Records `drained`, atomically: written beside and renamed over, so a
@@ -52,9 +65,9 @@ pub fn save(pin_dir: &Path, drained: &Drained) -> Result<()> {
     }
     let entries: Vec<Entry> = drained
         .iter()
-        .map(|(service, backend)| Entry {
-            service: service.clone(),
-            backend: backend.clone(),
+        .map(|(frontend, backend)| Entry {
+            frontend: frontend.to_string(),
+            backend: backend.to_string(),
         })
         .collect();
     let mut tmp = path.clone().into_os_string();
@@ -83,13 +96,25 @@ mod tests {
     fn drains_round_trip_and_a_bad_record_is_refused() {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-drains-test-{}", std::process::id()));
         let mut drained = Drained::new();
-        drained.insert(("web".into(), "10.0.0.1:80".into()));
-        drained.insert(("dns \"x\"".into(), "[fd00::1]:53".into()));
+        let key = |f: &str, b: &str| {
+            (
+                crate::config::parse_frontend(f).unwrap(),
+                b.parse().unwrap(),
+            )
+        };
+        drained.insert(key("10.73.0.10:80/tcp", "10.0.0.1:80"));
+        drained.insert(key("[fd00:73::10]:53/udp", "[fd00::1]:53"));
         save(&pin_dir, &drained).unwrap();
         assert_eq!(load(&pin_dir).unwrap(), drained);
-        std::fs::write(path(&pin_dir), "[{\"service\": 1}]").unwrap();
-        let err = format!("{:#}", load(&pin_dir).unwrap_err());
-        assert!(err.contains("is not valid"), "{err}");
+        for bad in [
+            "[{\"service\": 1}]",
+            "[{\"frontend\": \"10.73.0.10:80\", \"backend\": \"10.0.0.1:80\"}]",
+            "[{\"frontend\": \"10.73.0.10:80/tcp\", \"backend\": \"10.0.0.1\"}]",
+        ] {
+            std::fs::write(path(&pin_dir), bad).unwrap();
+            let err = format!("{:#}", load(&pin_dir).unwrap_err());
+            assert!(err.contains("is not valid"), "{bad}: {err}");
+        }
         forget(&pin_dir);
         assert!(load(&pin_dir).unwrap().is_empty());
     }

@@ -17,12 +17,12 @@ pub fn split(result: Result<Changes, ApplyFailed>) -> (Changes, Vec<ServiceFailu
 
 /// Whether the service came from the config file (`config:PATH`).
 pub fn from_config(f: &ServiceFailure) -> bool {
-    f.source.starts_with("config:")
+    f.from_config()
 }
 
 /// Whether the service came from Docker (`docker:labels`, `docker:swarm`).
 pub fn from_docker(f: &ServiceFailure) -> bool {
-    f.source.starts_with("docker:")
+    f.from_docker()
 }
 
 /// The error that rejects the config file, if one of its services failed.

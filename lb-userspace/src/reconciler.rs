@@ -16,7 +16,6 @@ use lb_common::{
     Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
     FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::datapath::Maps;
 use crate::maglev;
@@ -64,26 +63,7 @@ pub struct Changes {
     pub removed: usize,
 }
 
-/// A service the last `apply` could not add, update or remove. Its previous
-/// state (or nothing, for a new one) keeps serving.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceFailure {
-    pub name: String,
-    pub frontend: String,
-    /// `ServiceSpec::source` of the service: who asked for it.
-    pub source: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ServiceFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "service {} ({}, from {}): {}",
-            self.name, self.frontend, self.source, self.reason
-        )
-    }
-}
+pub use lb_api::status::ServiceFailure;
 
 /// Some services of an `apply` failed; every other one was applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,7 +235,8 @@ impl<M: MapSet> Reconciler<M> {
         &self.maps
     }
 
-    /// For tests that set the datapath's clock or inspect conntrack closely.
+    /// For flushing conntrack, and for tests that set the datapath's clock
+    /// or inspect conntrack closely.
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
     }

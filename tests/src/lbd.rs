@@ -237,13 +237,18 @@ pub fn remove_run_files(pin_dir: &Path) {
 
 /// Runs lbctl against `socket` and returns its standard output.
 pub fn lbctl(socket: &Path, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(target_bin("lbctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()?;
+    let out = lbctl_output(socket, args)?;
     if !out.status.success() {
         bail!("lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Runs lbctl against `socket`, whatever its exit status.
+pub fn lbctl_output(socket: &Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(target_bin("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()?)
 }

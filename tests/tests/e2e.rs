@@ -127,7 +127,7 @@ fn tcp_spread(env: &Env, target: SocketAddr, n: usize) -> BTreeMap<String, usize
 /// inside the client's namespace for as long as the test needs them.
 struct Sessions {
     requests: Option<std::sync::mpsc::Sender<()>>,
-    replies: std::sync::mpsc::Receiver<Result<Vec<String>, String>>,
+    replies: std::sync::mpsc::Receiver<Vec<Result<String, String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -162,11 +162,18 @@ impl Sessions {
 
     /// One request on every connection: the backend that answered each.
     fn ask(&self) -> Vec<String> {
+        self.ask_each()
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("a request on a long-lived connection")
+    }
+
+    /// One request on every connection: who answered it, or why not.
+    fn ask_each(&self) -> Vec<Result<String, String>> {
         self.requests.as_ref().unwrap().send(()).unwrap();
         self.replies
             .recv_timeout(Duration::from_secs(10))
             .expect("the long-lived connections answer")
-            .expect("a request on a long-lived connection")
     }
 }
 
@@ -812,4 +819,306 @@ fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
         !seen.contains_key("b1"),
         "the drained backend got new flows after the restart: {seen:?}"
     );
+}
+
+fn lbctl(env: &Env, args: &[&str]) -> String {
+    lb_tests::lbd::lbctl(&env.lbd.socket, args).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn lbctl_json(env: &Env, args: &[&str]) -> Value {
+    serde_json::from_str(&lbctl(env, args)).unwrap()
+}
+
+/// lbctl's error output, asserting that it failed.
+fn lbctl_fails(env: &Env, args: &[&str]) -> String {
+    let out = lb_tests::lbd::lbctl_output(&env.lbd.socket, args).unwrap();
+    assert!(!out.status.success(), "lbctl {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The echo server's name for a backend address 10.72.N.2:port.
+fn backend_name(address: &str) -> String {
+    format!(
+        "b{}",
+        &address["10.72.".len()..address.find(".2:").unwrap()]
+    )
+}
+
+#[test]
+fn lbctl_version_and_the_status_of_one_service() {
+    let env = setup("lbctl-ver");
+    let version = lbctl(&env, &["version"]);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let release = env!("CARGO_PKG_VERSION");
+    for line in [
+        format!("lbctl {release}"),
+        format!("lbd {release}"),
+        format!("datapath layout {}", lb_common::LAYOUT_VERSION),
+        format!("kernel {}", kernel.trim()),
+    ] {
+        assert!(version.lines().any(|l| l == line), "{line:?} in {version}");
+    }
+    let json = lbctl_json(&env, &["version", "--json"]);
+    assert_eq!(json["lbd"]["layout_version"], lb_common::LAYOUT_VERSION);
+
+    // By name: that service's rows and no other's.
+    let table = lbctl(&env, &["status", "web"]);
+    let services: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| !w.starts_with("10.72."))
+        .collect();
+    assert_eq!(services, ["web"], "{table}");
+    // By frontend, with or without the protocol, IPv6 written another way.
+    for (wanted, name) in [
+        ("10.73.0.10:53", "dns"),
+        ("10.73.0.10:80/tcp", "web"),
+        ("[fd00:73:0::10]:80", "web6"),
+        ("sticky", "sticky"),
+    ] {
+        let status = lbctl_json(&env, &["status", wanted, "--json"]);
+        let list = status["services"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{wanted}: {status:#}");
+        assert_eq!(list[0]["name"], name, "{wanted}");
+    }
+    let err = lbctl_fails(&env, &["status", "nothing"]);
+    assert!(err.contains("no service"), "{err}");
+    assert!(lbctl_fails(&env, &["status", "10.73.0.10:81"]).contains("no service"));
+}
+
+/// `lbctl reload` reads the file even when its size and modification time
+/// did not change (lbd's own poll would not notice), so what it reports is
+/// its own doing.
+#[test]
+fn lbctl_reload_says_what_changed_and_a_rejected_file_keeps_the_old_state() {
+    const LEN: usize = 2000;
+    // Every version of the file has the same length.
+    let pad = |text: String| {
+        assert!(text.len() + 2 <= LEN);
+        format!("{text}\n#{}", " ".repeat(LEN - text.len() - 2))
+    };
+    let api = |frontend: &str| {
+        format!(
+            "{}\n[[service]]\nname = \"api\"\nfrontend = \"{frontend}\"\nbackends = [\"10.72.1.2:{TCP_PORT}\"]\n",
+            config(3)
+        )
+    };
+    let mut topo = Topology::new("lbctl-rl").expect("topology");
+    topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
+        .expect("servers");
+    let lbd = Lbd::start(
+        &topo.lb,
+        "lbctl-rl",
+        &pad(config(3)),
+        &["lbc0", "lbb1", "lbb2", "lbb3"],
+    )
+    .expect("lbd");
+    let env = Env { lbd, topo };
+    let path = env.lbd.config.clone();
+    let rewrite = |text: String| {
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        env.lbd.write_config(&text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    };
+
+    rewrite(pad(api("10.73.0.40:80/tcp")));
+    let out = lbctl(&env, &["reload"]);
+    assert_eq!(
+        out.trim(),
+        format!("reloaded {}: added api (10.73.0.40:80/tcp)", path.display())
+    );
+    let status = env.lbd.status().unwrap();
+    assert_eq!(
+        service(&status, "api")["backends"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (name, _) = env
+        .topo
+        .client
+        .run(|| tcp_request("10.73.0.40:80".parse().unwrap(), TIMEOUT))
+        .expect("the added service answers");
+    assert_eq!(name, "b1");
+
+    // A frontend without its protocol: rejected with the file and line,
+    // exit status 1.
+    rewrite(pad(api("10.73.0.41:80")));
+    let err = lbctl_fails(&env, &["reload"]);
+    let line = api("10.73.0.41:80")
+        .lines()
+        .position(|l| l.contains("10.73.0.41"))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display())),
+        "{err}"
+    );
+    assert!(err.contains("previous state keeps serving"), "{err}");
+    let status = env.lbd.status().unwrap();
+    assert!(status["config"]["last_error"].is_string());
+    service(&status, "api");
+    assert!(env
+        .topo
+        .client
+        .run(|| tcp_request("10.73.0.40:80".parse().unwrap(), TIMEOUT))
+        .is_ok());
+
+    rewrite(pad(config(3)));
+    let out = lbctl(&env, &["reload"]);
+    assert!(
+        out.ends_with(": removed api (10.73.0.40:80/tcp)\n"),
+        "{out}"
+    );
+    assert!(env.lbd.status().unwrap()["config"]["last_error"].is_null());
+}
+
+#[test]
+fn lbctl_weight_changes_the_spread_of_new_flows() {
+    let env = setup("lbctl-wt");
+    let b1 = format!("10.72.1.2:{TCP_PORT}");
+    let out = lbctl(&env, &["weight", "10.73.0.10:80/tcp", &b1, "3"]);
+    assert!(out.contains("set to 3"), "{out}");
+    let status = env.lbd.status().unwrap();
+    let backend = service(&status, "web")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == b1.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(backend["weight"], 3, "{backend:#}");
+    assert_eq!(backend["weight_override"], 3, "{backend:#}");
+    assert!(lbctl(&env, &["status", "web"]).contains("3*"));
+
+    // 3:1:1 is 60 % / 20 % / 20 % of 300 new connections.
+    let seen = tcp_spread(&env, web(), 300);
+    eprintln!("weights 3:1:1 over 300 connections: {seen:?}");
+    assert!((140..=220).contains(&seen["b1"]), "{seen:?}");
+    for other in ["b2", "b3"] {
+        assert!((30..=95).contains(&seen[other]), "{seen:?}");
+    }
+
+    // Weight 0, the backend named in IPv4-mapped form: no new flows.
+    lbctl(&env, &["weight", "web", "[::ffff:10.72.2.2]:8080", "0"]);
+    let seen = tcp_spread(&env, web(), 100);
+    assert!(!seen.contains_key("b2"), "{seen:?}");
+    // IPv6 backends written in other ways name the same backend, for a
+    // drain as for a weight.
+    lbctl(&env, &["drain", "web6", "[fd00:72:1:0::2]:8080"]);
+    let seen = tcp_spread(&env, web6(), 60);
+    assert!(!seen.contains_key("b1"), "{seen:?}");
+    lbctl(
+        &env,
+        &["undrain", "[fd00:73::10]:80", "[fd00:0072:1::2]:8080"],
+    );
+    lbctl(&env, &["weight", "web6", "[fd00:72:2:0::2]:8080", "0"]);
+    let seen = tcp_spread(&env, web6(), 60);
+    assert!(
+        !seen.contains_key("b2") && seen.contains_key("b1"),
+        "{seen:?}"
+    );
+
+    // Cleared: back to the config file's weight.
+    lbctl(&env, &["weight", "web", &b1, "--clear"]);
+    lbctl(&env, &["weight", "web", "10.72.2.2:8080", "--clear"]);
+    let status = env.lbd.status().unwrap();
+    for b in service(&status, "web")["backends"].as_array().unwrap() {
+        assert_eq!(b["weight"], 1, "{b:#}");
+        assert!(b["weight_override"].is_null(), "{b:#}");
+    }
+    let seen = tcp_spread(&env, web(), 150);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // Errors, and nothing changes.
+    assert!(lbctl_fails(&env, &["weight", "web", &b1, "70000"]).contains("70000"));
+    assert!(lbctl_fails(&env, &["weight", "web", "10.72.9.2:8080", "2"]).contains("no backend"));
+    assert!(lbctl_fails(&env, &["weight", "web", &b1]).contains("<WEIGHT>"));
+}
+
+#[test]
+fn lbctl_conntrack_lists_connections_and_flush_moves_them() {
+    let env = setup("lbctl-ct");
+    let sessions = Sessions::open(&env, 3);
+    let names = sessions.ask();
+
+    let list = lbctl_json(&env, &["conntrack", "list", "--service", "web", "--json"]);
+    assert_eq!(list["total"], 3, "{list:#}");
+    let mut backends: Vec<String> = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["frontend"], "10.73.0.10:80/tcp", "{c:#}");
+            assert_eq!(c["service"], "web");
+            assert!(
+                c["client"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{CLIENT_V4}:")),
+                "{c:#}"
+            );
+            assert_eq!(c["state"], "established", "{c:#}");
+            assert!(c["nat"].is_null());
+            assert!(c["expires_in_secs"].as_f64().unwrap() > 3600.0, "{c:#}");
+            backend_name(c["backend"].as_str().unwrap())
+        })
+        .collect();
+    backends.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(backends, expected, "{list:#}");
+    // The whole table, and a bounded one.
+    assert_eq!(
+        lbctl_json(&env, &["conntrack", "list", "--json"])["total"],
+        3
+    );
+    let table = lbctl(&env, &["conntrack", "list", "--limit", "1"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.contains("2 more"), "{table}");
+    assert_eq!(
+        lbctl_json(&env, &["conntrack", "list", "--service", "dns", "--json"])["total"],
+        0
+    );
+
+    // Flushed while every backend takes new flows: each connection's next
+    // packet is balanced again by its addresses and lands where it was.
+    let out = lbctl(&env, &["conntrack", "flush", "--service", "10.73.0.10:80"]);
+    assert!(out.contains("flushed 3 connections"), "{out}");
+    assert_eq!(
+        lbctl_json(&env, &["conntrack", "list", "--json"])["total"],
+        0
+    );
+    assert_eq!(sessions.ask(), names);
+    assert_eq!(
+        lbctl_json(&env, &["conntrack", "list", "--json"])["total"],
+        3
+    );
+
+    // Drained, a backend keeps its connections; flushed, they land on
+    // another backend, which resets them.
+    let pinned = names[0].clone();
+    let address = format!("10.72.{}.2:{TCP_PORT}", &pinned[1..]);
+    lbctl(&env, &["drain", "web", &address]);
+    assert_eq!(sessions.ask(), names, "a drain moved connections");
+    let out = lbctl(&env, &["conntrack", "flush"]);
+    assert!(out.contains("flushed 3 connections"), "{out}");
+    let answers = sessions.ask_each();
+    for (was, now) in names.iter().zip(&answers) {
+        if *was == pinned {
+            let err = now
+                .as_ref()
+                .expect_err("a flushed connection of a drained backend");
+            assert!(err.contains("reset"), "{err}");
+        }
+    }
+    drop(sessions);
 }

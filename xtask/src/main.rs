@@ -2,6 +2,9 @@
 
 mod bench;
 mod cargo;
+#[cfg(test)]
+mod deps;
+mod man;
 mod setup;
 
 use anyhow::Result;
@@ -19,8 +22,10 @@ struct Cli {
 enum Task {
     /// Install missing apt packages, rust-src for the eBPF toolchain and bpf-linker
     Setup,
-    /// Set up, then build the release binaries (lbd, lbctl, ...) into target/release
+    /// Set up, then build the release binaries (lbd, lbctl, ...) into target/release, with man pages and completions
     Build,
+    /// Write man pages (target/release/man) and bash, zsh and fish completions (target/release/completions) for lbd and lbctl; builds nothing
+    Man,
     /// Build, then run every test serially; arguments after `--` go to the test binaries
     Test {
         /// e.g. a test name filter or --nocapture
@@ -52,7 +57,11 @@ fn main() -> Result<()> {
         Task::Setup => {
             setup::run()?;
         }
-        Task::Build => build(&setup::run()?)?,
+        Task::Build => {
+            build(&setup::run()?)?;
+            man::run(&release_dir())?;
+        }
+        Task::Man => man::run(&release_dir())?,
         Task::Test { args } => {
             let env = setup::run()?;
             build(&env)?;
@@ -87,6 +96,10 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn release_dir() -> std::path::PathBuf {
+    cargo::workspace_root().join("target/release")
 }
 
 /// Builds every binary of the workspace, lb-demo included.

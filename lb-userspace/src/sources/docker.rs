@@ -9,7 +9,6 @@ use anyhow::{Context as _, Result};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::model::ServiceSpec;
@@ -17,7 +16,7 @@ use crate::sources::labels::{self, Rejected};
 use crate::sources::netns_dir::NetnsDir;
 use crate::sources::swarm;
 
-pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+pub use lb_api::cli::lbd::DEFAULT_DOCKER_HOST as DEFAULT_HOST;
 
 /// How often everything is listed again even without events.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -55,20 +54,7 @@ pub enum Update {
     },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DockerStatus {
-    pub host: String,
-    pub connected: bool,
-    pub api_version: Option<String>,
-    pub last_error: Option<String>,
-    pub resyncs: u64,
-    pub rejected: Vec<String>,
-    /// Docker's services that could not be applied to the datapath, and why.
-    #[serde(default)]
-    pub failed: Vec<String>,
-    /// "manager", "worker" or "inactive" (not in a Swarm).
-    pub swarm: Option<String>,
-}
+pub use lb_api::status::DockerStatus;
 
 /// The engine's default `--exec-root`; its network namespaces are in
 /// `<exec-root>/netns`.

@@ -5,18 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{DesiredState, Frontend, ServiceSpec};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conflict {
-    pub frontend: String,
-    /// The service that was rejected, and where it came from.
-    pub rejected: String,
-    /// The service that keeps the frontend.
-    pub owner: String,
-}
+pub use lb_api::status::Conflict;
 
 /// `sources` in priority order.
 pub fn merge(sources: &[&[ServiceSpec]]) -> (DesiredState, Vec<Conflict>) {

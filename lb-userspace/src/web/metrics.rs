@@ -492,6 +492,7 @@ mod tests {
                         weight: 2,
                         state: "active".into(),
                         active_flows: 5,
+                        weight_override: None,
                         counters: counters(30),
                     },
                     BackendStatus {
@@ -501,6 +502,7 @@ mod tests {
                         weight: 0,
                         state: "draining".into(),
                         active_flows: 2,
+                        weight_override: None,
                         counters: counters(20),
                     },
                     BackendStatus {
@@ -510,6 +512,7 @@ mod tests {
                         weight: 1,
                         state: "down (tcp: connection refused)".into(),
                         active_flows: 0,
+                        weight_override: None,
                         counters: counters(0),
                     },
                 ],

@@ -197,6 +197,7 @@ mod tests {
                     weight: 1,
                     state: "active".into(),
                     active_flows: 0,
+                    weight_override: None,
                     counters: Counters::default(),
                 }],
             }],

@@ -1,0 +1,90 @@
+//! lbd's command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::control::DEFAULT_SOCKET;
+
+/// Where lbd looks for its configuration when --config is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/lbd/lbd.toml";
+/// The Docker engine watched with --docker.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Keeps the kernel datapath's maps equal to the desired state.
+///
+/// Every setting can also come from the environment (`LBD_CONFIG`,
+/// `LBD_PIN_DIR`, ...: shown with each option); a flag on the command line
+/// wins over the environment.
+#[derive(Parser, Debug)]
+#[command(name = "lbd", version)]
+pub struct Args {
+    /// Static services (TOML). Reloaded on SIGHUP and when the file changes.
+    /// Default: /etc/lbd/lbd.toml when it exists.
+    #[arg(long, env = "LBD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Also take services from the Docker Engine: containers labelled
+    /// `lb.frontend` (see the README).
+    #[arg(long, env = "LBD_DOCKER")]
+    pub docker: bool,
+    /// The engine to watch with --docker.
+    #[arg(long, default_value = DEFAULT_DOCKER_HOST)]
+    pub docker_host: String,
+    /// The engine's --exec-root (where Swarm's ingress sandbox namespace
+    /// is). Found by itself from the engine's containers; this overrides it.
+    #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
+    pub docker_exec_root: Option<PathBuf>,
+    /// Where maps and links are pinned. Must be on bpffs; lbd mounts bpffs
+    /// only at /sys/fs/bpf, when nothing is mounted there yet.
+    #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]
+    pub pin_dir: PathBuf,
+    /// Control socket for lbctl.
+    #[arg(long, env = "LBD_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Attach only to these interfaces (repeatable). By default every
+    /// interface but loopback, following interfaces as they come and go.
+    #[arg(long = "iface", env = "LBD_IFACE", value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// Serve Prometheus metrics at /metrics and a stats page at / on this
+    /// loopback address (other addresses are refused).
+    #[arg(long, env = "LBD_METRICS")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Do not add frontend addresses to lo. Then a service without a usable
+    /// backend drops its packets instead of the kernel answering with a TCP
+    /// reset or an ICMP port unreachable.
+    #[arg(long, env = "LBD_NO_LOCAL_VIPS")]
+    pub no_local_vips: bool,
+    /// On exit, leave the datapath attached and its maps pinned. This is
+    /// the default; the flag is still accepted.
+    #[arg(long, conflicts_with = "teardown_on_exit")]
+    pub keep_datapath: bool,
+    /// On SIGTERM or SIGINT, detach the datapath and remove its pins, the
+    /// frontend addresses and the drains, as --cleanup does, instead of
+    /// leaving the datapath running for the next lbd. Drops every
+    /// connection through this node.
+    #[arg(long, env = "LBD_TEARDOWN_ON_EXIT")]
+    pub teardown_on_exit: bool,
+    /// Remove what lbd pinned under --pin-dir (detaching the datapath), the
+    /// frontend addresses it added and its record of drains, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Check this configuration file and exit: 0 if it is valid, 1 with
+    /// the file, line and reason of the first error if not (like `nginx -t`).
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace. RUST_LOG, when set,
+    /// takes precedence and can set levels per module.
+    #[arg(long, env = "LBD_LOG_LEVEL", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+    /// Fail this background task once, a second after it starts, to check
+    /// that it is restarted (for tests).
+    #[arg(long, hide = true, value_name = "TASK")]
+    pub inject_fault: Option<String>,
+    #[arg(long, env = "LBD_MAX_SERVICES", default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
+    pub max_services: u32,
+    #[arg(long, env = "LBD_MAX_BACKENDS", default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+    /// Connection-tracking capacity, in flows.
+    #[arg(long, env = "LBD_MAX_FLOWS", default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
+    pub max_flows: u32,
+}
