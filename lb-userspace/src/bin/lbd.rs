@@ -26,9 +26,26 @@ struct Args {
     /// `lb.frontend` (see the README).
     #[arg(long, env = "LBD_DOCKER")]
     docker: bool,
-    /// The engine to watch with --docker.
-    #[arg(long, default_value = lb_userspace::sources::docker::DEFAULT_HOST)]
-    docker_host: String,
+    /// The engine to watch with --docker: unix:///path or tcp://host[:port].
+    /// Default: DOCKER_HOST, else unix:///var/run/docker.sock; tcp uses TLS
+    /// when DOCKER_TLS_VERIFY is set (certificates from DOCKER_CERT_PATH).
+    #[arg(long, env = "LBD_DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// Let container labels take frontends in this address range
+    /// (repeatable; IPv4 or IPv6 CIDR). Without any (here or in the
+    /// config's [labels] section), every labelled container is refused.
+    #[arg(
+        long = "label-frontends",
+        env = "LBD_LABEL_FRONTENDS",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        value_parser = lb_userspace::config::parse_cidr
+    )]
+    label_frontends: Vec<ipnet::IpNet>,
+    /// Let container labels take this node's own addresses (inside the
+    /// allowed ranges).
+    #[arg(long, env = "LBD_LABEL_NODE_ADDRESSES")]
+    label_node_addresses: bool,
     /// The engine's --exec-root (where Swarm's ingress sandbox namespace
     /// is). Found by itself from the engine's containers; this overrides it.
     #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
@@ -128,9 +145,30 @@ async fn main() -> Result<()> {
         );
         std::process::exit(2);
     }
+    let docker = match args.docker {
+        false => None,
+        true => {
+            let engine =
+                lb_userspace::sources::engine::resolve(args.docker_host.as_deref(), &|name| {
+                    std::env::var(name).ok()
+                })
+                .and_then(|e| e.check_files().map(|()| e).map_err(|e| format!("{e:#}")));
+            match engine {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!("lbd: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     daemon::run(Options {
         config,
-        docker: args.docker.then_some(args.docker_host),
+        docker,
+        labels: lb_userspace::sources::label_frontends::LabelPolicy {
+            frontend_ranges: args.label_frontends,
+            allow_node_addresses: args.label_node_addresses,
+        },
         docker_exec_root: args.docker_exec_root,
         pin_dir: args.pin_dir,
         socket: args.socket,
