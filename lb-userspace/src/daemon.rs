@@ -48,6 +48,8 @@ pub struct Options {
     /// Fail this background task once, shortly after it starts, to test
     /// that it is restarted (`lbd --inject-fault`).
     pub inject_fault: Option<String>,
+    /// The datapath's rare events in lbd's log (see datapath_log.rs).
+    pub datapath_log: crate::datapath_log::DatapathLog,
 }
 
 /// The background task that follows interfaces as they come and go.
@@ -112,7 +114,16 @@ pub async fn run(opts: Options) -> Result<()> {
         None => config::FileConfig::default(),
     };
     let drained = crate::drains::load(&opts.pin_dir)?;
-    let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
+    let (mut datapath, maps) =
+        Datapath::load_with_log(Some(&opts.pin_dir), opts.limits, opts.datapath_log)?;
+    if opts.datapath_log != crate::datapath_log::DatapathLog::Off {
+        let logger = datapath.logger()?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::datapath_log::drain(logger).await {
+                log::error!("the datapath's log stopped: {e:#}");
+            }
+        });
+    }
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let census = crate::census::Worker::start(&maps)?;
     let (labels_tx, labels_rx) = tokio::sync::watch::channel(opts.labels.union(&file.labels));

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 use lb_userspace::daemon::{self, Options};
 use lb_userspace::datapath::{pinned_names, Limits};
+use lb_userspace::datapath_log::DatapathLog;
 
 /// Where lbd looks for its configuration when --config is not given.
 const DEFAULT_CONFIG: &str = "/etc/lbd/lbd.toml";
@@ -100,6 +101,11 @@ struct Args {
     max_services: u32,
     #[arg(long, env = "LBD_MAX_BACKENDS", default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
+    /// Report the datapath's rare events (failed rewrites, SNAT port
+    /// exhaustion, failed conntrack inserts, packets dropped as too big) in
+    /// lbd's log, at this level and above: off, error, warn, info or debug.
+    #[arg(long, env = "LBD_DATAPATH_LOG", value_name = "LEVEL", default_value_t = DatapathLog::Off)]
+    datapath_log: DatapathLog,
     /// Connection-tracking capacity, in flows.
     #[arg(long, env = "LBD_MAX_FLOWS", default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
     max_flows: u32,
@@ -108,7 +114,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    lb_userspace::logging::init(&args.log_level);
+    lb_userspace::logging::init(&args.log_level, args.datapath_log.filter());
     if let Some(path) = &args.check_config {
         return match lb_userspace::config::load(path) {
             Ok(file) => {
@@ -177,6 +183,7 @@ async fn main() -> Result<()> {
         metrics: args.metrics,
         local_vips: !args.no_local_vips,
         inject_fault: args.inject_fault,
+        datapath_log: args.datapath_log,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,
