@@ -25,7 +25,20 @@ pub fn event_to_datapath(cycles: usize) -> Result<Latency> {
     let dockerd = Dockerd::start(&ns, "bdk")?;
     build_test_image(&dockerd, IMAGE)?;
     let host = format!("unix://{}", dockerd.socket().display());
-    let lbd = Lbd::start_with(&ns, "bdk", "", &[], &["--docker", "--docker-host", &host])?;
+    // The containers' frontend, 10.73.0.10, must be in a range labels may take.
+    let lbd = Lbd::start_with(
+        &ns,
+        "bdk",
+        "",
+        &[],
+        &[
+            "--docker",
+            "--docker-host",
+            &host,
+            "--label-frontends",
+            "10.73.0.0/24",
+        ],
+    )?;
     let backends = |lbd: &Lbd| -> usize {
         lbd.status()
             .ok()

@@ -2,7 +2,9 @@
 //! connection, kept coherent; confirmed connections in CONNTRACK, the
 //! others in CT_PENDING; per-state timeouts enforced at lookup.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext,
+};
 use lb_common::{global, Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED};
 
 use crate::maps::{count, Scratch, CONNTRACK, CT_PENDING};
@@ -116,12 +118,13 @@ pub fn set_state(s: &mut Scratch, e: *mut CtEntry, bits: u8) {
 /// CONNTRACK holds the reply tuple for another connection: the connection
 /// then stays pending.
 #[inline(never)]
-pub fn confirm(s: &mut Scratch, now: u64) -> bool {
+pub fn confirm(ctx: &TcContext, s: &mut Scratch, now: u64) -> bool {
     s.entry.state |= ST_CONFIRMED;
     s.entry.last_seen_ns = now;
     peer_key(&s.entry, &mut s.peer_key);
     if CONNTRACK.insert(&s.key, &s.entry, 0).is_err() {
         count(global::CT_INSERT_FAILED);
+        crate::events::ct_insert_failed(ctx, &s.pkt);
         return false;
     }
     // The other half only where no other connection's half lies: its
@@ -146,6 +149,7 @@ pub fn confirm(s: &mut Scratch, now: u64) -> bool {
     s.entry.flags ^= CT_REPLY;
     if !ok {
         count(global::CT_INSERT_FAILED);
+        crate::events::ct_insert_failed(ctx, &s.pkt);
         let _ = CONNTRACK.remove(&s.key);
         s.entry.state &= !ST_CONFIRMED;
         return false;
@@ -228,6 +232,8 @@ pub const INSERTED: u32 = 0;
 /// Another CPU inserted the same connection first; use its entry.
 pub const RACED: u32 = 1;
 pub const FAILED: u32 = 2;
+/// With CT_SNAT: every port tried was taken.
+pub const EXHAUSTED: u32 = 3;
 
 /// Inserts the new connection `s.entry` (built as its forward half) into
 /// CT_PENDING under `s.key`, its reply half under `s.peer_key` first. With
@@ -260,7 +266,7 @@ pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
         }
         if !claimed {
             count(global::SNAT_EXHAUSTED);
-            return FAILED;
+            return EXHAUSTED;
         }
     } else {
         if claim(s, cfg, now) == TAKEN {

@@ -10,6 +10,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod conntrack;
+mod events;
 mod forward;
 mod icmp;
 mod lb;
@@ -148,7 +149,7 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
     }
     let confirm =
         s.pending != 0 && tcp && flags & TCP_SYN == 0 && s.entry.state & ST_SEEN_REPLY != 0;
-    if !(confirm && conntrack::confirm(s, now)) {
+    if !(confirm && conntrack::confirm(ctx, s, now)) {
         conntrack::touch(s, e, now);
     }
     to_backend(ctx, s, route, false)
@@ -193,11 +194,16 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
             let e = conntrack::lookup(s, cfg, now);
             if e.is_null() {
                 count(global::CT_INSERT_FAILED);
+                events::ct_insert_failed(ctx, &s.pkt);
                 return SHOT;
             }
             // SAFETY: pointer from a successful lookup.
             s.entry = unsafe { *e };
             to_backend(ctx, s, route, false)
+        }
+        conntrack::EXHAUSTED => {
+            events::snat_exhausted(ctx, &s.pkt, &s.entry.nat_addr);
+            SHOT
         }
         _ => SHOT,
     }
@@ -244,6 +250,7 @@ fn to_backend(ctx: &TcContext, s: &mut Scratch, route: Route, new: bool) -> i32 
             && nat::rewrite(ctx, p, Side::Source, &e.nat_addr, e.nat_port).is_err())
     {
         count(global::REWRITE_ERRORS);
+        events::rewrite_failed(ctx, p);
         return SHOT;
     }
     count(global::TRANSLATED);
@@ -275,7 +282,7 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
     if bits & !s.entry.state != 0 {
         conntrack::set_state(s, e, bits);
     }
-    if !(s.pending != 0 && s.pkt.proto == PROTO_UDP && conntrack::confirm(s, now)) {
+    if !(s.pending != 0 && s.pkt.proto == PROTO_UDP && conntrack::confirm(ctx, s, now)) {
         conntrack::touch(s, e, now);
     }
     let e = &s.entry;
@@ -284,6 +291,7 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
         || (snat && nat::rewrite(ctx, p, Side::Destination, &e.client, e.client_port).is_err())
     {
         count(global::REWRITE_ERRORS);
+        events::rewrite_failed(ctx, p);
         return SHOT;
     }
     count(global::TRANSLATED);
@@ -311,6 +319,9 @@ fn unforwardable(ctx: &TcContext, s: &mut Scratch, route: Route) -> Option<i32> 
         }
         Route::TooBig if s.pkt.df == 0 => {
             count(global::TOO_BIG_DROPPED);
+            // SAFETY: reading a union field the FIB lookup wrote.
+            let mtu = unsafe { s.fib.__bindgen_anon_1.mtu_result } as u32;
+            events::too_big_dropped(ctx, &s.pkt, mtu);
             Some(SHOT)
         }
         Route::TooBig | Route::TimeExceeded => {
@@ -367,6 +378,7 @@ fn icmp_error(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
     }
     if icmp::translate(ctx, &s.pkt, &s.plan).is_err() {
         count(global::REWRITE_ERRORS);
+        events::icmp_rewrite_failed(ctx, &s.pkt);
         return SHOT;
     }
     count(global::ICMP_TRANSLATED);

@@ -8,6 +8,10 @@
 //! udp_timeout_secs = 120
 //! snat_ports = "1024-32767"         # default: outside ip_local_port_range
 //!
+//! [labels]                         # optional: what container labels may take
+//! frontend_ranges = ["10.73.0.0/24", "fd00:73::/64"]   # default: none
+//! allow_node_addresses = false      # default: never this node's addresses
+//!
 //! [[service]]
 //! name = "web"
 //! frontend = "10.73.0.10:80/tcp"
@@ -30,12 +34,15 @@ use toml::Spanned;
 use crate::model::{
     BackendSpec, CheckKind, ConntrackSettings, Frontend, HealthCheck, OnDown, Proto, ServiceSpec,
 };
+use crate::sources::label_frontends::LabelPolicy;
 
-/// What the config file says: its services and the node's conntrack settings.
+/// What the config file says: its services, the node's conntrack settings
+/// and what container labels may take.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileConfig {
     pub services: Vec<ServiceSpec>,
     pub conntrack: ConntrackSettings,
+    pub labels: LabelPolicy,
 }
 
 /// The longest timeout accepted: a week.
@@ -93,6 +100,16 @@ struct RawConfig {
     #[serde(default)]
     service: Vec<RawService>,
     conntrack: Option<RawConntrack>,
+    labels: Option<RawLabels>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLabels {
+    #[serde(default)]
+    frontend_ranges: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_node_addresses: bool,
 }
 
 #[derive(Deserialize)]
@@ -370,10 +387,36 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         Some(ct) => parse_conntrack(ct, &fail)?,
         None => ConntrackSettings::default(),
     };
+    let mut labels = LabelPolicy::default();
+    if let Some(raw) = raw.labels {
+        labels.allow_node_addresses = raw.allow_node_addresses;
+        for r in raw.frontend_ranges {
+            let range = parse_cidr(r.get_ref())
+                .map_err(|reason| fail(r.span(), format!("frontend_ranges: {reason}")))?;
+            labels.frontend_ranges.push(range);
+        }
+    }
     Ok(FileConfig {
         services,
         conntrack,
+        labels,
     })
+}
+
+/// An address range such as "10.73.0.0/24" or "fd00:73::/64", for the
+/// frontends labels may take; `lbd --label-frontends` uses it too.
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let net: ipnet::IpNet = s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an address range (expected e.g. 10.73.0.0/24 or fd00:73::/64)")
+    })?;
+    // A range with host bits set is most likely a typo for another one.
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has bits set past its prefix length (did you mean {}?)",
+            net.trunc()
+        ));
+    }
+    Ok(net)
 }
 
 fn parse_conntrack(
@@ -1111,6 +1154,55 @@ frontend = "10.73.0.10:80/tcp"
         ];
         for (body, line, reason) in cases {
             let err = parse(Path::new("t.toml"), &format!("[conntrack]\n{body}")).unwrap_err();
+            assert_eq!(err.line(), Some(line), "{body}: {err}");
+            assert!(err.reason().contains(reason), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn label_frontend_ranges_and_their_errors() {
+        assert_eq!(ok("").labels, LabelPolicy::default());
+        let labels =
+            ok("[labels]\nfrontend_ranges = [\"10.73.0.0/24\", \"fd00:73::/64\"]\n").labels;
+        assert_eq!(
+            labels.frontend_ranges,
+            [
+                "10.73.0.0/24".parse::<ipnet::IpNet>().unwrap(),
+                "fd00:73::/64".parse().unwrap()
+            ]
+        );
+        assert!(!labels.allow_node_addresses);
+        assert!(
+            ok("[labels]\nfrontend_ranges = [\"10.0.0.0/8\"]\nallow_node_addresses = true\n")
+                .labels
+                .allow_node_addresses
+        );
+        let cases = [
+            (
+                "frontend_ranges = [\"10.73.0.0\"]\n",
+                2,
+                "not an address range",
+            ),
+            (
+                "frontend_ranges = [\"10.73.0.0/33\"]\n",
+                2,
+                "not an address range",
+            ),
+            (
+                "frontend_ranges = [\"10.73.0.1/24\"]\n",
+                2,
+                "did you mean 10.73.0.0/24",
+            ),
+            (
+                "\nfrontend_ranges = [\n  \"10.0.0.0/8\",\n  \"web\",\n]\n",
+                5,
+                "\"web\"",
+            ),
+            ("ranges = [\"10.0.0.0/8\"]\n", 2, "unknown field"),
+            ("allow_node_addresses = \"yes\"\n", 2, "bool"),
+        ];
+        for (body, line, reason) in cases {
+            let err = parse(Path::new("t.toml"), &format!("[labels]\n{body}")).unwrap_err();
             assert_eq!(err.line(), Some(line), "{body}: {err}");
             assert!(err.reason().contains(reason), "{body}: {err}");
         }

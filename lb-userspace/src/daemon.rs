@@ -20,6 +20,7 @@ use crate::interfaces::{self, Links};
 use crate::model::{Frontend, OnDown, ServiceSpec};
 use crate::reconciler::Reconciler;
 use crate::sources::docker::{self, DockerStatus, Update};
+use crate::sources::label_frontends::{Gate, LabelPolicy};
 use crate::sources::merge::{merge, Conflict};
 use crate::status::{self, ConfigStatus, Convergence, Status};
 use crate::supervisor::Tasks;
@@ -27,8 +28,11 @@ use crate::vips::Vips;
 
 pub struct Options {
     pub config: Option<PathBuf>,
-    /// Docker Engine to watch (e.g. unix:///var/run/docker.sock).
-    pub docker: Option<String>,
+    /// Docker Engine to watch.
+    pub docker: Option<crate::sources::engine::Engine>,
+    /// What container labels may take, from the flags; the config file's
+    /// `[labels]` adds to it.
+    pub labels: LabelPolicy,
     /// The engine's exec root, where Swarm's ingress sandbox lives, when
     /// given; otherwise found (sources/netns_dir.rs).
     pub docker_exec_root: Option<PathBuf>,
@@ -44,6 +48,8 @@ pub struct Options {
     /// Fail this background task once, shortly after it starts, to test
     /// that it is restarted (`lbd --inject-fault`).
     pub inject_fault: Option<String>,
+    /// The datapath's rare events in lbd's log (see datapath_log.rs).
+    pub datapath_log: crate::datapath_log::DatapathLog,
 }
 
 /// The background task that follows interfaces as they come and go.
@@ -92,6 +98,8 @@ struct State {
     vips_wanted: BTreeSet<IpAddr>,
     /// Health of the background tasks.
     tasks: Tasks,
+    /// The label policy in force, for the Docker source.
+    labels: tokio::sync::watch::Sender<LabelPolicy>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -106,9 +114,19 @@ pub async fn run(opts: Options) -> Result<()> {
         None => config::FileConfig::default(),
     };
     let drained = crate::drains::load(&opts.pin_dir)?;
-    let (datapath, maps) = Datapath::load(Some(&opts.pin_dir), opts.limits)?;
+    let (mut datapath, maps) =
+        Datapath::load_with_log(Some(&opts.pin_dir), opts.limits, opts.datapath_log)?;
+    if opts.datapath_log != crate::datapath_log::DatapathLog::Off {
+        let logger = datapath.logger()?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::datapath_log::drain(logger).await {
+                log::error!("the datapath's log stopped: {e:#}");
+            }
+        });
+    }
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let census = crate::census::Worker::start(&maps)?;
+    let (labels_tx, labels_rx) = tokio::sync::watch::channel(opts.labels.union(&file.labels));
     let mut state = State {
         reconciler: Reconciler::new(maps)?,
         datapath,
@@ -121,7 +139,7 @@ pub async fn run(opts: Options) -> Result<()> {
         },
         docker_services: Vec::new(),
         docker_status: opts.docker.as_ref().map(|host| DockerStatus {
-            host: host.clone(),
+            host: host.to_string(),
             ..Default::default()
         }),
         conflicts: Vec::new(),
@@ -136,6 +154,7 @@ pub async fn run(opts: Options) -> Result<()> {
         down: HashMap::new(),
         vips_wanted: BTreeSet::new(),
         tasks: Tasks::default(),
+        labels: labels_tx,
     };
     let mut vips = match opts.local_vips {
         true => Some(Vips::new(vips_record(&opts.pin_dir)).await?),
@@ -178,9 +197,18 @@ pub async fn run(opts: Options) -> Result<()> {
     let (docker_tx, mut docker_rx) = mpsc::channel::<Update>(16);
     if let Some(host) = opts.docker.clone() {
         let exec_root = opts.docker_exec_root.clone();
+        let gate = Gate {
+            policy: labels_rx,
+            added: vips.as_ref().map(|v| v.added()).unwrap_or_default(),
+        };
         // It reconnects by itself; supervision covers a panic.
         tasks.spawn("docker", fault("docker"), move || {
-            let watch = docker::watch(host.clone(), exec_root.clone(), docker_tx.clone());
+            let watch = docker::watch(
+                host.clone(),
+                exec_root.clone(),
+                gate.clone(),
+                docker_tx.clone(),
+            );
             async move {
                 watch.await;
                 Ok(())
@@ -373,6 +401,10 @@ impl State {
                 self.conntrack = file.conntrack;
                 summary =
                     crate::reload::summary(&previous, &self.config_services, conntrack_changed);
+                self.labels.send_if_modified(|policy| {
+                    let now = opts.labels.union(&file.labels);
+                    std::mem::replace(policy, now.clone()) != now
+                });
                 Ok(())
             });
         match result {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use crate::datapath_log::DatapathLog;
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -115,8 +116,20 @@ impl Datapath {
     /// name, and maps already pinned there (from an earlier lbd) are reused,
     /// so conntrack survives a restart.
     pub fn load(pin_dir: Option<&Path>, limits: Limits) -> Result<(Datapath, Maps)> {
+        Self::load_with_log(pin_dir, limits, DatapathLog::Off)
+    }
+
+    /// [`Self::load`], with the datapath reporting its rare events at `log`
+    /// and above (see datapath_log.rs; drain them with [`Self::logger`]).
+    pub fn load_with_log(
+        pin_dir: Option<&Path>,
+        limits: Limits,
+        log: DatapathLog,
+    ) -> Result<(Datapath, Maps)> {
+        let level = log.global();
         let sizes = max_entries(limits)?;
         let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, true);
         for (name, entries) in &sizes {
             loader.map_max_entries(name, *entries);
         }
@@ -166,6 +179,11 @@ impl Datapath {
 
     /// The trivial pass-only program of the same object, loaded on demand
     /// (benchmarks use it as the floor).
+    /// Takes the datapath's log buffer, to drain it into lbd's log.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("the datapath's log buffer")
+    }
+
     pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
             .ebpf

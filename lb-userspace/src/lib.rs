@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod datapath_log;
 pub mod drains;
 pub mod failures;
 #[cfg(test)]

@@ -10,11 +10,16 @@ const QUIET: &str = "netlink_packet_route=error";
 
 /// Sets up logging at `level` (error, warn, info, debug, trace). `RUST_LOG`,
 /// when set, takes precedence and may name modules
-/// (`RUST_LOG=info,lb_userspace::health=debug`).
-pub fn init(level: &str) {
+/// (`RUST_LOG=info,lb_userspace::health=debug`). `datapath` is the level of
+/// the datapath's own records (`--datapath-log`, see datapath_log.rs).
+pub fn init(level: &str, datapath: log::LevelFilter) {
     let default = format!("{level},{QUIET}");
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if datapath != log::LevelFilter::Off {
+        // Asked for explicitly, so it holds whatever RUST_LOG says.
+        builder.filter_module(crate::datapath_log::TARGET, datapath);
+    }
     if stderr_is_journal() {
         builder.format(|buf, record| {
             writeln!(

@@ -12,12 +12,16 @@ use anyhow::{Context as _, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
 
+use crate::sources::label_frontends::AddedVips;
+
 pub struct Vips {
     handle: rtnetlink::Handle,
     lo: u32,
     /// Addresses lbd added (and so removes), kept in `record` so that an lbd
     /// started after a crash knows them too.
     ours: BTreeSet<IpAddr>,
+    /// `ours`, for the Docker source (see label_frontends.rs).
+    added: AddedVips,
     record: std::path::PathBuf,
     /// What the last successful `sync` was given: the loop calls `sync`
     /// after every event, and most events change no frontend.
@@ -38,16 +42,26 @@ impl Vips {
             .context("no lo interface")?
             .header
             .index;
-        let ours = std::fs::read_to_string(&record)
+        let ours: BTreeSet<IpAddr> = std::fs::read_to_string(&record)
             .map(|text| text.lines().filter_map(|l| l.parse().ok()).collect())
             .unwrap_or_default();
+        let added = AddedVips::default();
+        for addr in &ours {
+            added.insert(*addr);
+        }
         Ok(Vips {
             handle,
             lo,
             ours,
+            added,
             record,
             synced: BTreeSet::new(),
         })
+    }
+
+    /// The addresses this lbd added, kept up to date as it adds and removes.
+    pub fn added(&self) -> AddedVips {
+        self.added.clone()
     }
 
     fn save(&self) {
@@ -84,12 +98,20 @@ impl Vips {
         for addr in wanted {
             if !local.contains(addr) {
                 let prefix = if addr.is_ipv4() { 32 } else { 128 };
-                self.handle
+                // Known as ours before it shows on lo, so that a label
+                // resync in between does not take it for the node's.
+                self.added.insert(*addr);
+                let result = self
+                    .handle
                     .address()
                     .add(self.lo, *addr, prefix)
                     .execute()
                     .await
-                    .with_context(|| format!("adding {addr} to lo"))?;
+                    .with_context(|| format!("adding {addr} to lo"));
+                if let Err(e) = result {
+                    self.added.remove(*addr);
+                    return Err(e);
+                }
                 self.ours.insert(*addr);
                 added = true;
             }
@@ -133,6 +155,7 @@ impl Vips {
                 .with_context(|| format!("removing {addr} from lo"))?;
         }
         self.ours.remove(&addr);
+        self.added.remove(addr);
         Ok(())
     }
 }

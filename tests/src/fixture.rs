@@ -12,6 +12,7 @@ use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
 use lb_common::{global, Config, CtEntry, FlowKey, TrafficStats};
 use lb_userspace::datapath::{Datapath, Limits};
+use lb_userspace::datapath_log::DatapathLog;
 use lb_userspace::model::{BackendSpec, DesiredState, Frontend, Proto, ServiceSpec};
 use lb_userspace::reconciler::Reconciler;
 
@@ -313,6 +314,11 @@ where
 
 impl Fixture {
     pub fn new() -> Fixture {
+        Self::with_datapath_log(DatapathLog::Off)
+    }
+
+    /// [`Self::new`], with the datapath reporting its rare events at `log`.
+    pub fn with_datapath_log(log: DatapathLog) -> Fixture {
         sh(
             "ip link set lo up && sysctl -qw net.ipv4.conf.all.forwarding=1 \
             net.ipv6.conf.all.forwarding=1",
@@ -342,7 +348,8 @@ impl Fixture {
             max_backends: 64,
             max_flows: 1024,
         };
-        let (datapath, maps) = Datapath::load(None, limits).expect("load the datapath");
+        let (datapath, maps) =
+            Datapath::load_with_log(None, limits, log).expect("load the datapath");
         let mut reconciler = Reconciler::new(maps).unwrap();
         reconciler.apply(&desired()).unwrap();
         let maps = reconciler.maps();

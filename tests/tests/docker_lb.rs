@@ -51,6 +51,8 @@ const HAMMER_PAUSE: Duration = Duration::from_millis(5);
 /// The ingress overlay's subnet (Swarm's default): the mesh reaches tasks
 /// over it, so the source they see must be in it.
 const INGRESS_PREFIX: [u8; 3] = [10, 0, 0];
+/// Where the standalone tests' labels may put frontends.
+const LABEL_RANGE: &str = "10.73.0.0/16";
 
 fn vip(frontend: &str) -> SocketAddr {
     frontend
@@ -124,15 +126,16 @@ impl Standalone {
     /// Starts lbd on the node, watching its engine, and waits until it has
     /// the engine's first state.
     fn start_lbd(&mut self, config: &str) {
+        self.start_lbd_with(config, &["--label-frontends", LABEL_RANGE]);
+    }
+
+    /// [`Self::start_lbd`] with these arguments instead of the label range.
+    fn start_lbd_with(&mut self, config: &str, extra: &[&str]) {
         let host = format!("unix://{}", self.dockerd.socket().display());
-        let lbd = Lbd::start_with(
-            &self.node,
-            &self.tag,
-            config,
-            &[NODE_IF, "docker0"],
-            &["--docker", "--docker-host", &host],
-        )
-        .expect("lbd");
+        let mut args = vec!["--docker", "--docker-host", &host];
+        args.extend_from_slice(extra);
+        let lbd = Lbd::start_with(&self.node, &self.tag, config, &[NODE_IF, "docker0"], &args)
+            .expect("lbd");
         wait_docker_connected(&lbd, true);
         self.lbd = Some(lbd);
     }
@@ -619,6 +622,128 @@ fn a_label_cannot_take_a_frontend_the_config_owns() {
     assert_eq!(backends_of(&s, contested), backend_set(&[older]));
     let (seen, _) = spread(&env.client, vip(contested), 20);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["zz-older"], "{seen:?}");
+}
+
+#[test]
+fn labels_take_only_allowed_frontends_and_never_the_nodes_addresses() {
+    let mut env = Standalone::new("dpol");
+    // The node's own address is inside an allowed range, so that only its
+    // being the node's refuses it.
+    env.start_lbd_with(
+        "",
+        &[
+            "--label-frontends",
+            "10.73.0.0/24",
+            "--label-frontends",
+            "10.75.0.0/24",
+        ],
+    );
+    let inside = "10.73.0.10:80/tcp";
+    let web = env.run("web", &labelled(inside, &[]), &[]);
+    wait_backends(env.lbd(), inside, &backend_set(&[web]));
+    let (seen, _) = spread(&env.client, vip(inside), 10);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web"], "{seen:?}");
+
+    let outside = "10.74.0.10:80/tcp";
+    let ssh = format!("{NODE_ADDR}:22/tcp");
+    env.run("outside", &labelled(outside, &[]), &[]);
+    env.run("ssh", &labelled(&ssh, &[]), &[]);
+    let refused = |s: &Value| -> Vec<String> {
+        s["docker"]["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect()
+    };
+    let mut s = Value::Null;
+    let listed = wait_until(
+        Duration::from_secs(10),
+        "both refusals to be listed",
+        || {
+            s = status(env.lbd());
+            refused(&s).len() == 2
+        },
+    );
+    assert!(listed.is_ok(), "{:#}", s["docker"]);
+    // Another container of the allowed frontend, so another resync: with
+    // the frontend now on lo, the allowed label must not be taken for a
+    // node address, and the refusals must not be logged again.
+    let web2 = env.run("web2", &labelled(inside, &[]), &[]);
+    wait_backends(env.lbd(), inside, &backend_set(&[web, web2]));
+    let s = status(env.lbd());
+    let refused = refused(&s);
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    let outside_reason = refused
+        .iter()
+        .find(|r| r.starts_with("outside: "))
+        .unwrap_or_else(|| panic!("{refused:#?}"));
+    assert!(
+        outside_reason.contains("outside the ranges allowed for labels")
+            && outside_reason.contains("--label-frontends"),
+        "{outside_reason}"
+    );
+    let ssh_reason = refused
+        .iter()
+        .find(|r| r.starts_with("ssh: "))
+        .unwrap_or_else(|| panic!("{refused:#?}"));
+    assert!(
+        ssh_reason.contains("is an address of this node"),
+        "{ssh_reason}"
+    );
+    assert!(service_for(&s, outside).is_none(), "{s:#}");
+    assert!(service_for(&s, &ssh).is_none(), "{s:#}");
+
+    // Only the allowed frontend went onto lo.
+    let lo = env.node.sh("ip -o addr show dev lo").expect("ip addr");
+    let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
+    assert!(lo.contains(" 10.73.0.10/32"), "{lo}");
+    assert!(!lo.contains("10.74.0.10"), "{lo}");
+    assert!(!lo.contains(&NODE_ADDR.to_string()), "{lo}");
+    let log = env.lbd().log();
+    for name in ["outside", "ssh"] {
+        let said = log
+            .lines()
+            .filter(|l| l.contains(&format!("container {name} refused")))
+            .count();
+        assert_eq!(said, 1, "{name}'s refusal logged {said} times:\n{log}");
+    }
+    // The text status shows them too.
+    let text = lb_tests::lbd::lbctl(&env.lbd().socket, &["status"]).expect("lbctl status");
+    assert!(text.contains("docker: rejected ssh: "), "{text}");
+    let (seen, _) = spread(&env.client, vip(inside), 20);
+    let names: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+    assert_eq!(names, BTreeSet::from(["web", "web2"]), "{seen:?}");
+}
+
+#[test]
+fn without_an_allowed_range_every_label_is_refused() {
+    let mut env = Standalone::new("dnone");
+    env.start_lbd_with("", &[]);
+    env.run("web", &labelled(FRONTEND, &[]), &[]);
+    let mut s = Value::Null;
+    let refused = wait_until(Duration::from_secs(10), "web to be refused", || {
+        s = status(env.lbd());
+        s["docker"]["rejected"].as_array().is_some_and(|r| {
+            r.iter().any(|r| {
+                r.as_str()
+                    .is_some_and(|r| r.starts_with("web: ") && r.contains("no address range"))
+            })
+        })
+    });
+    assert!(refused.is_ok(), "{:#}", s["docker"]);
+    assert!(service_for(&s, FRONTEND).is_none(), "{s:#}");
+
+    // Allowing a range in the config file takes effect on reload.
+    env.lbd()
+        .reload(&format!(
+            "[labels]\nfrontend_ranges = [\"{LABEL_RANGE}\"]\n"
+        ))
+        .expect("reload");
+    let web = container_ip(&env.dockerd, "web", "bridge").expect("web's address");
+    wait_backends(env.lbd(), FRONTEND, &backend_set(&[web]));
+    let (seen, _) = spread(&env.client, vip(FRONTEND), 10);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web"], "{seen:?}");
 }
 
 /// What a status poller saw: whether lbd was connected to the engine and

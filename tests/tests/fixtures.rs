@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use etherparse::PacketBuilder;
 use lb_common::global;
 use lb_tests::fixture::*;
+use lb_userspace::datapath_log::DatapathLog;
 use lb_userspace::model::BackendSpec;
 
 #[test]
@@ -1422,5 +1423,78 @@ fn checksum_complete_udp_without_checksum() {
         ];
         let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
+}
+
+/// The datapath's log records, as lbd's logger would get them.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        if let Ok(mut r) = self.0.lock() {
+            r.push((record.level(), record.args().to_string()));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Exhausts a two-port SNAT range with `fx` and returns what the datapath
+/// logged meanwhile.
+fn log_of_snat_exhaustion(fx: &mut Fixture) -> Vec<(log::Level, String)> {
+    let id = fx
+        .datapath
+        .program()
+        .and_then(|p| Ok(p.info()?.id()))
+        .expect("program id");
+    let records = Records::default();
+    let mut logger =
+        aya_log::EbpfLogger::init_from_id_with_logger(id, records.clone()).expect("log buffer");
+    fx.set_clock(T0);
+    fx.set_config(|c| {
+        c.snat_port_min = 40000;
+        c.snat_port_max = 40001;
+    });
+    for client_port in [1000u16, 1001] {
+        let (action, _) = fx.run(&tcp4(CLIENT4, FULLNAT_VIP4, client_port, 80, b""));
+        assert_eq!(action, TC_ACT_REDIRECT);
+    }
+    let (action, _) = fx.run(&tcp4(CLIENT4, FULLNAT_VIP4, 1002, 80, b""));
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(fx.global(global::SNAT_EXHAUSTED), 1);
+    logger.flush();
+    let out = records.0.lock().unwrap().clone();
+    out
+}
+
+#[test]
+fn snat_exhaustion_is_logged_by_the_datapath_only_when_asked() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::with_datapath_log(DatapathLog::Warn);
+        let logged = log_of_snat_exhaustion(&mut fx);
+        assert_eq!(
+            logged,
+            [(
+                log::Level::Warn,
+                "no free SNAT port on ::ffff:10.72.0.1, new flow dropped: \
+                 ::ffff:10.71.0.2:1002 -> ::ffff:10.73.0.12:80 proto 6"
+                    .to_string()
+            )]
+        );
+    });
+    // Below the event's level, and off (the default), nothing is written.
+    for level in [DatapathLog::Error, DatapathLog::Off] {
+        in_fresh_netns(move || {
+            let mut fx = Fixture::with_datapath_log(level);
+            assert_eq!(log_of_snat_exhaustion(&mut fx), [], "{level}");
+        });
+    }
+    in_fresh_netns(|| {
+        assert_eq!(log_of_snat_exhaustion(&mut Fixture::new()), []);
     });
 }

@@ -8,8 +8,6 @@ use crate::control::DEFAULT_SOCKET;
 
 /// Where lbd looks for its configuration when --config is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/lbd/lbd.toml";
-/// The Docker engine watched with --docker.
-pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
 /// Keeps the kernel datapath's maps equal to the desired state.
 ///
@@ -27,9 +25,25 @@ pub struct Args {
     /// `lb.frontend` (see the README).
     #[arg(long, env = "LBD_DOCKER")]
     pub docker: bool,
-    /// The engine to watch with --docker.
-    #[arg(long, default_value = DEFAULT_DOCKER_HOST)]
-    pub docker_host: String,
+    /// The engine to watch with --docker: unix:///path or tcp://host[:port].
+    /// Default: DOCKER_HOST, else unix:///var/run/docker.sock; tcp uses TLS
+    /// when DOCKER_TLS_VERIFY is set (certificates from DOCKER_CERT_PATH).
+    #[arg(long, env = "LBD_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Let container labels take frontends in this address range
+    /// (repeatable; IPv4 or IPv6 CIDR). Without any (here or in the
+    /// config's [labels] section), every labelled container is refused.
+    #[arg(
+        long = "label-frontends",
+        env = "LBD_LABEL_FRONTENDS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub label_frontends: Vec<String>,
+    /// Let container labels take this node's own addresses (inside the
+    /// allowed ranges).
+    #[arg(long, env = "LBD_LABEL_NODE_ADDRESSES")]
+    pub label_node_addresses: bool,
     /// The engine's --exec-root (where Swarm's ingress sandbox namespace
     /// is). Found by itself from the engine's containers; this overrides it.
     #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
@@ -84,6 +98,17 @@ pub struct Args {
     pub max_services: u32,
     #[arg(long, env = "LBD_MAX_BACKENDS", default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     pub max_backends: u32,
+    /// Report the datapath's rare events (failed rewrites, SNAT port
+    /// exhaustion, failed conntrack inserts, packets dropped as too big) in
+    /// lbd's log, at this level and above: off, error, warn, info or debug.
+    #[arg(
+        long,
+        env = "LBD_DATAPATH_LOG",
+        value_name = "LEVEL",
+        default_value = "off",
+        value_parser = ["off", "error", "warn", "info", "debug"]
+    )]
+    pub datapath_log: String,
     /// Connection-tracking capacity, in flows.
     #[arg(long, env = "LBD_MAX_FLOWS", default_value_t = lb_common::DEFAULT_MAX_FLOWS)]
     pub max_flows: u32,

@@ -7,11 +7,23 @@ use clap::Parser;
 use lb_api::cli::lbd::{Args, DEFAULT_CONFIG};
 use lb_userspace::daemon::{self, Options};
 use lb_userspace::datapath::{pinned_names, Limits};
+use lb_userspace::datapath_log::DatapathLog;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    lb_userspace::logging::init(&args.log_level);
+    // Checked by clap against the same list of values.
+    let datapath_log: DatapathLog = args.datapath_log.parse().unwrap_or(DatapathLog::Off);
+    lb_userspace::logging::init(&args.log_level, datapath_log.filter());
+    let label_frontends = args
+        .label_frontends
+        .iter()
+        .map(|cidr| lb_userspace::config::parse_cidr(cidr))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| {
+            eprintln!("lbd: --label-frontends: {e}");
+            std::process::exit(2);
+        });
     if let Some(path) = &args.check_config {
         return match lb_userspace::config::load(path) {
             Ok(file) => {
@@ -48,9 +60,30 @@ async fn main() -> Result<()> {
         );
         std::process::exit(2);
     }
+    let docker = match args.docker {
+        false => None,
+        true => {
+            let engine =
+                lb_userspace::sources::engine::resolve(args.docker_host.as_deref(), &|name| {
+                    std::env::var(name).ok()
+                })
+                .and_then(|e| e.check_files().map(|()| e).map_err(|e| format!("{e:#}")));
+            match engine {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!("lbd: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     daemon::run(Options {
         config,
-        docker: args.docker.then_some(args.docker_host),
+        docker,
+        labels: lb_userspace::sources::label_frontends::LabelPolicy {
+            frontend_ranges: label_frontends,
+            allow_node_addresses: args.label_node_addresses,
+        },
         docker_exec_root: args.docker_exec_root,
         pin_dir: args.pin_dir,
         socket: args.socket,
@@ -59,6 +92,7 @@ async fn main() -> Result<()> {
         metrics: args.metrics,
         local_vips: !args.no_local_vips,
         inject_fault: args.inject_fault,
+        datapath_log,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,

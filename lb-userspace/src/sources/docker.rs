@@ -12,11 +12,11 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::model::ServiceSpec;
+use crate::sources::engine::Engine;
+use crate::sources::label_frontends::Gate;
 use crate::sources::labels::{self, Rejected};
 use crate::sources::netns_dir::NetnsDir;
 use crate::sources::swarm;
-
-pub use lb_api::cli::lbd::DEFAULT_DOCKER_HOST as DEFAULT_HOST;
 
 /// How often everything is listed again even without events.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -66,13 +66,29 @@ const SWARM_POLL: Duration = Duration::from_secs(1);
 
 /// `exec_root`: the engine's `--exec-root` when given (`--docker-exec-root`);
 /// otherwise it is found (see netns_dir.rs).
-pub async fn watch(host: String, exec_root: Option<std::path::PathBuf>, tx: mpsc::Sender<Update>) {
+pub async fn watch(
+    host: Engine,
+    exec_root: Option<std::path::PathBuf>,
+    mut gate: Gate,
+    tx: mpsc::Sender<Update>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut down = false;
+    // Refusals already logged: each is said once, not at every resync.
+    let mut logged = Vec::new();
     loop {
         let mut connected = false;
-        let mut netns = NetnsDir::new(exec_root.clone(), &host);
-        let Err(e) = session(&host, &mut netns, &tx, &mut connected).await else {
+        let mut netns = NetnsDir::new(exec_root.clone(), &host.to_string());
+        let Err(e) = session(
+            &host,
+            &mut netns,
+            &mut gate,
+            &mut logged,
+            &tx,
+            &mut connected,
+        )
+        .await
+        else {
             return; // the daemon is stopping
         };
         if connected {
@@ -99,12 +115,15 @@ pub async fn watch(host: String, exec_root: Option<std::path::PathBuf>, tx: mpsc
 /// One connection to the engine, until it fails. Returns Ok only when the
 /// receiver is gone.
 async fn session(
-    host: &str,
+    host: &Engine,
     netns: &mut NetnsDir,
+    gate: &mut Gate,
+    logged: &mut Vec<Rejected>,
     tx: &mpsc::Sender<Update>,
     connected: &mut bool,
 ) -> Result<()> {
-    let docker = connect(host)?
+    let docker = host
+        .connect()?
         .negotiate_version()
         .await
         .context("negotiating the API version")?;
@@ -123,7 +142,8 @@ async fn session(
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, netns, None).await?;
+    let first = sync(&docker, netns, gate, None).await?;
+    log_refusals(&first.rejected, logged);
     let first_in_swarm = first.swarm_role != "inactive";
     let (first_services, first_rejected) = (first.services.clone(), first.rejected.clone());
     *connected = true;
@@ -152,6 +172,13 @@ async fn session(
             },
             _ = resync.tick() => None,
             _ = swarm_poll.tick(), if in_swarm => None,
+            // The operator allowed other frontends (a config reload).
+            changed = gate.policy.changed() => {
+                if changed.is_err() {
+                    return Ok(()); // the daemon is stopping
+                }
+                None
+            }
         };
         // Let a burst of events (a scale-up starts many containers) settle.
         let settle = tokio::time::sleep(DEBOUNCE);
@@ -172,7 +199,8 @@ async fn session(
         if pending.is_some_and(|t| t.elapsed().unwrap_or_default() > PENDING_EVENT) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, netns, None).await?;
+        let mut snapshot = sync(&docker, netns, gate, None).await?;
+        log_refusals(&snapshot.rejected, logged);
         in_swarm = snapshot.swarm_role != "inactive";
         let now = (snapshot.services.clone(), snapshot.rejected.clone());
         if now == last {
@@ -186,13 +214,12 @@ async fn session(
     }
 }
 
-fn connect(host: &str) -> Result<Docker> {
-    let docker = if host.starts_with("unix://") || host.starts_with('/') {
-        Docker::connect_with_socket(host, 30, bollard::API_DEFAULT_VERSION)
-    } else {
-        Docker::connect_with_http(host, 30, bollard::API_DEFAULT_VERSION)
-    };
-    docker.with_context(|| format!("connecting to {host}"))
+/// Logs the refusals that were not in force at the last resync.
+fn log_refusals(rejected: &[Rejected], logged: &mut Vec<Rejected>) {
+    for r in rejected.iter().filter(|r| !logged.contains(r)) {
+        log::warn!("container {} refused: {}", r.container, r.reason);
+    }
+    *logged = rejected.to_vec();
 }
 
 fn relevant(e: &bollard::models::EventMessage) -> bool {
@@ -224,6 +251,7 @@ fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
 async fn sync(
     docker: &Docker,
     netns: &mut NetnsDir,
+    gate: &Gate,
     cause: Option<SystemTime>,
 ) -> Result<Snapshot> {
     let filters = HashMap::from([
@@ -238,7 +266,7 @@ async fn sync(
         }))
         .await
         .context("listing containers")?;
-    let (mut services, rejected) = labels::services(&containers);
+    let (mut services, rejected) = labels::services(&containers, &gate.screen());
     let netns_dir = netns.get(docker).await;
     let swarm = swarm::view(docker, &netns_dir).await?;
     let mut nodes = swarm.nodes;

@@ -17,7 +17,8 @@
 //! container.
 //!
 //! Labels are untrusted input: a bad label rejects that container alone,
-//! with a reason, and never an unrelated service.
+//! with a reason, and never an unrelated service. A frontend must also pass
+//! the operator's policy (label_frontends.rs).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -117,8 +118,12 @@ struct Member {
 
 /// Groups running, labelled containers into services, one per frontend.
 /// Containers that are unhealthy, or whose health check has not passed yet,
-/// are left out until Docker says they are healthy.
-pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejected>) {
+/// are left out until Docker says they are healthy. `allow` says whether a
+/// label may take a frontend address, and why not.
+pub fn services(
+    containers: &[ContainerSummary],
+    allow: &dyn Fn(IpAddr) -> Result<(), String>,
+) -> (Vec<ServiceSpec>, Vec<Rejected>) {
     let mut rejected = Vec::new();
     let mut members = Vec::new();
     for c in containers {
@@ -126,7 +131,7 @@ pub fn services(containers: &[ContainerSummary]) -> (Vec<ServiceSpec>, Vec<Rejec
         if !labels.contains_key(FRONTEND) {
             continue;
         }
-        match member(c) {
+        match member(c, allow) {
             Ok(Some(m)) => members.push(m),
             Ok(None) => {}
             Err(reason) => rejected.push(Rejected {
@@ -188,9 +193,13 @@ fn name(c: &ContainerSummary) -> String {
 }
 
 /// `Ok(None)`: a valid container that is not (yet) serving.
-fn member(c: &ContainerSummary) -> Result<Option<Member>, String> {
+fn member(
+    c: &ContainerSummary,
+    allow: &dyn Fn(IpAddr) -> Result<(), String>,
+) -> Result<Option<Member>, String> {
     let labels = c.labels.clone().unwrap_or_default();
     let frontend = parse_frontend(&labels[FRONTEND]).map_err(|e| format!("{FRONTEND}: {e}"))?;
+    allow(frontend.addr).map_err(|e| format!("{FRONTEND} {frontend}: {e}"))?;
     let port: u16 = labels
         .get(PORT)
         .ok_or_else(|| format!("{PORT} is missing"))?
@@ -332,6 +341,10 @@ mod tests {
     }
 
     const FE: (&str, &str) = ("lb.frontend", "10.73.0.10:80/tcp");
+
+    fn any(_: IpAddr) -> Result<(), String> {
+        Ok(())
+    }
     const PORT8080: (&str, &str) = ("lb.port", "8080");
 
     #[test]
@@ -347,7 +360,7 @@ mod tests {
             ),
             container("plain", 3, &[], "172.17.0.4", "Up 1 second"),
         ];
-        let (services, rejected) = services(&cs);
+        let (services, rejected) = services(&cs, &any);
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(services.len(), 1);
         let s = &services[0];
@@ -388,7 +401,7 @@ mod tests {
             ),
             container("noip", 5, &[FE, PORT8080], "", "Up"),
         ];
-        let (services, rejected) = services(&cs);
+        let (services, rejected) = services(&cs, &any);
         assert_eq!(services.len(), 1);
         assert_eq!(services[0].backends.len(), 1);
         let names: Vec<&str> = rejected.iter().map(|r| r.container.as_str()).collect();
@@ -415,7 +428,7 @@ mod tests {
                 "Up",
             ),
         ];
-        let (services, rejected) = services(&cs);
+        let (services, rejected) = services(&cs, &any);
         assert_eq!(services[0].name, "web");
         assert_eq!(services[0].backends.len(), 1);
         assert_eq!(rejected.len(), 1);
@@ -438,7 +451,7 @@ mod tests {
             "172.17.0.2",
             "Up",
         )];
-        let (services, rejected) = services(&cs);
+        let (services, rejected) = services(&cs, &any);
         assert!(rejected.is_empty(), "{rejected:?}");
         let h = services[0].health.clone().unwrap();
         assert_eq!(
@@ -458,7 +471,7 @@ mod tests {
             "172.17.0.3",
             "Up",
         )];
-        let (_, rejected) = super::services(&bad);
+        let (_, rejected) = super::services(&bad, &any);
         assert!(rejected[0].reason.contains("tcp or http"), "{rejected:?}");
     }
 
@@ -487,9 +500,54 @@ mod tests {
                 "Up 1 second (health: starting)",
             ),
         ];
-        let (services, rejected) = services(&cs);
+        let (services, rejected) = services(&cs, &any);
         assert!(rejected.is_empty());
         assert_eq!(services[0].backends.len(), 1);
         assert_eq!(services[0].backends[0].addr.to_string(), "172.17.0.2");
+    }
+
+    #[test]
+    fn a_frontend_the_policy_refuses_rejects_its_container_with_the_reason() {
+        let cs = [
+            container("ok", 1, &[FE, PORT8080], "172.17.0.2", "Up"),
+            container(
+                "ssh",
+                2,
+                &[("lb.frontend", "10.75.0.1:22/tcp"), PORT8080],
+                "172.17.0.3",
+                "Up",
+            ),
+            // Refused before its health is looked at, so that the reason
+            // shows while it starts.
+            container(
+                "starting",
+                3,
+                &[("lb.frontend", "10.75.0.1:23/tcp"), PORT8080],
+                "172.17.0.4",
+                "Up 1 second (health: starting)",
+            ),
+        ];
+        let only_73 = |addr: IpAddr| -> Result<(), String> {
+            match addr {
+                IpAddr::V4(v4) if v4.octets()[..3] == [10, 73, 0] => Ok(()),
+                _ => Err(format!("{addr} is not allowed")),
+            }
+        };
+        let (services, rejected) = services(&cs, &only_73);
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].frontend.to_string(), "10.73.0.10:80/tcp");
+        assert_eq!(
+            rejected,
+            [
+                Rejected {
+                    container: "ssh".into(),
+                    reason: "lb.frontend 10.75.0.1:22/tcp: 10.75.0.1 is not allowed".into()
+                },
+                Rejected {
+                    container: "starting".into(),
+                    reason: "lb.frontend 10.75.0.1:23/tcp: 10.75.0.1 is not allowed".into()
+                },
+            ]
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! `merge` combines them, deciding who owns a contested frontend.
 
 pub mod docker;
+pub mod engine;
+pub mod label_frontends;
 pub mod labels;
 pub mod merge;
 pub mod netns_dir;
