@@ -15,10 +15,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lb_tests::echo::{tcp_request, udp_request};
-use lb_tests::lbd::lbctl;
+use lb_tests::lbd::{lbctl, Lbd};
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::{wait_until, ChildGuard};
-use lb_tests::topology::{echo_bin, target_bin, Topology};
+use lb_tests::topology::{echo_bin, Topology};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -67,94 +67,9 @@ backends = ["10.72.1.2:{t}", {{ addr = "10.72.2.2:{t}", weight = 0 }}]
     )
 }
 
-/// lbd with `--metrics`, which `lb_tests::lbd::Lbd` does not pass: its own
-/// config, socket and pins, all removed on drop.
-struct MetricsLbd {
-    process: Option<ChildGuard>,
-    dir: PathBuf,
-    pin_dir: PathBuf,
-}
-
-impl MetricsLbd {
-    fn start(ns: &Netns, tag: &str, config: &str) -> MetricsLbd {
-        let name = unique_name(tag);
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut lbd = MetricsLbd {
-            process: None,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-            dir,
-        };
-        std::fs::write(lbd.config(), config).unwrap();
-        let log = std::fs::File::create(lbd.dir.join("lbd.log")).unwrap();
-        let mut cmd = ns.command(target_bin("lbd"));
-        cmd.arg("--config")
-            .arg(lbd.config())
-            .arg("--socket")
-            .arg(lbd.dir.join("lbd.sock"))
-            .arg("--pin-dir")
-            .arg(&lbd.pin_dir)
-            .arg("--metrics")
-            .arg(METRICS)
-            .env("RUST_LOG", "info,netlink_packet_route=error")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        lbd.process = Some(ChildGuard::spawn(&mut cmd).unwrap());
-        // Ready once the endpoint answers with every interface attached,
-        // which also shows that the listener is up.
-        let ready = wait_until(Duration::from_secs(15), "lbd's metrics endpoint", || {
-            ns.run(|| get("/status.json"))
-                .ok()
-                .filter(|r| r.code == 200)
-                .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
-                .is_some_and(|s| {
-                    s["interfaces"]
-                        .as_array()
-                        .is_some_and(|a| INTERFACES.iter().all(|i| a.contains(&(*i).into())))
-                })
-        });
-        if let Err(e) = ready {
-            panic!("{e:#}");
-        }
-        lbd
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.join("lbd.toml")
-    }
-
-    /// Replaces the config and signals a reload.
-    fn reload(&self, text: &str) {
-        let tmp = self.dir.join("lbd.toml.new");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.config()).unwrap();
-        let pid = self.process.as_ref().unwrap().pid();
-        kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for MetricsLbd {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.terminate();
-        }
-        // lbd leaves its datapath pinned on SIGTERM, for the next lbd.
-        lb_userspace::datapath::remove_pins(&self.pin_dir);
-        lb_tests::lbd::remove_run_files(&self.pin_dir);
-        if std::thread::panicking() {
-            eprintln!("lbd's log:\n{}", self.log());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// lbd is declared first so that it stops before the namespaces go.
 struct Env {
-    lbd: MetricsLbd,
+    lbd: Lbd,
     topo: Topology,
 }
 
@@ -162,7 +77,23 @@ fn setup(tag: &str) -> Env {
     let mut topo = Topology::new(tag).expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd = MetricsLbd::start(&topo.lb, tag, &config());
+    let lbd = Lbd::start_with(
+        &topo.lb,
+        tag,
+        &config(),
+        &INTERFACES,
+        &["--metrics", METRICS],
+    )
+    .expect("lbd");
+    // The endpoint answers once its listener is up.
+    let ready = wait_until(Duration::from_secs(15), "lbd's metrics endpoint", || {
+        topo.lb
+            .run(|| get("/status.json"))
+            .is_ok_and(|r| r.code == 200)
+    });
+    if let Err(e) = ready {
+        panic!("{e:#}\nlbd's log:\n{}", lbd.log());
+    }
     Env { lbd, topo }
 }
 
@@ -463,7 +394,7 @@ fn metrics_and_stats_page_show_the_traffic() {
     assert_eq!(resp.code, 200);
     let status: Value = serde_json::from_str(&resp.body).expect("status.json parses");
     assert_eq!(status["services"].as_array().unwrap().len(), 4);
-    let lbctl = lbctl(&env.lbd.dir.join("lbd.sock"), &["status", "--json"]).expect("lbctl");
+    let lbctl = lbctl(&env.lbd.socket, &["status", "--json"]).expect("lbctl");
     let lbctl: Value = serde_json::from_str(&lbctl).unwrap();
     assert_eq!(status["services"], lbctl["services"]);
     assert_eq!(get_in(&env.topo.lb, "/nope").code, 404);
@@ -513,7 +444,8 @@ fn metrics_and_stats_page_show_the_traffic() {
 
     // 3. A rejected reload shows prominently and in the metrics.
     env.lbd
-        .reload("[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80\"\n");
+        .reload("[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80\"\n")
+        .expect("signalling a reload");
     wait_until(Duration::from_secs(10), "the reload to fail", || {
         env.topo
             .lb
