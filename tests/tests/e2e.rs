@@ -393,35 +393,61 @@ fn full_nat_hides_the_client_and_still_answers_from_the_frontend() {
     assert_eq!(counter(service(&status, "fullnat"), "new_flows"), 30);
 }
 
+/// New connections to `web()` from the client, one after another, while
+/// lbd is restarted; bounded in count (20,000) and time (20 s).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(env: &Env) -> Load {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let thread = {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            env.topo.client.spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !stop.load(Relaxed)
+                    && std::time::Instant::now() < deadline
+                    && sent.load(Relaxed) < 20_000
+                {
+                    sent.fetch_add(1, Relaxed);
+                    if let Err(e) = tcp_request(web(), TIMEOUT) {
+                        eprintln!("request failed: {e:#}");
+                        failed.fetch_add(1, Relaxed);
+                    }
+                }
+            })
+        };
+        Load {
+            stop,
+            sent,
+            failed,
+            thread,
+        }
+    }
+
+    /// Stops the load; returns how many requests were sent and failed.
+    fn finish(self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stop.store(true, Relaxed);
+        self.thread.join().unwrap();
+        (self.sent.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
 /// lbd is SIGKILLed and started again while a load of new connections runs
 /// and long-lived connections stay open: the datapath keeps running from
 /// its pinned maps and links, and the new lbd adopts them.
 #[test]
 fn killing_and_restarting_lbd_under_load_loses_nothing() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
     let mut env = setup("restart");
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        env.topo.client.spawn(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            // Bounded in count and time.
-            while !stop.load(Ordering::Relaxed)
-                && std::time::Instant::now() < deadline
-                && sent.load(Ordering::Relaxed) < 20_000
-            {
-                sent.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = tcp_request(web(), TIMEOUT) {
-                    eprintln!("request failed: {e:#}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let load = Load::start(&env);
     let sessions = Sessions::open(&env, 5);
     let ask = || sessions.ask();
     let before = ask();
@@ -447,10 +473,8 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
         "long-lived connections moved after the restart"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    let (sent, failed) = load.finish();
     drop(sessions);
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("restart under load: {sent} requests, {failed} failed");
     assert!(sent > 50, "the load barely ran: {sent} requests");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
@@ -746,35 +770,13 @@ fn a_second_lbd_on_the_same_pins_or_socket_is_refused() {
 /// moves, and a backend drained before the restart stays drained after it.
 #[test]
 fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
     let mut env = setup("sigterm");
     let sessions = Sessions::open(&env, 5);
     let ask = || sessions.ask();
     let before = ask();
     let drained = format!("10.72.1.2:{TCP_PORT}");
     lb_tests::lbd::lbctl(&env.lbd.socket, &["drain", "web", &drained]).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        env.topo.client.spawn(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            // Bounded in count and time.
-            while !stop.load(Ordering::Relaxed)
-                && std::time::Instant::now() < deadline
-                && sent.load(Ordering::Relaxed) < 20_000
-            {
-                sent.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = tcp_request(web(), TIMEOUT) {
-                    eprintln!("request failed: {e:#}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let load = Load::start(&env);
     std::thread::sleep(Duration::from_millis(300));
 
     assert!(env.lbd.stop(), "lbd did not exit cleanly on SIGTERM");
@@ -799,10 +801,8 @@ fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
         "long-lived connections moved after the restart"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    let (sent, failed) = load.finish();
     drop(sessions);
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("SIGTERM and start under load: {sent} requests, {failed} failed");
     assert!(sent > 50, "the load barely ran: {sent} requests");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
