@@ -51,18 +51,8 @@ pub fn render_table(list: &ConnectionList) -> String {
             format!("{:.0}s", c.expires_in_secs),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
     let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    crate::status::write_columns(&mut out, &rows);
     let shown = list.connections.len() as u64;
     if list.total > shown {
         let _ = writeln!(out, "... {} more (raise --limit)", list.total - shown);

@@ -247,17 +247,7 @@ pub fn render_table(status: &Status) -> String {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    write_columns(&mut out, &rows);
     if status.services.is_empty() {
         let _ = writeln!(out, "(no services)");
     }
@@ -370,4 +360,22 @@ pub fn render_table(status: &Status) -> String {
         let _ = writeln!(out, "tasks: {}", tasks.join("; "));
     }
     out
+}
+
+/// Writes `rows` as left-aligned columns two spaces apart, each as wide as
+/// its widest cell (the tables of `lbctl status` and `lbctl conntrack list`).
+pub(crate) fn write_columns<R: AsRef<[String]>>(out: &mut String, rows: &[R]) {
+    let columns = rows.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().map(|r| r.as_ref()[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
 }

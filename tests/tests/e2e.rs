@@ -432,12 +432,15 @@ impl Load {
         }
     }
 
-    /// Stops the load; returns how many requests were sent and failed.
-    fn finish(self) -> (usize, usize) {
+    /// Stops the load and checks that it ran and that no request failed.
+    fn finish_without_failures(self, what: &str) {
         use std::sync::atomic::Ordering::Relaxed;
         self.stop.store(true, Relaxed);
         self.thread.join().unwrap();
-        (self.sent.load(Relaxed), self.failed.load(Relaxed))
+        let (sent, failed) = (self.sent.load(Relaxed), self.failed.load(Relaxed));
+        eprintln!("{what}: {sent} requests, {failed} failed");
+        assert!(sent > 50, "the load barely ran: {sent} requests");
+        assert_eq!(failed, 0, "{failed} of {sent} requests failed");
     }
 }
 
@@ -473,11 +476,8 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
         "long-lived connections moved after the restart"
     );
 
-    let (sent, failed) = load.finish();
+    load.finish_without_failures("restart under load");
     drop(sessions);
-    eprintln!("restart under load: {sent} requests, {failed} failed");
-    assert!(sent > 50, "the load barely ran: {sent} requests");
-    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
     // The new lbd serves the same services, adopted rather than re-created.
     let status = env.lbd.status().unwrap();
     assert_eq!(
@@ -801,11 +801,8 @@ fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
         "long-lived connections moved after the restart"
     );
 
-    let (sent, failed) = load.finish();
+    load.finish_without_failures("SIGTERM and start under load");
     drop(sessions);
-    eprintln!("SIGTERM and start under load: {sent} requests, {failed} failed");
-    assert!(sent > 50, "the load barely ran: {sent} requests");
-    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
     assert!(
         env.lbd.log().contains("adopted 5 services"),
         "{}",

@@ -222,15 +222,18 @@ fn lbd_under_ip_netns_exec_is_refused_and_leaves_nothing() {
     let config = tmp.0.join("lbd.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let mounts_before = mounts_under(Path::new("/sys/fs/bpf"));
+    let lbd_args = [
+        "--config".into(),
+        config.clone().into_os_string(),
+        "--socket".into(),
+        tmp.0.join("lbd.sock").into_os_string(),
+        "--pin-dir".into(),
+        pins.0.clone().into_os_string(),
+    ];
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns.name()])
         .arg(target_bin("lbd"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(tmp.0.join("lbd.sock"))
-        .arg("--pin-dir")
-        .arg(&pins.0);
+        .args(&lbd_args);
     let out = run(cmd, &tmp.0.join("lbd.err"));
     refused("lbd under ip netns exec", &out);
     assert!(
@@ -247,12 +250,7 @@ fn lbd_under_ip_netns_exec_is_refused_and_leaves_nothing() {
     cmd.args(["netns", "exec", ns.name(), "sh", "-c"])
         .arg(r#"mount -t bpf bpf /sys/fs/bpf && "$0" "$@""#)
         .arg(target_bin("lbd"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(tmp.0.join("lbd.sock"))
-        .arg("--pin-dir")
-        .arg(&pins.0);
+        .args(&lbd_args);
     let out = run(cmd, &tmp.0.join("lbd.err"));
     refused("lbd on a bpffs private to ip netns exec", &out);
     assert!(
