@@ -8,14 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
-use aya::maps::{HashMap, MapData};
 use lb_api::connections::{Connection, ConnectionList};
 use lb_common::{
     Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED, ST_FIN_BACKEND, ST_FIN_CLIENT,
     ST_RST, ST_SEEN_REPLY,
 };
 
-use crate::datapath::Maps;
 use crate::model::ConntrackSettings;
 use crate::reconciler::{addr_of, Reconciler};
 
@@ -80,27 +78,6 @@ pub fn now(cfg: &Config) -> u64 {
 /// Whether the half `e` has outlived its timeout at `now`.
 pub fn expired(e: &CtEntry, cfg: &Config, now: u64) -> bool {
     now.saturating_sub(e.last_seen_ns) > cfg.timeout_ns(e.proto, e.state)
-}
-
-/// Deletes every expired half from both conntrack tables; returns how many.
-pub fn collect_garbage(maps: &mut Maps) -> u64 {
-    let Ok(cfg) = maps.config.get(&0, 0) else {
-        return 0;
-    };
-    let now = now(&cfg);
-    sweep(&mut maps.conntrack, &cfg, now) + sweep(&mut maps.ct_pending, &cfg, now)
-}
-
-fn sweep(map: &mut HashMap<MapData, FlowKey, CtEntry>, cfg: &Config, now: u64) -> u64 {
-    // Collected first: deleting while iterating a BPF hash map restarts
-    // the walk.
-    let dead: Vec<FlowKey> = map
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(_, e)| expired(e, cfg, now))
-        .map(|(k, _)| k)
-        .collect();
-    dead.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }
 
 /// What both halves of a connection carry alike: client, frontend, proto.

@@ -658,11 +658,6 @@ impl Reconciler<Maps> {
     pub fn datapath_config(&self) -> Result<lb_common::Config> {
         Ok(self.maps.config.get(&0, 0)?)
     }
-
-    /// Deletes expired conntrack entries; returns how many.
-    pub fn collect_garbage(&mut self) -> u64 {
-        crate::conntrack::collect_garbage(&mut self.maps)
-    }
 }
 
 pub fn nr_cpus() -> Result<usize> {
