@@ -71,7 +71,10 @@ pub fn state(services: u32, backends: u32) -> DesiredState {
             service(&format!("s{i}"), frontend(i), backends)
         })
         .collect();
-    DesiredState { services }
+    DesiredState {
+        services,
+        ..Default::default()
+    }
 }
 
 /// A service as a source would produce it. Built through serde so that

@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 /// holds two entries per connection (one per direction) and CT_PENDING, for
 /// connections not yet confirmed, as many entries as there are connections.
 pub const DEFAULT_MAX_FLOWS: u32 = 262144;
+/// Capacity of SOCK_MEMBERS: (network namespace, network) pairs, about one
+/// per container per network it is attached to.
+pub const MAX_MEMBERS: u32 = 65536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -37,6 +40,8 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const SOCK_MEMBERS: &str = "SOCK_MEMBERS";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// The layout record of a pin directory (see [`super::Layout`]). Made
     /// and read by lbd only; the datapath never looks at it.
     pub const LAYOUT: &str = "LAYOUT";
@@ -47,7 +52,7 @@ pub mod maps {
 /// map's type or flags in lb-ebpf) changes, even if its size stays the same:
 /// an lbd then refuses pins made under another version instead of reading
 /// them wrongly. Map sizes are checked separately, map by map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// LAYOUT's only value: under which layout and limits the maps of a pin
 /// directory were made.
@@ -65,6 +70,11 @@ pub mod progs {
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// A program that only passes, for measuring the cost of running any program.
     pub const TC_PASS: &str = "lb_tc_pass";
+    /// The socket programs (cgroup hooks) of network-scoped services.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 }
 
 /// SERVICES key: a frontend. `port` is in network byte order.
@@ -85,6 +95,13 @@ pub const FLAG_FULLNAT: u32 = 1;
 /// packet that finds no backend is handed to the kernel, which answers it
 /// (TCP reset, ICMP port unreachable) instead of it being dropped.
 pub const FLAG_LOCAL_VIP: u32 = 2;
+/// ServiceValue::flags: a virtual address of one network (a Swarm service
+/// VIP), balanced when a socket connects or sends, and only for sockets of
+/// network namespaces that are members of `ServiceValue::network` (see
+/// SOCK_MEMBERS). The key's port is 0: every port of the address; a
+/// backend's port 0 keeps the port asked for. The packet datapath ignores
+/// these services.
+pub const FLAG_SOCKET: u32 = 4;
 
 /// SERVICES value.
 #[repr(C)]
@@ -102,6 +119,39 @@ pub struct ServiceValue {
     /// Session affinity: a client's new flows go to the backend of its
     /// previous flow if that began less than this long ago. 0: off.
     pub affinity_ns: u64,
+    /// With FLAG_SOCKET: the network whose members may use the address.
+    pub network: u32,
+    pub _pad: u32,
+}
+
+/// SOCK_MEMBERS key: a network namespace (its cookie) attached to a network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub netns_cookie: u64,
+    pub network: u32,
+    pub _pad: u32,
+}
+
+/// SOCK_REVNAT key: a socket (its cookie) and the backend it was sent to.
+/// Addresses and ports as the socket programs see them (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    pub socket_cookie: u64,
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// SOCK_REVNAT value: the virtual address and port the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevValue {
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// AFFINITY key: a client of a service.
@@ -339,7 +389,12 @@ pub mod global {
     pub const CT_RESTORED: u32 = 16;
     /// Inserting a conntrack entry failed (the packet was dropped).
     pub const CT_INSERT_FAILED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// A socket's connect or send to a socket-balanced address was sent to
+    /// a backend instead.
+    pub const SOCK_TRANSLATED: u32 = 18;
+    /// ... or refused, the address having no backend that takes new flows.
+    pub const SOCK_REFUSED: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
         "translated",
@@ -359,6 +414,8 @@ pub mod global {
         "ct_expired",
         "ct_restored",
         "ct_insert_failed",
+        "sock_translated",
+        "sock_refused",
     ];
 }
 
@@ -377,11 +434,17 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for Layout {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
 }
 
 // No implicit padding anywhere: each size is the sum of its fields.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 40);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 48);
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);

@@ -67,7 +67,7 @@ pub fn takes_new_flows(slot: u32, id: u32) -> Option<&'static Backend> {
 }
 
 #[inline(always)]
-fn maglev(svc: &ServiceValue, hash: u32) -> Option<(u32, &'static Backend)> {
+pub fn maglev(svc: &ServiceValue, hash: u32) -> Option<(u32, &'static Backend)> {
     let slot = hash % MAGLEV_M;
     let id = *RINGS.get(svc.ring.checked_mul(MAGLEV_M)?.checked_add(slot)?)?;
     Some((id, takes_new_flows(svc.slot, id)?))

@@ -17,6 +17,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -25,12 +26,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     global, Backend, Config, CtEntry, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE,
-    BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, PROTO_TCP, PROTO_UDP, ST_CLOSING,
-    ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
+    BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, PROTO_TCP, PROTO_UDP,
+    ST_CLOSING, ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
 use forward::Route;
-use maps::{count, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH, SERVICES, SERVICE_STATS};
+use maps::{
+    add_stats, count, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH, SERVICES, SERVICE_STATS,
+};
 use nat::Side;
 use parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -103,8 +106,9 @@ fn transport(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
     };
     // SAFETY: plain data, written whole by the reconciler.
     match unsafe { SERVICES.get(&key) } {
-        Some(svc) => new_flow(ctx, s, svc, cfg, now),
-        None => UNSPEC,
+        // A socket-balanced address is for the socket programs alone.
+        Some(svc) if svc.flags & FLAG_SOCKET == 0 => new_flow(ctx, s, svc, cfg, now),
+        _ => UNSPEC,
     }
 }
 
@@ -387,13 +391,6 @@ fn icmp_error(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
 }
 
 #[inline(always)]
-fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficStats)) {
-    if let Some(st) = stats {
-        // SAFETY: per-CPU value from a successful lookup.
-        f(unsafe { &mut *st });
-    }
-}
-
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 

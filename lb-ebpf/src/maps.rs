@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    global, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, ServiceKey,
-    ServiceValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    MAGLEV_M, RINGS_PER_SERVICE,
+    global, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_SERVICES, MAGLEV_M, MAX_MEMBERS, RINGS_PER_SERVICE,
 };
 
 use crate::parse::Packet;
@@ -62,6 +62,20 @@ pub static CT_PENDING: LruHashMap<FlowKey, CtEntry> =
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
+/// (network namespace cookie, network) -> 1: which namespaces may use the
+/// socket-balanced addresses of which network (see FLAG_SOCKET). Written
+/// by the reconciler.
+#[map]
+pub static SOCK_MEMBERS: HashMap<MemberKey, u8> = HashMap::with_max_entries(MAX_MEMBERS, 0);
+
+/// (socket cookie, backend address and port, protocol) -> the virtual
+/// address and port the socket asked for, so that `getpeername` and the
+/// source of a received datagram show the address the application used.
+/// Written by the socket programs; the LRU forgets closed sockets.
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
 /// One entry: timeouts, the SNAT port range and the clock. Written by lbd.
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -108,5 +122,14 @@ pub fn count(index: u32) {
     if let Some(c) = GLOBAL_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and the program is not preempted on its CPU.
         unsafe { *c += 1 };
+    }
+}
+
+/// Adds to a per-CPU counter set found by a lookup.
+#[inline(always)]
+pub fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficStats)) {
+    if let Some(st) = stats {
+        // SAFETY: per-CPU value from a successful lookup.
+        f(unsafe { &mut *st });
     }
 }

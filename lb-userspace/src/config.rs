@@ -379,6 +379,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             snat,
             health,
             affinity_secs,
+            network: None,
             source: source.clone(),
         });
     }

@@ -36,6 +36,8 @@ pub struct Options {
     /// The engine's exec root, where Swarm's ingress sandbox lives, when
     /// given; otherwise found (sources/netns_dir.rs).
     pub docker_exec_root: Option<PathBuf>,
+    /// Where the socket programs attach (see cgroup.rs); found when None.
+    pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub interfaces: Vec<String>,
@@ -75,6 +77,8 @@ struct State {
     census: crate::census::Worker,
     config_status: ConfigStatus,
     docker_services: Vec<ServiceSpec>,
+    /// Network namespaces on Swarm's overlay networks (service VIPs).
+    docker_members: BTreeSet<crate::model::Member>,
     docker_status: Option<DockerStatus>,
     conflicts: Vec<Conflict>,
     /// Services the last convergence could not apply, and why.
@@ -138,6 +142,7 @@ pub async fn run(opts: Options) -> Result<()> {
             ..Default::default()
         },
         docker_services: Vec::new(),
+        docker_members: BTreeSet::new(),
         docker_status: opts.docker.as_ref().map(|host| DockerStatus {
             host: host.to_string(),
             ..Default::default()
@@ -165,6 +170,12 @@ pub async fn run(opts: Options) -> Result<()> {
         .reconciler
         .set_conntrack(&state.conntrack)
         .context("writing the conntrack settings")?;
+    if opts.docker.is_some() {
+        let cgroup = opts.cgroup.clone().map_or_else(crate::cgroup::v2_root, Ok);
+        if let Err(e) = cgroup.and_then(|c| state.datapath.attach_sockets(&c)) {
+            log::error!("Swarm service VIPs cannot be balanced: {e:#}");
+        }
+    }
     if !state.awaiting_docker {
         state.reconciler.release_adopted();
     }
@@ -326,6 +337,7 @@ impl State {
     /// by service; returns the services that could not be applied.
     fn converge(&mut self) -> Vec<crate::reconciler::ServiceFailure> {
         let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        desired.members = self.docker_members.clone();
         self.checkers.sync(&desired.services);
         let checkers = &self.checkers;
         self.down.retain(|(f, b), _| checkers.checks(f, b));
@@ -458,8 +470,10 @@ impl State {
                     .map(|r| format!("{}: {}", r.container, r.reason))
                     .collect();
                 self.backend_nodes = snapshot.nodes;
-                let mut changed = self.docker_services != snapshot.services;
+                let mut changed = self.docker_services != snapshot.services
+                    || self.docker_members != snapshot.members;
                 self.docker_services = snapshot.services;
+                self.docker_members = snapshot.members;
                 if std::mem::take(&mut self.awaiting_docker) {
                     self.reconciler.release_adopted();
                     changed = true;

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use crate::datapath_log::DatapathLog;
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
-    maps, progs, Backend, Config, CtEntry, FlowKey, ServiceKey, ServiceValue, TrafficStats,
-    MAGLEV_M, RINGS_PER_SERVICE,
+    maps, progs, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey, ServiceValue,
+    TrafficStats, MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 /// The datapath object, built by build.rs from the lb-ebpf crate.
@@ -51,6 +52,8 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    /// Which network namespaces belong to which networks (FLAG_SOCKET).
+    pub members: HashMap<MapData, MemberKey, u8>,
     pub limits: Limits,
 }
 
@@ -61,7 +64,24 @@ pub struct Datapath {
     links: BTreeMap<String, Attachment>,
     /// Other namespaces attached in, by tag: the namespace's inode.
     netns: BTreeMap<String, u64>,
+    /// The socket programs' attachments to a cgroup, by program name.
+    sockets: BTreeMap<&'static str, SocketAttachment>,
+    /// Whether the kernel took the socket programs, and if not why.
+    sockets_loadable: Result<(), String>,
 }
+
+enum SocketAttachment {
+    Owned(#[expect(dead_code, reason = "held: dropping it detaches")] CgroupSockAddrLink),
+    Pinned(PinnedLink),
+}
+
+/// The socket programs (FLAG_SOCKET services), see lb-ebpf's sock.rs.
+pub const SOCKET_PROGRAMS: [&str; 4] = [
+    progs::SOCK_CONNECT4,
+    progs::SOCK_SENDMSG4,
+    progs::SOCK_RECVMSG4,
+    progs::SOCK_GETPEERNAME4,
+];
 
 enum Attachment {
     Owned(SchedClassifierLink),
@@ -69,8 +89,10 @@ enum Attachment {
 }
 
 /// The maps lbd pins, by name.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 12] = [
     maps::AFFINITY,
+    maps::SOCK_MEMBERS,
+    maps::SOCK_REVNAT,
     maps::SERVICES,
     maps::BACKENDS,
     maps::RINGS,
@@ -108,6 +130,7 @@ fn max_entries(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
         (maps::CONNTRACK, flows2),
         (maps::CT_PENDING, limits.max_flows),
         (maps::AFFINITY, limits.max_flows),
+        (maps::SOCK_REVNAT, limits.max_flows),
     ])
 }
 
@@ -150,6 +173,10 @@ impl Datapath {
             .try_into()?;
         prog.load()
             .context("the kernel rejected the datapath program")?;
+        // Now, while every map the programs name is still open under the
+        // descriptor its instructions were given: taking a map below can
+        // close one, and a program loaded later would then name another.
+        let sockets_loadable = load_socket_programs(&mut ebpf).map_err(|e| format!("{e:#}"));
         let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
@@ -160,6 +187,7 @@ impl Datapath {
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             global_stats: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            members: take(&mut ebpf, maps::SOCK_MEMBERS)?,
             limits,
         };
         let mut maps = maps;
@@ -173,6 +201,8 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_path_buf),
             links: BTreeMap::new(),
             netns: BTreeMap::new(),
+            sockets: BTreeMap::new(),
+            sockets_loadable,
         };
         Ok((datapath, maps))
     }
@@ -314,6 +344,51 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs to the cgroup v2 directory `cgroup`, so
+    /// that the sockets of every process below it reach FLAG_SOCKET
+    /// addresses (whose namespace is a member of their network). Links an
+    /// earlier lbd pinned are replaced only once the new ones are in place:
+    /// both run meanwhile, and the second finds nothing left to translate,
+    /// so no connection goes unbalanced during a restart.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        self.sockets_loadable.clone().map_err(|e| anyhow!(e))?;
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        for name in SOCKET_PROGRAMS {
+            if self.sockets.contains_key(name) {
+                continue;
+            }
+            let prog = socket_program(&mut self.ebpf, name)?;
+            let id = prog
+                // No flags: a link attachment always coexists with others
+                // (BPF_F_ALLOW_MULTI is for the older, link-less attach).
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link = prog.take_link(id)?;
+            let attachment = match self.socket_link_pin(name) {
+                Some(path) => {
+                    // Unpinning the old link drops its last reference.
+                    let _ = std::fs::remove_file(&path);
+                    let fd: FdLink = link
+                        .try_into()
+                        .context("this kernel attaches cgroup programs without links")?;
+                    SocketAttachment::Pinned(fd.pin(&path)?)
+                }
+                None => SocketAttachment::Owned(link),
+            };
+            self.sockets.insert(name, attachment);
+        }
+        log::info!("socket programs attached to {}", cgroup.display());
+        Ok(())
+    }
+
+    fn socket_link_pin(&self, program: &str) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| {
+            d.join(crate::pins::LINKS_DIR)
+                .join(format!("{}{program}", crate::pins::SOCKET_LINK_PREFIX))
+        })
+    }
+
     /// Detaches from `ifname` (its pin, if any, is removed).
     pub fn detach(&mut self, ifname: &str) {
         match self.links.remove(ifname) {
@@ -354,6 +429,13 @@ impl Datapath {
         for name in names {
             self.detach(&name);
         }
+        for (name, attachment) in std::mem::take(&mut self.sockets) {
+            if let SocketAttachment::Pinned(p) = attachment {
+                if let Err(e) = p.unpin() {
+                    log::warn!("unpinning the link of {name}: {e}");
+                }
+            }
+        }
         if let Some(dir) = &self.pin_dir {
             remove_pins(dir);
         }
@@ -379,6 +461,22 @@ impl Datapath {
             ))
         })
     }
+}
+
+fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?)
+}
+
+fn load_socket_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for name in SOCKET_PROGRAMS {
+        socket_program(ebpf, name)?
+            .load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
+    }
+    Ok(())
 }
 
 /// Whether `name`, in the calling thread's network namespace, carries

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use lb_common::{Backend, ServiceKey, ServiceValue, MAGLEV_M, RINGS_PER_SERVICE};
 
 use crate::mapset::MapSet;
+use crate::model::Member;
 
 /// The maps a write goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +17,7 @@ pub enum MapKind {
     BackendStats,
     ServiceStats,
     Rings,
+    Members,
 }
 
 /// One successful write, in the order it happened.
@@ -71,6 +73,7 @@ pub struct FakeMaps {
     backends: BTreeMap<u32, Backend>,
     backend_stats: BTreeSet<u32>,
     rings: Vec<u32>,
+    pub members: BTreeSet<Member>,
     /// Backend ids named by "conntrack", for adoption.
     pub conntrack_backends: Vec<u32>,
     pub log: Vec<Write>,
@@ -267,5 +270,21 @@ impl MapSet for FakeMaps {
 
     fn max_conntrack_backend(&self) -> u32 {
         self.conntrack_backends.iter().copied().max().unwrap_or(0)
+    }
+
+    fn member_insert(&mut self, member: &Member) -> Result<()> {
+        self.attempt(MapKind::Members)?;
+        self.members.insert(*member);
+        Ok(())
+    }
+
+    fn member_remove(&mut self, member: &Member) -> Result<()> {
+        self.attempt(MapKind::Members)?;
+        self.members.remove(member);
+        Ok(())
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.members.iter().copied().collect()
     }
 }

@@ -2,6 +2,7 @@
 //! that writes the datapath's maps, and the daemon that ties them together.
 
 pub mod census;
+pub mod cgroup;
 pub mod config;
 pub mod conntrack;
 pub mod control;

@@ -6,9 +6,10 @@
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapError, PerCpuValues};
-use lb_common::{Backend, ServiceKey, ServiceValue, TrafficStats};
+use lb_common::{Backend, MemberKey, ServiceKey, ServiceValue, TrafficStats};
 
 use crate::datapath::Maps;
+use crate::model::Member;
 
 pub trait MapSet {
     /// Capacity of SERVICES (and so the number of slots).
@@ -40,6 +41,20 @@ pub trait MapSet {
     /// The highest backend id a conntrack entry names (0 if none): new ids
     /// start above it, so an old flow never lands on a stranger.
     fn max_conntrack_backend(&self) -> u32;
+
+    fn member_insert(&mut self, member: &Member) -> Result<()>;
+    /// Removing an absent entry succeeds.
+    fn member_remove(&mut self, member: &Member) -> Result<()>;
+    /// Everything in SOCK_MEMBERS, for adoption at start-up.
+    fn members(&self) -> Vec<Member>;
+}
+
+fn member_key(m: &Member) -> MemberKey {
+    MemberKey {
+        netns_cookie: m.netns_cookie,
+        network: m.network,
+        _pad: 0,
+    }
 }
 
 /// A delete of a key that is not there is not a failure: the entry is gone
@@ -117,5 +132,26 @@ impl MapSet for Maps {
             .map(|(_, v)| v.backend_id)
             .max()
             .unwrap_or(0)
+    }
+
+    fn member_insert(&mut self, member: &Member) -> Result<()> {
+        self.members
+            .insert(member_key(member), 1, 0)
+            .context("the network membership map is full")
+    }
+
+    fn member_remove(&mut self, member: &Member) -> Result<()> {
+        Ok(absent_ok(self.members.remove(&member_key(member)))?)
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.members
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| Member {
+                netns_cookie: k.netns_cookie,
+                network: k.network,
+            })
+            .collect()
     }
 }

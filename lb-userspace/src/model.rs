@@ -83,11 +83,28 @@ pub struct ServiceSpec {
     pub health: Option<HealthCheck>,
     /// Where this service came from, e.g. "config:/etc/lbd.toml".
     pub source: String,
+    /// A virtual address of one network (a Swarm service VIP, the network
+    /// named by its VXLAN id): balanced when a socket connects or sends,
+    /// for the members of that network only (`DesiredState::members`).
+    /// The frontend's port is then 0, every port of the address, and a
+    /// backend's port 0 keeps the port the client asked for.
+    #[serde(default)]
+    pub network: Option<u32>,
+}
+
+/// A network namespace (by its cookie) attached to a network: its sockets
+/// may use that network's virtual addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Member {
+    pub netns_cookie: u64,
+    pub network: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub members: std::collections::BTreeSet<Member>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -121,6 +121,7 @@ mod tests {
                 .collect(),
             snat: None,
             affinity_secs: 0,
+            network: None,
             health: None,
             source: "config:test".into(),
         }

@@ -16,6 +16,8 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Links are pinned in this subdirectory as `ingress_<interface>`.
 pub const LINKS_DIR: &str = "links";
 pub const LINK_PREFIX: &str = "ingress_";
+/// Links of the socket programs: `links/sock_<program>`.
+pub const SOCKET_LINK_PREFIX: &str = "sock_";
 
 /// Makes sure `dir` can hold lbd's pins and that they will outlive this lbd,
 /// then creates it. Refuses a directory that is not on bpffs (pinning there
@@ -79,7 +81,7 @@ pub fn check_cleanable(dir: &Path) -> Result<()> {
 }
 
 /// Removes what lbd pins in `dir` (the maps named in `names`, the links
-/// `links/ingress_*`), then `links` and `dir` if that left them empty.
+/// `links/ingress_*` and `links/sock_*`), then `links` and `dir` if that left them empty.
 /// Anything else stays: the directory is the operator's.
 pub fn remove(dir: &Path, names: &[&str]) -> Result<()> {
     check_cleanable(dir)?;
@@ -96,7 +98,7 @@ pub fn remove(dir: &Path, names: &[&str]) -> Result<()> {
             let ours = entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(LINK_PREFIX));
+                .is_some_and(|n| n.starts_with(LINK_PREFIX) || n.starts_with(SOCKET_LINK_PREFIX));
             if ours {
                 remove_pin(&entry.path())?;
             }

@@ -7,20 +7,22 @@
 //! removed only after no ring does.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use lb_common::{
     Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
-    FLAG_FULLNAT, FLAG_LOCAL_VIP, MAGLEV_M, RINGS_PER_SERVICE,
+    FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, MAGLEV_M, RINGS_PER_SERVICE,
 };
 
 use crate::datapath::Maps;
 use crate::maglev;
 use crate::mapset::MapSet;
-use crate::model::{BackendSpec, ConntrackSettings, DesiredState, Frontend, Proto, ServiceSpec};
+use crate::model::{
+    BackendSpec, ConntrackSettings, DesiredState, Frontend, Member, Proto, ServiceSpec,
+};
 
 /// What the reconciler has written for one service.
 #[derive(Clone, Debug)]
@@ -53,6 +55,11 @@ pub struct Reconciler<M: MapSet = Maps> {
     /// Backend ids no ring names any more whose removal failed: retried at
     /// every `apply`, so that no entry is left behind.
     orphans: Vec<u32>,
+    /// SOCK_MEMBERS as written.
+    members: BTreeSet<Member>,
+    /// Members were found in the maps at start-up and no source has
+    /// reported yet: they are kept, not removed, until `release_adopted`.
+    members_adopted: bool,
 }
 
 /// Counts of what an `apply` changed.
@@ -169,6 +176,7 @@ impl<M: MapSet> Reconciler<M> {
                 snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
                 health: None,
                 affinity_secs: 0,
+                network: (value.flags & FLAG_SOCKET != 0).then_some(value.network),
                 source: "adopted".into(),
             };
             services.insert(
@@ -196,7 +204,11 @@ impl<M: MapSet> Reconciler<M> {
             next_slot,
             next_backend_id: max_ct_backend.max(max_known).saturating_add(1),
             orphans: Vec::new(),
+            members: BTreeSet::new(),
+            members_adopted: false,
         };
+        reconciler.members = reconciler.maps.members().into_iter().collect();
+        reconciler.members_adopted = !reconciler.members.is_empty();
         // Backends of no adopted service are leftovers: nothing can reach them.
         for (id, b) in &backends {
             if !used.contains(&b.service_slot) {
@@ -229,6 +241,29 @@ impl<M: MapSet> Reconciler<M> {
         for applied in self.services.values_mut() {
             applied.adopted = false;
         }
+        self.members_adopted = false;
+    }
+
+    /// The network memberships written.
+    pub fn members(&self) -> &BTreeSet<Member> {
+        &self.members
+    }
+
+    /// Makes SOCK_MEMBERS equal to `wanted`: additions first, so that a
+    /// namespace moving between networks is never left without one.
+    fn apply_members(&mut self, wanted: &BTreeSet<Member>) -> Result<()> {
+        for m in wanted.difference(&self.members.clone()) {
+            self.maps.member_insert(m)?;
+            self.members.insert(*m);
+        }
+        if self.members_adopted {
+            return Ok(());
+        }
+        for m in self.members.clone().difference(wanted) {
+            self.maps.member_remove(m)?;
+            self.members.remove(m);
+        }
+        Ok(())
     }
 
     pub fn maps(&self) -> &M {
@@ -305,6 +340,15 @@ impl<M: MapSet> Reconciler<M> {
             if let Err(e) = result {
                 failures.push(failure(spec, e));
             }
+        }
+        if let Err(e) = self.apply_members(&desired.members) {
+            // Only Swarm's overlay networks have members.
+            failures.push(ServiceFailure {
+                name: "network memberships".into(),
+                frontend: String::new(),
+                source: crate::sources::swarm::SOURCE.into(),
+                reason: format!("{e:#}"),
+            });
         }
         if failures.is_empty() {
             Ok(changes)
@@ -605,9 +649,16 @@ impl<M: MapSet> Reconciler<M> {
                 FLAG_FULLNAT
             } else {
                 0
-            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 },
+            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 }
+                | if applied.spec.network.is_some() {
+                    FLAG_SOCKET
+                } else {
+                    0
+                },
             snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
             affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
+            network: applied.spec.network.unwrap_or(0),
+            _pad: 0,
         };
         self.maps
             .service_insert(&service_key(&applied.spec.frontend), &value)

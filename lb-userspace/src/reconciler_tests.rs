@@ -30,6 +30,7 @@ fn spec(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
         snat: None,
         health: None,
         affinity_secs: 0,
+        network: None,
         source: format!("config:{name}.toml"),
     }
 }
@@ -37,6 +38,7 @@ fn spec(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
 fn state(services: &[ServiceSpec]) -> DesiredState {
     DesiredState {
         services: services.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -490,4 +492,68 @@ fn adoption_keeps_slots_and_ids_and_drops_leftovers() {
     .unwrap();
     assert_eq!(r.applied().find(|a| a.spec.name == "x").unwrap().slot, 0);
     assert_eq!(ids_of(&r, 81), vec![13]);
+}
+
+fn member(cookie: u64, network: u32) -> crate::model::Member {
+    crate::model::Member {
+        netns_cookie: cookie,
+        network,
+    }
+}
+
+#[test]
+fn a_network_scoped_service_is_flagged_with_its_network() {
+    let mut r = fresh();
+    let mut vip = spec("api", 0, &[(1, 1), (2, 1)]);
+    vip.network = Some(4097);
+    for b in &mut vip.backends {
+        b.port = 0;
+    }
+    let mut desired = state(&[vip, spec("web", 80, &[(3, 1)])]);
+    desired.members = [member(7, 4097), member(8, 4097)].into();
+    r.apply(&desired).unwrap();
+    let scoped = r.maps().service(0).unwrap();
+    assert_eq!(scoped.flags & FLAG_SOCKET, FLAG_SOCKET);
+    assert_eq!(scoped.network, 4097);
+    assert_eq!(scoped.backend_count, 2);
+    let plain = r.maps().service(80).unwrap();
+    assert_eq!((plain.flags & FLAG_SOCKET, plain.network), (0, 0));
+    assert_eq!(r.maps().members, desired.members);
+
+    // Members follow the desired state: one leaves, another joins.
+    desired.members = [member(8, 4097), member(9, 4097)].into();
+    r.apply(&desired).unwrap();
+    assert_eq!(r.maps().members, desired.members);
+    assert_eq!(r.members(), &desired.members);
+}
+
+#[test]
+fn adopted_members_stay_until_the_sources_have_reported() {
+    let mut maps = FakeMaps::new(4, 16);
+    maps.members = [member(7, 4097)].into();
+    let mut r = Reconciler::new(maps).unwrap();
+    // A source that has not reported yet: nothing is taken away.
+    r.apply(&DesiredState::default()).unwrap();
+    assert_eq!(r.maps().members, [member(7, 4097)].into());
+    r.release_adopted();
+    r.apply(&DesiredState::default()).unwrap();
+    assert!(r.maps().members.is_empty());
+}
+
+#[test]
+fn a_failed_membership_write_is_reported_and_retried() {
+    let mut r = fresh();
+    let mut desired = state(&[spec("web", 80, &[(1, 1)])]);
+    desired.members = [member(7, 4097)].into();
+    r.maps_mut().fail_map = Some(MapKind::Members);
+    let failed = r.apply(&desired).unwrap_err();
+    assert_eq!(failed.failures.len(), 1, "{failed}");
+    assert!(failed.failures[0].reason.contains("injected"), "{failed}");
+    assert!(
+        r.maps().service(80).is_some(),
+        "services are applied anyway"
+    );
+    r.maps_mut().fail_map = None;
+    r.apply(&desired).unwrap();
+    assert_eq!(r.maps().members, desired.members);
 }

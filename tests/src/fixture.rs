@@ -72,6 +72,7 @@ pub fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> S
         snat: None,
         health: None,
         affinity_secs: 0,
+        network: None,
         source: "test".into(),
     }
 }
@@ -105,6 +106,7 @@ pub fn desired() -> DesiredState {
             },
             ServiceSpec {
                 affinity_secs: 300,
+                network: None,
                 ..service(
                     "sticky",
                     "10.73.0.13:80",
@@ -113,6 +115,7 @@ pub fn desired() -> DesiredState {
                 )
             },
         ],
+        ..Default::default()
     }
 }
 

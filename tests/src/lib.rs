@@ -7,4 +7,5 @@ pub mod lbd;
 pub mod netdev;
 pub mod netns;
 pub mod process;
+pub mod swarm;
 pub mod topology;

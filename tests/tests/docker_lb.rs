@@ -25,14 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lb_tests::docker::{
     build_test_image, cleanup_stale, container_ip, http_whoami, wait_service_running, Cluster,
-    Dockerd, Node, Task,
+    Dockerd, Node,
 };
 use lb_tests::lbd::Lbd;
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::wait_until;
+use lb_tests::swarm::{create_service, lbd_for_node, task_names, wait_docker_connected, IMAGE};
 use serde_json::Value;
 
-const IMAGE: &str = "lbt-web";
 const FRONTEND: &str = "10.73.0.10:80/tcp";
 const NODE_IF: &str = "lbc0";
 const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 75, 0, 1);
@@ -237,16 +237,6 @@ fn wait_backends(lbd: &Lbd, frontend: &str, want: &BTreeSet<String>) -> SystemTi
         );
     }
     at
-}
-
-fn wait_docker_connected(lbd: &Lbd, connected: bool) {
-    let done = wait_until(Duration::from_secs(15), "lbd's docker connection", || {
-        lbd.status()
-            .is_ok_and(|s| s["docker"]["connected"] == connected)
-    });
-    if let Err(e) = done {
-        panic!("{e:#}\nstatus: {:#}\nlog:\n{}", status(lbd), lbd.log());
-    }
 }
 
 /// Prints lbd's event-to-datapath times, for the report.
@@ -940,54 +930,6 @@ fn requests_keep_being_answered_while_the_engine_is_away() {
 
 // ---------------------------------------------------------------------------
 // Swarm
-
-fn lbd_for_node(node: &Node, tag: &str) -> Lbd {
-    let host = format!("unix://{}", node.dockerd.socket().display());
-    let lbd = Lbd::start_with(
-        &node.ns,
-        tag,
-        "",
-        &["eth0"],
-        &["--docker", "--docker-host", &host],
-    )
-    .unwrap_or_else(|e| panic!("lbd on {}: {e:#}", node.dockerd.hostname()));
-    wait_docker_connected(&lbd, true);
-    lbd
-}
-
-fn create_service(manager: &Dockerd, name: &str, replicas: usize, publish: &str, extra: &[&str]) {
-    let replicas = replicas.to_string();
-    let mut args = vec![
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        name,
-        "--replicas",
-        &replicas,
-        "--publish",
-        publish,
-        "--no-resolve-image",
-    ];
-    args.extend_from_slice(extra);
-    args.push(IMAGE);
-    manager.docker(&args).expect("docker service create");
-}
-
-/// The hostnames the tasks answer with: Swarm names a task's container
-/// after the first 12 digits of its id.
-fn task_names(tasks: &[Task]) -> BTreeSet<String> {
-    tasks
-        .iter()
-        .map(|t| {
-            let id = t
-                .container_id
-                .as_deref()
-                .expect("a running task has a container");
-            id[..12].to_owned()
-        })
-        .collect()
-}
 
 /// The node's own address on the ingress network (its `ingress_sbox`),
 /// which tasks see as the client of every request through the mesh.

@@ -48,6 +48,12 @@ pub struct Args {
     /// is). Found by itself from the engine's containers; this overrides it.
     #[arg(long, env = "LBD_DOCKER_EXEC_ROOT")]
     pub docker_exec_root: Option<PathBuf>,
+    /// The cgroup v2 directory whose processes' sockets reach Swarm service
+    /// VIPs through lbd (with --docker). Default: the root of the cgroup v2
+    /// hierarchy, found in /proc/self/mountinfo; only containers attached to
+    /// a VIP's network are balanced, whatever the cgroup.
+    #[arg(long, env = "LBD_CGROUP")]
+    pub cgroup: Option<PathBuf>,
     /// Where maps and links are pinned. Must be on bpffs; lbd mounts bpffs
     /// only at /sys/fs/bpf, when nothing is mounted there yet.
     #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]

@@ -85,6 +85,7 @@ async fn main() -> Result<()> {
             allow_node_addresses: args.label_node_addresses,
         },
         docker_exec_root: args.docker_exec_root,
+        cgroup: args.cgroup,
         pin_dir: args.pin_dir,
         socket: args.socket,
         interfaces: args.interfaces,

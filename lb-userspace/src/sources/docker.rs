@@ -16,6 +16,7 @@ use crate::sources::engine::Engine;
 use crate::sources::label_frontends::Gate;
 use crate::sources::labels::{self, Rejected};
 use crate::sources::netns_dir::NetnsDir;
+use crate::sources::service_vips::{self, Sandboxes};
 use crate::sources::swarm;
 
 /// How often everything is listed again even without events.
@@ -35,6 +36,9 @@ pub struct Snapshot {
     pub swarm_role: String,
     /// The `ingress_sbox` namespace the datapath must also be attached in.
     pub sbox: Option<std::path::PathBuf>,
+    /// Network namespaces of this node's containers on Swarm's overlay
+    /// networks: who may use each network's service VIPs.
+    pub members: std::collections::BTreeSet<crate::model::Member>,
     /// Backend address -> the node it runs on (containers: this engine).
     pub nodes: std::collections::BTreeMap<std::net::IpAddr, String>,
     pub rejected: Vec<Rejected>,
@@ -63,6 +67,12 @@ pub const DEFAULT_EXEC_ROOT: &str = "/var/run/docker";
 /// How often the Swarm view is read again: a worker gets no event when a
 /// task starts or stops on another node.
 const SWARM_POLL: Duration = Duration::from_secs(1);
+/// After an event whose change Swarm's view does not show yet (its view of
+/// a new task lags the container's start by some milliseconds), the view is
+/// read again this often, for at most FOLLOW_UP_FOR, instead of waiting for
+/// the next SWARM_POLL.
+const FOLLOW_UP: Duration = Duration::from_millis(50);
+const FOLLOW_UP_FOR: Duration = Duration::from_secs(2);
 
 /// `exec_root`: the engine's `--exec-root` when given (`--docker-exec-root`);
 /// otherwise it is found (see netns_dir.rs).
@@ -122,6 +132,7 @@ async fn session(
     tx: &mpsc::Sender<Update>,
     connected: &mut bool,
 ) -> Result<()> {
+    let mut sandboxes = Sandboxes::default();
     let docker = host
         .connect()?
         .negotiate_version()
@@ -135,17 +146,22 @@ async fn session(
     // Subscribe before listing, so that nothing that happens in between is missed.
     let filters = HashMap::from([(
         "type".to_string(),
-        vec!["container".to_string(), "service".to_string()],
+        vec![
+            "container".to_string(),
+            "service".to_string(),
+            "network".to_string(),
+        ],
     )]);
     let mut events = docker.events(Some(EventsOptions {
         filters: Some(filters),
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, netns, gate, None).await?;
+    let first = sync(&docker, netns, &mut sandboxes, gate, None).await?;
     log_refusals(&first.rejected, logged);
     let first_in_swarm = first.swarm_role != "inactive";
     let (first_services, first_rejected) = (first.services.clone(), first.rejected.clone());
+    let first_members = first.members.clone();
     *connected = true;
     if tx.send(Update::Connected { version: api }).await.is_err()
         || tx.send(Update::Snapshot(first)).await.is_err()
@@ -158,6 +174,7 @@ async fn session(
     swarm_poll.reset();
     let mut in_swarm = first_in_swarm;
     let mut last = (first_services, first_rejected);
+    let mut last_members = first_members;
     // The event a change is attributed to: the latest one before it. Swarm's
     // view of a new task lags the container's event, so the change may only
     // show at a later poll; it still counts from the event.
@@ -172,6 +189,7 @@ async fn session(
             },
             _ = resync.tick() => None,
             _ = swarm_poll.tick(), if in_swarm => None,
+            _ = tokio::time::sleep(FOLLOW_UP), if in_swarm && follow_up(pending) => None,
             // The operator allowed other frontends (a config reload).
             changed = gate.policy.changed() => {
                 if changed.is_err() {
@@ -199,19 +217,25 @@ async fn session(
         if pending.is_some_and(|t| t.elapsed().unwrap_or_default() > PENDING_EVENT) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, netns, gate, None).await?;
+        let mut snapshot = sync(&docker, netns, &mut sandboxes, gate, None).await?;
         log_refusals(&snapshot.rejected, logged);
         in_swarm = snapshot.swarm_role != "inactive";
         let now = (snapshot.services.clone(), snapshot.rejected.clone());
-        if now == last {
+        if now == last && snapshot.members == last_members {
             continue;
         }
         last = now;
+        last_members = snapshot.members.clone();
         snapshot.event_time = pending.take();
         if tx.send(Update::Snapshot(snapshot)).await.is_err() {
             return Ok(());
         }
     }
+}
+
+/// Whether an event is still waiting, recently enough, for its change.
+fn follow_up(pending: Option<SystemTime>) -> bool {
+    pending.is_some_and(|t| t.elapsed().unwrap_or_default() < FOLLOW_UP_FOR)
 }
 
 /// Logs the refusals that were not in force at the last resync.
@@ -237,6 +261,8 @@ fn relevant(e: &bollard::models::EventMessage) -> bool {
             | "create"
             | "update"
             | "remove"
+            | "connect"
+            | "disconnect"
     ) || action.starts_with("health_status")
 }
 
@@ -251,6 +277,7 @@ fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
 async fn sync(
     docker: &Docker,
     netns: &mut NetnsDir,
+    sandboxes: &mut Sandboxes,
     gate: &Gate,
     cause: Option<SystemTime>,
 ) -> Result<Snapshot> {
@@ -274,7 +301,14 @@ async fn sync(
         nodes.insert(b.addr, swarm.engine.clone());
     }
     services.extend(swarm.services);
+    let vips = match swarm.role.as_str() {
+        "inactive" => service_vips::View::default(),
+        _ => service_vips::view(docker, sandboxes).await?,
+    };
+    nodes.extend(vips.nodes);
+    services.extend(vips.services);
     Ok(Snapshot {
+        members: vips.members,
         services,
         rejected,
         swarm_role: swarm.role,

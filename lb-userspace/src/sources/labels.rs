@@ -155,6 +155,7 @@ pub fn services(
                 snat: None,
                 health: m.health.clone(),
                 affinity_secs: m.affinity_secs,
+                network: None,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {

@@ -30,6 +30,7 @@ pub fn merge(sources: &[&[ServiceSpec]]) -> (DesiredState, Vec<Conflict>) {
     (
         DesiredState {
             services: owned.into_values().collect(),
+            ..Default::default()
         },
         conflicts,
     )
@@ -56,6 +57,7 @@ mod tests {
             snat: None,
             health: None,
             affinity_secs: 0,
+            network: None,
             source: source.into(),
         }
     }

@@ -7,4 +7,5 @@ pub mod label_frontends;
 pub mod labels;
 pub mod merge;
 pub mod netns_dir;
+pub mod service_vips;
 pub mod swarm;

@@ -122,7 +122,7 @@ pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
         services,
         sbox: sbox.exists().then_some(sbox),
         engine,
-        nodes: task_nodes(&ingress),
+        nodes: super::service_vips::task_nodes(&ingress),
     })
 }
 
@@ -146,24 +146,6 @@ fn node_addresses() -> Vec<Ipv4Addr> {
         .unwrap_or_default();
     out.sort();
     out.dedup();
-    out
-}
-
-/// Where each task runs, from the verbose view's "Host IP".
-fn task_nodes(ingress: &NetworkInspect) -> BTreeMap<IpAddr, String> {
-    let mut out = BTreeMap::new();
-    for raw in ingress.services.iter().flatten().map(|(_, v)| v) {
-        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
-            continue;
-        };
-        for task in info.tasks.iter().flatten() {
-            let ip = task.endpoint_ip.as_deref().and_then(|ip| ip.parse().ok());
-            let host = task.info.as_ref().and_then(|i| i.get("Host IP")).cloned();
-            if let (Some(ip), Some(host)) = (ip, host) {
-                out.insert(ip, host);
-            }
-        }
-    }
     out
 }
 
@@ -281,6 +263,7 @@ fn services(
                     snat,
                     health: None,
                     affinity_secs: 0,
+                    network: None,
                     source: SOURCE.into(),
                 }
             };

@@ -37,6 +37,7 @@ fn service(
         snat: snat.map(|s| s.parse::<IpAddr>().unwrap()),
         health: None,
         affinity_secs,
+        network: None,
         source: "differential".into(),
     }
 }
@@ -141,6 +142,7 @@ impl Control {
         let catalogue = catalogue();
         let mut desired = DesiredState {
             services: catalogue.clone(),
+            ..Default::default()
         };
         // "empty" starts without backends.
         desired.services[5].backends.clear();
