@@ -380,6 +380,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             health,
             affinity_secs,
             network: None,
+            local_frontend: false,
             source: source.clone(),
         });
     }

@@ -491,6 +491,11 @@ impl State {
                             self.latencies.pop_front();
                         }
                         self.latencies.push_back(latency);
+                        log::debug!(
+                            "docker change applied {:.1} ms after its event ({})",
+                            latency.as_secs_f64() * 1e3,
+                            snapshot.event_what.as_deref().unwrap_or("?")
+                        );
                     }
                 }
             }

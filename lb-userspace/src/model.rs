@@ -90,6 +90,12 @@ pub struct ServiceSpec {
     /// backend's port 0 keeps the port the client asked for.
     #[serde(default)]
     pub network: Option<u32>,
+    /// The frontend address is one of the node's own (a port Swarm
+    /// publishes): a packet that finds no backend goes on to the kernel,
+    /// which refuses it as it would at a closed port, instead of being
+    /// dropped.
+    #[serde(default)]
+    pub local_frontend: bool,
 }
 
 /// A network namespace (by its cookie) attached to a network: its sockets

@@ -122,6 +122,7 @@ mod tests {
             snat: None,
             affinity_secs: 0,
             network: None,
+            local_frontend: false,
             health: None,
             source: "config:test".into(),
         }

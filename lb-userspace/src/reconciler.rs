@@ -177,6 +177,7 @@ impl<M: MapSet> Reconciler<M> {
                 health: None,
                 affinity_secs: 0,
                 network: (value.flags & FLAG_SOCKET != 0).then_some(value.network),
+                local_frontend: value.flags & FLAG_LOCAL_VIP != 0,
                 source: "adopted".into(),
             };
             services.insert(
@@ -649,12 +650,15 @@ impl<M: MapSet> Reconciler<M> {
                 FLAG_FULLNAT
             } else {
                 0
-            } | if self.local_vips { FLAG_LOCAL_VIP } else { 0 }
-                | if applied.spec.network.is_some() {
-                    FLAG_SOCKET
-                } else {
-                    0
-                },
+            } | if self.local_vips || applied.spec.local_frontend {
+                FLAG_LOCAL_VIP
+            } else {
+                0
+            } | if applied.spec.network.is_some() {
+                FLAG_SOCKET
+            } else {
+                0
+            },
             snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
             affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
             network: applied.spec.network.unwrap_or(0),

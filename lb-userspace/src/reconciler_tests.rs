@@ -31,6 +31,7 @@ fn spec(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
         health: None,
         affinity_secs: 0,
         network: None,
+        local_frontend: false,
         source: format!("config:{name}.toml"),
     }
 }

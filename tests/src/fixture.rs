@@ -73,6 +73,7 @@ pub fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> S
         health: None,
         affinity_secs: 0,
         network: None,
+        local_frontend: false,
         source: "test".into(),
     }
 }
@@ -107,6 +108,7 @@ pub fn desired() -> DesiredState {
             ServiceSpec {
                 affinity_secs: 300,
                 network: None,
+                local_frontend: false,
                 ..service(
                     "sticky",
                     "10.73.0.13:80",

@@ -1,7 +1,7 @@
 //! What the Swarm tests share: lbd on a cluster node, services of the test
 //! image, and the names their tasks answer with.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +11,8 @@ use crate::process::wait_until;
 
 /// The test image (see `docker::build_test_image`).
 pub const IMAGE: &str = "lbt-web";
+/// The test image's port that answers any line with the hostname.
+pub const WHOAMI: u16 = 7;
 
 /// lbd on `node`, watching its engine, once it is connected.
 pub fn lbd_for_node(node: &Node, tag: &str) -> Lbd {
@@ -87,4 +89,62 @@ pub fn container_netns(d: &Dockerd, container: &str) -> PathBuf {
         .docker(&["inspect", "--format", "{{.State.Pid}}", container])
         .unwrap_or_else(|e| panic!("inspecting {container}: {e:#}"));
     PathBuf::from(format!("/proc/{}/ns/net", pid.trim()))
+}
+
+/// An attachable overlay network, so that plain containers can join it.
+pub fn create_network(manager: &Dockerd, name: &str) {
+    manager
+        .docker(&[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--attachable",
+            name,
+        ])
+        .expect("docker network create");
+}
+
+/// A plain container of the test image on `network`, for calling from.
+pub fn run_client(d: &Dockerd, name: &str, network: &str) {
+    d.docker(&[
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        network,
+        IMAGE,
+    ])
+    .expect("docker run");
+}
+
+/// `n` calls by name from inside `container`, with the image's busybox
+/// (Docker's DNS answers `name` with the VIP): the hostnames that answered,
+/// and how many calls failed.
+pub fn calls_by_name(
+    d: &Dockerd,
+    container: &str,
+    name: &str,
+    n: usize,
+) -> (BTreeMap<String, usize>, usize) {
+    let script = format!(
+        "i=0; while [ $i -lt {n} ]; do echo x | nc -w 2 {name} {WHOAMI} || echo FAILED; i=$((i+1)); done"
+    );
+    let out = d
+        .docker_timeout(
+            &["exec", container, "sh", "-c", &script],
+            Duration::from_secs(3 * n as u64 + 10),
+        )
+        .unwrap_or_else(|e| panic!("calls from {container}: {e:#}"));
+    let mut seen = BTreeMap::new();
+    let mut failed = 0;
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line == "FAILED" {
+            failed += 1;
+        } else {
+            *seen.entry(line.to_owned()).or_default() += 1;
+        }
+    }
+    (seen, failed)
 }

@@ -982,7 +982,16 @@ fn single_node_swarm_publishes_ports_through_lbd() {
     let node = &cluster.nodes[0];
     let d = cluster.manager();
     cluster.build_image(IMAGE).expect("image");
-    create_service(d, "web", 3, "8080:80", &[]);
+    // SIGUSR1, which the image's init ignores: a stopping task keeps
+    // serving until the grace period ends, as a real server finishing its
+    // requests would, so removal can be seen to spare established flows.
+    create_service(
+        d,
+        "web",
+        3,
+        "8080:80",
+        &["--stop-signal", "SIGUSR1", "--stop-grace-period", "5s"],
+    );
     let tasks = wait_service_running(d, "web", 3, CONVERGE).expect("3 tasks");
     let target = SocketAddr::from((node.addr, 8080));
 
@@ -1024,6 +1033,7 @@ fn single_node_swarm_publishes_ports_through_lbd() {
     let tasks = wait_service_running(d, "web", 5, CONVERGE).expect("5 tasks");
     let running = t0.elapsed();
     let want = task_names(&tasks);
+    let tasks_before_rm = want.clone();
     let seen = until_all_answer(&cluster.client, target, &want, 200);
     eprintln!(
         "swarm scale 3 -> 5: tasks running after {:.0} ms, all 5 answered after {:.0} ms: {seen:?}",
@@ -1076,10 +1086,41 @@ fn single_node_swarm_publishes_ports_through_lbd() {
     );
     report_convergence("swarm", &lbd);
 
-    // Removed: lbd lets go of the port, which is then closed again. (While
-    // the tasks shut down they refuse connections themselves, so the port
-    // is checked only once lbd has dropped the service.)
+    // Removed: the port takes no new connection within a second, while a
+    // connection made before (to a task that is still stopping) goes on;
+    // lbd lets go of the service once the tasks are gone.
+    let mut established = cluster
+        .client
+        .run(|| std::net::TcpStream::connect_timeout(&target, TIMEOUT))
+        .expect("a connection before the removal");
     d.docker(&["service", "rm", "web"]).unwrap();
+    let removed = Instant::now();
+    let closed = cluster.client.run(|| {
+        wait_until(REMOVAL_BOUND, "the published port to refuse", || {
+            connection_refused(target).is_ok()
+        })
+    });
+    let closed_after = removed.elapsed();
+    closed.unwrap_or_else(|e| panic!("{e:#}\nstatus: {:#}", status(&lbd)));
+    eprintln!(
+        "swarm service rm: new connections refused {:.0} ms after `docker service rm` returned",
+        closed_after.as_secs_f64() * 1e3
+    );
+    {
+        use std::io::{Read, Write};
+        established.set_read_timeout(Some(TIMEOUT)).unwrap();
+        established
+            .write_all(b"GET / HTTP/1.0\r\nHost: lb-test\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        established
+            .read_to_string(&mut answer)
+            .expect("the established connection after the removal");
+        assert!(
+            tasks_before_rm.iter().any(|t| answer.contains(t.as_str())),
+            "{answer:?} from {tasks_before_rm:?}"
+        );
+    }
     let t0 = Instant::now();
     let mut s = Value::Null;
     let mut trace: Vec<String> = Vec::new();

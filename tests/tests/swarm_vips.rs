@@ -17,43 +17,16 @@ use lb_tests::docker::{wait_service_running, Cluster, Dockerd, Node};
 use lb_tests::lbd::Lbd;
 use lb_tests::netns::run_in;
 use lb_tests::process::wait_until;
-use lb_tests::swarm::{container_netns, create_service, lbd_for_node, task_names, IMAGE};
+use lb_tests::swarm::{
+    calls_by_name, container_netns, create_network, create_service, lbd_for_node, run_client,
+    task_names, IMAGE, WHOAMI,
+};
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// The port of the test image that answers any line with the hostname.
-const WHOAMI: u16 = 7;
 /// The test image's UDP echo.
 const UDP_ECHO: u16 = 5353;
-
-/// An attachable overlay network, so that plain containers can join it.
-fn create_network(manager: &Dockerd, name: &str) {
-    manager
-        .docker(&[
-            "network",
-            "create",
-            "--driver",
-            "overlay",
-            "--attachable",
-            name,
-        ])
-        .expect("docker network create");
-}
-
-/// A plain container of the test image on `network`, for calling from.
-fn run_client(d: &Dockerd, name: &str, network: &str) {
-    d.docker(&[
-        "run",
-        "--detach",
-        "--name",
-        name,
-        "--network",
-        network,
-        IMAGE,
-    ])
-    .expect("docker run");
-}
 
 /// The VIP of `service` on `network`, from the service's endpoint.
 fn service_vip(manager: &Dockerd, service: &str, network: &str) -> Ipv4Addr {
@@ -80,36 +53,6 @@ fn service_vip(manager: &Dockerd, service: &str, network: &str) -> Ipv4Addr {
         .and_then(|v| v["Addr"].as_str())
         .unwrap_or_else(|| panic!("{service} has no VIP on {network}: {vips}"));
     addr.split('/').next().unwrap().parse().unwrap()
-}
-
-/// `n` calls by name from inside `container`, with the image's busybox
-/// (Docker's DNS answers `name` with the VIP): the hostnames that answered,
-/// and how many calls failed.
-fn calls_by_name(
-    d: &Dockerd,
-    container: &str,
-    name: &str,
-    n: usize,
-) -> (BTreeMap<String, usize>, usize) {
-    let script = format!(
-        "i=0; while [ $i -lt {n} ]; do echo x | nc -w 2 {name} {WHOAMI} || echo FAILED; i=$((i+1)); done"
-    );
-    let out = d
-        .docker_timeout(
-            &["exec", container, "sh", "-c", &script],
-            Duration::from_secs(3 * n as u64 + 10),
-        )
-        .unwrap_or_else(|e| panic!("calls from {container}: {e:#}"));
-    let mut seen = BTreeMap::new();
-    let mut failed = 0;
-    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line == "FAILED" {
-            failed += 1;
-        } else {
-            *seen.entry(line.to_owned()).or_default() += 1;
-        }
-    }
-    (seen, failed)
 }
 
 /// One call to `target` on the whoami port: the hostname, and the peer
@@ -402,6 +345,22 @@ fn containers_reach_a_service_by_its_vip_on_one_node() {
     );
     let s = lbd.status().unwrap();
     eprintln!("convergence [vip]: {}", s["convergence"]);
+
+    // Removed: the VIP takes no new connection within a second, though
+    // Swarm's view keeps the tasks while they stop.
+    d.docker(&["service", "rm", "api"]).unwrap();
+    let removed = Instant::now();
+    let refused = run_in(&front, || {
+        wait_until(Duration::from_secs(1), "the VIP to refuse", || {
+            whoami_within(target, Duration::from_millis(200)).is_err()
+        })
+    })
+    .unwrap();
+    refused.unwrap_or_else(|e| panic!("{e:#}\nstatus: {:#}", lbd.status().unwrap_or_default()));
+    eprintln!(
+        "vip: service rm: the VIP refused new connections {:.0} ms after it returned",
+        removed.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub rejected: Vec<Rejected>,
     /// When the event that caused this snapshot happened, if one did.
     pub event_time: Option<SystemTime>,
+    /// That event, as "type action name", for the log.
+    pub event_what: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -71,7 +73,7 @@ const SWARM_POLL: Duration = Duration::from_secs(1);
 /// a new task lags the container's start by some milliseconds), the view is
 /// read again this often, for at most FOLLOW_UP_FOR, instead of waiting for
 /// the next SWARM_POLL.
-const FOLLOW_UP: Duration = Duration::from_millis(50);
+const FOLLOW_UP: Duration = Duration::from_millis(25);
 const FOLLOW_UP_FOR: Duration = Duration::from_secs(2);
 
 /// `exec_root`: the engine's `--exec-root` when given (`--docker-exec-root`);
@@ -178,18 +180,18 @@ async fn session(
     // The event a change is attributed to: the latest one before it. Swarm's
     // view of a new task lags the container's event, so the change may only
     // show at a later poll; it still counts from the event.
-    let mut pending: Option<SystemTime> = None;
+    let mut pending: Option<(SystemTime, String)> = None;
     loop {
         let cause = tokio::select! {
             event = events.next() => match event {
-                Some(Ok(e)) if relevant(&e) => Some(event_time(&e)),
+                Some(Ok(e)) if relevant(&e) => origin(&e),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e).context("the event stream failed"),
                 None => anyhow::bail!("the event stream ended"),
             },
             _ = resync.tick() => None,
             _ = swarm_poll.tick(), if in_swarm => None,
-            _ = tokio::time::sleep(FOLLOW_UP), if in_swarm && follow_up(pending) => None,
+            _ = tokio::time::sleep(FOLLOW_UP), if in_swarm && follow_up(pending.as_ref()) => None,
             // The operator allowed other frontends (a config reload).
             changed = gate.policy.changed() => {
                 if changed.is_err() {
@@ -214,7 +216,10 @@ async fn session(
         if cause.is_some() {
             pending = cause;
         }
-        if pending.is_some_and(|t| t.elapsed().unwrap_or_default() > PENDING_EVENT) {
+        if pending
+            .as_ref()
+            .is_some_and(|(t, _)| t.elapsed().unwrap_or_default() > PENDING_EVENT)
+        {
             pending = None;
         }
         let mut snapshot = sync(&docker, netns, &mut sandboxes, gate, None).await?;
@@ -226,7 +231,9 @@ async fn session(
         }
         last = now;
         last_members = snapshot.members.clone();
-        snapshot.event_time = pending.take();
+        let cause = pending.take();
+        snapshot.event_time = cause.as_ref().map(|(t, _)| *t);
+        snapshot.event_what = cause.map(|(_, what)| what);
         if tx.send(Update::Snapshot(snapshot)).await.is_err() {
             return Ok(());
         }
@@ -234,8 +241,34 @@ async fn session(
 }
 
 /// Whether an event is still waiting, recently enough, for its change.
-fn follow_up(pending: Option<SystemTime>) -> bool {
-    pending.is_some_and(|t| t.elapsed().unwrap_or_default() < FOLLOW_UP_FOR)
+fn follow_up(pending: Option<&(SystemTime, String)>) -> bool {
+    pending.is_some_and(|(t, _)| t.elapsed().unwrap_or_default() < FOLLOW_UP_FOR)
+}
+
+/// The event a change is timed from. A service's "update" (a scale, say)
+/// and a network's "connect" only cause a resync: the tasks they announce
+/// are balanced from their container's "start" (Swarm lists a task in its
+/// view only then), and timing from the earlier event would charge lbd with
+/// Swarm's scheduling and the container's start-up.
+fn origin(e: &bollard::models::EventMessage) -> Option<(SystemTime, String)> {
+    use bollard::models::EventMessageTypeEnum::{NETWORK, SERVICE};
+    let early = matches!(
+        (e.typ, e.action.as_deref()),
+        (Some(SERVICE), Some("update")) | (Some(NETWORK), Some("connect"))
+    );
+    (!early).then(|| (event_time(e), describe(e)))
+}
+
+fn describe(e: &bollard::models::EventMessage) -> String {
+    let kind = e.typ.map(|t| t.to_string()).unwrap_or_default();
+    let action = e.action.as_deref().unwrap_or("");
+    let name = e
+        .actor
+        .as_ref()
+        .and_then(|a| a.attributes.as_ref())
+        .and_then(|a| a.get("name"))
+        .map_or("", String::as_str);
+    format!("{kind} {action} {name}")
 }
 
 /// Logs the refusals that were not in force at the last resync.
@@ -248,7 +281,9 @@ fn log_refusals(rejected: &[Rejected], logged: &mut Vec<Rejected>) {
 
 fn relevant(e: &bollard::models::EventMessage) -> bool {
     let action = e.action.as_deref().unwrap_or("");
-    // health_status arrives as "health_status: healthy".
+    // health_status arrives as "health_status: healthy". A container's
+    // "create" is not one: nothing of it can be balanced before its "start",
+    // and counting from it would charge lbd with the engine's start-up.
     matches!(
         action,
         "start"
@@ -258,7 +293,6 @@ fn relevant(e: &bollard::models::EventMessage) -> bool {
             | "pause"
             | "unpause"
             | "destroy"
-            | "create"
             | "update"
             | "remove"
             | "connect"
@@ -295,18 +329,22 @@ async fn sync(
         .context("listing containers")?;
     let (mut services, rejected) = labels::services(&containers, &gate.screen());
     let netns_dir = netns.get(docker).await;
+    // The networks' views before the list of services (in swarm::view): a
+    // service they show was created before the list was made, so one the
+    // list lacks is really being removed.
+    let vips = service_vips::view(docker, sandboxes).await?;
     let swarm = swarm::view(docker, &netns_dir).await?;
     let mut nodes = swarm.nodes;
     for b in services.iter().flat_map(|s| &s.backends) {
         nodes.insert(b.addr, swarm.engine.clone());
     }
-    services.extend(swarm.services);
-    let vips = match swarm.role.as_str() {
-        "inactive" => service_vips::View::default(),
-        _ => service_vips::view(docker, sandboxes).await?,
-    };
     nodes.extend(vips.nodes);
-    services.extend(vips.services);
+    let mut swarm_services = swarm.services;
+    swarm_services.extend(vips.services);
+    if let Some(live) = &swarm.live {
+        swarm::drain_removed(&mut swarm_services, live);
+    }
+    services.extend(swarm_services);
     Ok(Snapshot {
         members: vips.members,
         services,
@@ -315,5 +353,6 @@ async fn sync(
         sbox: swarm.sbox,
         nodes,
         event_time: cause,
+        event_what: None,
     })
 }

@@ -156,6 +156,7 @@ pub fn services(
                 health: m.health.clone(),
                 affinity_secs: m.affinity_secs,
                 network: None,
+                local_frontend: false,
                 source: SOURCE.to_string(),
             });
         if spec.name != m.service {

@@ -58,6 +58,7 @@ mod tests {
             health: None,
             affinity_secs: 0,
             network: None,
+            local_frontend: false,
             source: source.into(),
         }
     }

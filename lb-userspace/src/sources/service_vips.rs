@@ -51,7 +51,9 @@ pub async fn view(docker: &Docker, sandboxes: &mut Sandboxes) -> Result<View> {
         .context("listing overlay networks")?;
     let mut out = View::default();
     let mut seen = BTreeSet::new();
-    for id in networks.iter().filter_map(|n| n.id.as_deref()) {
+    // The ingress network is the mesh's (swarm.rs), read there.
+    let service_networks = networks.iter().filter(|n| n.ingress != Some(true));
+    for id in service_networks.filter_map(|n| n.id.as_deref()) {
         let options = InspectNetworkOptions {
             verbose: true,
             scope: Some("swarm".into()),
@@ -134,6 +136,7 @@ fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
                 health: None,
                 affinity_secs: 0,
                 network: Some(vni),
+                local_frontend: false,
                 source: SOURCE.into(),
             });
         }

@@ -18,7 +18,7 @@
 //! manager reads the protocols from `GET /services`, a worker cannot and
 //! takes every published port as TCP.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
@@ -46,6 +46,9 @@ pub struct View {
     pub engine: String,
     /// Task address -> the address of the node it runs on.
     pub nodes: BTreeMap<IpAddr, String>,
+    /// On a manager, the services Swarm has (`GET /services`): one the
+    /// networks' views still show but this does not is being removed.
+    pub live: Option<BTreeSet<String>>,
 }
 
 /// `netns_dir`: where the engine keeps its network namespaces.
@@ -123,6 +126,7 @@ pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
         sbox: sbox.exists().then_some(sbox),
         engine,
         nodes: super::service_vips::task_nodes(&ingress),
+        live: protocols.map(|p| p.into_keys().collect()),
     })
 }
 
@@ -147,6 +151,23 @@ fn node_addresses() -> Vec<Ipv4Addr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Stops new connections to services Swarm no longer has (`live`, from a
+/// manager) while the networks' views still show them, that is while their
+/// tasks shut down: every backend drains, so the published ports and VIPs
+/// take no new connection at once and the established ones run to their
+/// end. The service goes when the views drop it. A worker has no list of
+/// services and learns of a removal only from the views.
+pub fn drain_removed(services: &mut [ServiceSpec], live: &BTreeSet<String>) {
+    for s in services
+        .iter_mut()
+        .filter(|s| s.source == SOURCE && !live.contains(&s.name))
+    {
+        for b in &mut s.backends {
+            b.weight = 0;
+        }
+    }
 }
 
 /// Published port and target port of an ingress-mode publication.
@@ -240,8 +261,7 @@ fn services(
         pairs.dedup();
         let with_protocols = pairs.into_iter().flat_map(|pair| {
             // A manager knows. A service it no longer lists is being
-            // removed; it keeps its ports until its tasks are gone (as
-            // before), so connections to stopping tasks are not cut.
+            // removed (see `drain_removed`); its ports stay TCP.
             let protos = protocols
                 .and_then(|p| p.get(name.as_str()))
                 .and_then(|ports| ports.get(&pair))
@@ -264,6 +284,8 @@ fn services(
                     health: None,
                     affinity_secs: 0,
                     network: None,
+                    // Node addresses, and the sandbox's own address.
+                    local_frontend: true,
                     source: SOURCE.into(),
                 }
             };
@@ -411,6 +433,33 @@ mod tests {
         let mut without_dns = protocols.clone();
         without_dns.remove("dns");
         assert_eq!(frontends(Some(&without_dns)), frontends(None));
+    }
+
+    #[test]
+    fn services_a_manager_no_longer_has_drain() {
+        let ingress: NetworkInspect = serde_json::from_str(INGRESS).unwrap();
+        let overlay = sbox_address(&ingress).unwrap();
+        let gateway = Ipv4Addr::new(172, 18, 0, 2);
+        let nodes = [Ipv4Addr::new(10, 74, 0, 11)];
+        let mut specs = services(&ingress, overlay, gateway, &nodes, None);
+        let mut other = specs[0].clone();
+        other.source = "docker:labels".into();
+        specs.push(other);
+        drain_removed(&mut specs, &BTreeSet::from(["web".to_string()]));
+        assert!(specs
+            .iter()
+            .flat_map(|s| &s.backends)
+            .all(|b| b.weight == 1));
+        drain_removed(&mut specs, &BTreeSet::new());
+        let (swarm, labels) = specs.split_at(specs.len() - 1);
+        assert!(swarm
+            .iter()
+            .flat_map(|s| &s.backends)
+            .all(|b| b.weight == 0));
+        assert!(
+            labels[0].backends.iter().all(|b| b.weight == 1),
+            "not Swarm's"
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The demo behind `cargo xtask demo`: a client, the load-balancer node and
 //! three backends in network namespaces; lbd balances the virtual addresses
 //! of a config file over the backends. With `--docker` (`cargo xtask demo
-//! --docker`) it is a one-node Swarm instead, whose published port answers
-//! only once lbd runs, because this kernel has no IPVS for Docker's own
-//! routing mesh. Everything it creates is removed on exit, also on failure.
+//! --docker`) it is a one-node Swarm instead, whose published port, and
+//! whose service VIP called by name from another container, answer only
+//! once lbd runs, because this kernel has no IPVS for Docker's own routing
+//! mesh and service VIPs. Everything it creates is removed on exit, also on failure.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use lb_tests::docker::{http_whoami, wait_service_running, Cluster, CLIENT_ADDR};
 use lb_tests::echo::{tcp_request, udp_request};
 use lb_tests::lbd::{lbctl, Lbd};
 use lb_tests::process::wait_until;
+use lb_tests::swarm::{calls_by_name, create_network, create_service, run_client, IMAGE};
 use lb_tests::topology::{echo_bin, Topology};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -118,10 +120,10 @@ fn print_spread(spread: &BTreeMap<String, usize>, n: usize) {
     }
 }
 
-/// A one-node Swarm whose service publishes port 8080: closed without lbd,
-/// balanced over the tasks with it.
+/// A one-node Swarm whose service publishes port 8080 and is called by name
+/// from a container on its overlay network: both fail without lbd (no
+/// IPVS), and are balanced over the tasks with it.
 fn docker_demo(n: usize) -> Result<()> {
-    const IMAGE: &str = "lbt-web";
     const REPLICAS: usize = 3;
 
     println!("== starting dockerd in a node namespace and forming a one-node Swarm");
@@ -129,20 +131,16 @@ fn docker_demo(n: usize) -> Result<()> {
     let node = &cluster.nodes[0];
     let d = cluster.manager();
     cluster.build_image(IMAGE)?;
-    println!("== docker service create --name web --replicas {REPLICAS} --publish 8080:80 {IMAGE}");
-    d.docker(&[
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        "web",
-        "--replicas",
-        &REPLICAS.to_string(),
-        "--publish",
-        "8080:80",
-        "--no-resolve-image",
-        IMAGE,
-    ])?;
+    println!("== docker network create --driver overlay --attachable app");
+    create_network(d, "app");
+    println!(
+        "== docker service create --name web --replicas {REPLICAS} --publish 8080:80 \\
+   \
+         --network app {IMAGE}"
+    );
+    create_service(d, "web", REPLICAS, "8080:80", &["--network", "app"]);
+    println!("== docker run --name front --network app {IMAGE}   (calls `web` by name)");
+    run_client(d, "front", "app");
     let tasks = wait_service_running(d, "web", REPLICAS, Duration::from_secs(60))?;
     println!("   {REPLICAS} tasks running:");
     for t in &tasks {
@@ -168,6 +166,14 @@ fn docker_demo(n: usize) -> Result<()> {
         match before {
             Ok(_) => "answered (unexpected: does the kernel have IPVS?)".to_string(),
             Err(e) => format!("failed ({})", e.root_cause()),
+        }
+    );
+    let (_, failed) = calls_by_name(d, "front", "web", 1);
+    println!(
+        "== without lbd, front -> web (the service's VIP, by name): {}",
+        match failed {
+            0 => "answered (unexpected: does the kernel have IPVS?)",
+            _ => "failed",
         }
     );
 
@@ -203,6 +209,16 @@ fn docker_demo(n: usize) -> Result<()> {
         })?;
     println!("\n== with lbd: {n} requests to {target}, each a new flow, by task container");
     print_spread(&spread, n);
+
+    let (spread, failed) = calls_by_name(d, "front", "web", n);
+    println!(
+        "\n== with lbd: {n} calls from the container front to `web` by name \
+         (Docker's DNS gives the VIP), by task container; {failed} failed"
+    );
+    print_spread(&spread, n);
+    if failed > 0 {
+        bail!("{failed} calls by name failed\nlbd's log:\n{}", lbd.log());
+    }
 
     println!("\n== lbctl status");
     print!("{}", lbctl(&lbd.socket, &["status"])?);

@@ -38,6 +38,7 @@ fn service(
         health: None,
         affinity_secs,
         network: None,
+        local_frontend: false,
         source: "differential".into(),
     }
 }
