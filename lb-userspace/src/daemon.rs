@@ -657,8 +657,9 @@ impl State {
             let node = self.backend_nodes.get(&b.addr).cloned();
             (state, node, self.overrides.weight(&key))
         }) {
-            Ok(services) => Response::Status(Box::new(Status {
-                services,
+            Ok(collected) => Response::Status(Box::new(Status {
+                services: collected.services,
+                swarm: collected.swarm,
                 interfaces: self.datapath.attached(),
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),

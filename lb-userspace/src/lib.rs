@@ -30,6 +30,7 @@ pub mod reload;
 pub mod sources;
 pub mod status;
 pub mod supervisor;
+pub mod swarm_status;
 pub mod version;
 pub mod vips;
 pub mod web;

@@ -66,15 +66,23 @@ pub type BackendView<'a> = dyn Fn(
     ) -> (String, Option<String>, Option<u32>)
     + 'a;
 
+/// The services as `Status` tells them.
+pub struct Collected {
+    /// Every frontend.
+    pub services: Vec<ServiceStatus>,
+    /// Swarm services, each once (swarm_status.rs).
+    pub swarm: Vec<SwarmService>,
+}
+
 /// Reads the applied state and sums the per-CPU counters. `state_of` names
 /// a backend's state ("active", "draining", "down") from the daemon's view.
 pub fn collect(
     reconciler: &Reconciler,
     census: &Census,
     state_of: &BackendView,
-) -> Result<Vec<ServiceStatus>> {
+) -> Result<Collected> {
     let maps = reconciler.maps();
-    let mut out = Vec::new();
+    let mut seen = Vec::new();
     for applied in reconciler.applied() {
         let counters = maps
             .service_stats
@@ -104,16 +112,20 @@ pub fn collect(
                 }
             })
             .collect();
-        out.push(ServiceStatus {
+        let status = ServiceStatus {
             name: applied.spec.name.clone(),
             frontend: applied.spec.frontend.to_string(),
             source: applied.spec.source.clone(),
             counters,
             backends,
-        });
+        };
+        seen.push((&applied.spec, status));
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.frontend.cmp(&b.frontend)));
-    Ok(out)
+    // From the specs: a status does not say what each frontend is for.
+    let swarm = crate::swarm_status::group(seen.iter().map(|(spec, s)| (*spec, s)));
+    let mut services: Vec<ServiceStatus> = seen.into_iter().map(|(_, s)| s).collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name).then(a.frontend.cmp(&b.frontend)));
+    Ok(Collected { services, swarm })
 }
 
 pub fn datapath_counters(reconciler: &Reconciler) -> BTreeMap<String, u64> {

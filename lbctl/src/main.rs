@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use lb_api::cli::lbctl::{Args, Command, Conntrack};
 use lb_api::control::{self, Request, Response};
-use lb_api::{connections, select, status};
+use lb_api::{connections, status};
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -13,21 +13,16 @@ fn main() -> Result<()> {
         other => Ok(other),
     };
     match args.command {
-        Command::Status { service, json } => {
+        Command::Status { service, json, all } => {
             let Response::Status(mut status) = ask(Request::Status)? else {
                 bail!("lbd answered something else");
             };
             if let Some(wanted) = service {
-                let one = select::service(&status.services, &wanted, |s| {
-                    (s.name.clone(), s.frontend.clone())
-                })
-                .map_err(anyhow::Error::msg)?
-                .clone();
-                status.services = vec![one];
+                status::retain_service(&mut status, &wanted).map_err(anyhow::Error::msg)?;
             }
             match json {
                 true => println!("{}", serde_json::to_string_pretty(&status)?),
-                false => print!("{}", status::render_table(&status)),
+                false => print!("{}", status::render_table(&status, all)),
             }
         }
         Command::Drain { service, backend } => done(ask(Request::Drain { service, backend })?)?,

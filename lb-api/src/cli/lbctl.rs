@@ -23,12 +23,21 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Services, backends, their state and counters (only SERVICE's if given).
+    /// Services, backends, their state and counters (only SERVICE's if
+    /// given). A Swarm service is shown once, with its published ports, the
+    /// node addresses that answer on them, its VIPs and its tasks; lbd
+    /// serves it as several frontends, which `--all` lists too.
     Status {
         service: Option<String>,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table: `services` has every frontend,
+        /// `swarm` each Swarm service once.
         #[arg(long)]
         json: bool,
+        /// Also list each Swarm service's frontends as rows of their own:
+        /// per published port, the ingress sandbox's and one per node
+        /// address; per VIP, one per protocol.
+        #[arg(long)]
+        all: bool,
     },
     /// Send no new flows to BACKEND of SERVICE; its established flows
     /// continue until they end.

@@ -99,7 +99,7 @@ fn vxlan_id(net: &NetworkInspect) -> Option<u32> {
 }
 
 /// One service per VIP and protocol, every port: each task on the same port.
-fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
+pub(crate) fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
     let entries: BTreeMap<&String, &serde_json::Value> = net.services.iter().flatten().collect();
     let mut out = Vec::new();
     for (name, raw) in entries {

@@ -226,7 +226,7 @@ fn parse_port(s: &str) -> Option<(u16, u16)> {
     Some((publish?, target?))
 }
 
-fn services(
+pub(crate) fn services(
     ingress: &NetworkInspect,
     overlay: Ipv4Addr,
     gateway: Ipv4Addr,

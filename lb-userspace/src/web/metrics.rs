@@ -517,6 +517,7 @@ mod tests {
                     },
                 ],
             }],
+            swarm: Vec::new(),
             interfaces: vec!["eth0".into()],
             config: ConfigStatus {
                 path: Some("/etc/lbd.toml".into()),

@@ -177,7 +177,7 @@ fn text(code: StatusCode, body: String) -> HttpResponse<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{BackendStatus, Counters, ServiceStatus};
+    use crate::status::{BackendStatus, Counters, ServiceStatus, SwarmService, SwarmVip};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn sample() -> Status {
@@ -200,6 +200,16 @@ mod tests {
                     weight_override: None,
                     counters: Counters::default(),
                 }],
+            }],
+            swarm: vec![SwarmService {
+                name: "api".into(),
+                vips: vec![SwarmVip {
+                    address: "10.0.1.2".into(),
+                    network: 4097,
+                    counters: Counters::default(),
+                }],
+                frontends: vec!["10.0.1.2:0/tcp".into(), "10.0.1.2:0/udp".into()],
+                ..Default::default()
             }],
             ..Default::default()
         }
