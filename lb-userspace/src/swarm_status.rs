@@ -205,6 +205,7 @@ mod tests {
             health: None,
             source: SOURCE.into(),
             network: None,
+            local_frontend: true,
         }
     }
 

@@ -18,8 +18,8 @@ use lb_tests::docker::{
 };
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::wait_until;
+use lb_tests::swarm::{create_service, IMAGE};
 
-const IMAGE: &str = "lbt-web";
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Servers in fresh containers need a moment after `running` to listen.
 const READY: Duration = Duration::from_secs(15);
@@ -57,25 +57,6 @@ fn netns_inode(path: &Path) -> u64 {
     std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .ino()
-}
-
-fn create_web_service(manager: &Dockerd, replicas: usize, extra: &[&str]) {
-    let replicas = replicas.to_string();
-    let mut args = vec![
-        "service",
-        "create",
-        "--detach",
-        "--name",
-        "web",
-        "--replicas",
-        &replicas,
-        "--publish",
-        "8080:80",
-        "--no-resolve-image",
-    ];
-    args.extend_from_slice(extra);
-    args.push(IMAGE);
-    manager.docker(&args).expect("docker service create");
 }
 
 fn ingress_addr(task: &Task) -> IpAddr {
@@ -248,7 +229,7 @@ fn single_node_swarm_service_with_three_replicas_converges() {
     let node = &cluster.nodes[0];
     let d = cluster.manager();
     cluster.build_image(IMAGE).unwrap();
-    create_web_service(d, 3, &[]);
+    create_service(d, "web", 3, "8080:80", &[]);
     let tasks = wait_service_running(d, "web", 3, CONVERGE).unwrap();
 
     let addrs: BTreeSet<IpAddr> = tasks.iter().map(ingress_addr).collect();
@@ -303,7 +284,7 @@ fn published_port_fails_without_the_load_balancer() {
     let cluster = Cluster::new(1).unwrap();
     let d = cluster.manager();
     cluster.build_image(IMAGE).unwrap();
-    create_web_service(d, 3, &[]);
+    create_service(d, "web", 3, "8080:80", &[]);
     let tasks = wait_service_running(d, "web", 3, CONVERGE).unwrap();
     // The tasks themselves serve, so what fails below is the mesh.
     let first = ingress_addr(&tasks[0]);
@@ -342,7 +323,13 @@ fn two_node_swarm_reaches_remote_tasks_over_the_overlay() {
     let manager = cluster.manager();
     let worker = &cluster.nodes[1].dockerd;
     cluster.build_image(IMAGE).unwrap();
-    create_web_service(manager, 2, &["--replicas-max-per-node", "1"]);
+    create_service(
+        manager,
+        "web",
+        2,
+        "8080:80",
+        &["--replicas-max-per-node", "1"],
+    );
     let tasks = wait_service_running(manager, "web", 2, CONVERGE).unwrap();
     let nodes: BTreeSet<&str> = tasks.iter().map(|t| t.node_id.as_str()).collect();
     assert_eq!(nodes.len(), 2, "both tasks on one node: {tasks:?}");

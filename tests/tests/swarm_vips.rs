@@ -249,6 +249,38 @@ fn containers_reach_a_service_by_its_vip_on_one_node() {
     let (seen, failed) = calls_by_name(d, "front", "rr", 5);
     assert_eq!(failed, 0, "a dnsrr service: {seen:?}");
 
+    // A service on two networks has a VIP on each, each balanced for its
+    // own network's containers only.
+    create_network(d, "other");
+    create_service(
+        d,
+        "multi",
+        2,
+        "",
+        &["--network", "app", "--network", "other"],
+    );
+    let multi = wait_service_running(d, "multi", 2, CONVERGE).expect("multi");
+    run_client(d, "side", "other");
+    let (on_app, on_other) = (
+        service_vip(d, "multi", "app"),
+        service_vip(d, "multi", "other"),
+    );
+    assert_ne!(on_app, on_other);
+    wait_vip_backends(&lbd, on_app, 2);
+    wait_vip_backends(&lbd, on_other, 2);
+    let want_multi = task_names(&multi);
+    for (client, vip) in [("front", on_app), ("side", on_other)] {
+        let (seen, failed) = calls_by_name(d, client, "multi", 20);
+        assert_eq!(failed, 0, "{client} -> multi ({vip}): {seen:?}");
+        assert_eq!(seen.keys().cloned().collect::<BTreeSet<_>>(), want_multi);
+    }
+    let side = container_netns(d, "side");
+    let across = run_in(&side, || whoami(SocketAddr::from((vip, WHOAMI)))).unwrap();
+    assert!(
+        across.is_err(),
+        "api's VIP on app answered on other: {across:?}"
+    );
+
     // A process not on the network is not balanced: the host's namespace
     // (lbd's) connecting to the VIP goes nowhere.
     let not_member = node.ns.run(|| whoami(SocketAddr::from((vip, WHOAMI))));

@@ -246,16 +246,17 @@ fn follow_up(pending: Option<&(SystemTime, String)>) -> bool {
 }
 
 /// The event a change is timed from. A service's "update" (a scale, say)
-/// and a network's "connect" only cause a resync: the tasks they announce
-/// are balanced from their container's "start" (Swarm lists a task in its
-/// view only then), and timing from the earlier event would charge lbd with
-/// Swarm's scheduling and the container's start-up.
+/// and a network's events other than "disconnect" only cause a resync: the
+/// tasks they announce are balanced from their container's "start" (Swarm
+/// lists a task in its view only then), and timing from the earlier event
+/// would charge lbd with Swarm's scheduling and the container's start-up.
 fn origin(e: &bollard::models::EventMessage) -> Option<(SystemTime, String)> {
     use bollard::models::EventMessageTypeEnum::{NETWORK, SERVICE};
-    let early = matches!(
-        (e.typ, e.action.as_deref()),
-        (Some(SERVICE), Some("update")) | (Some(NETWORK), Some("connect"))
-    );
+    let early = match (e.typ, e.action.as_deref()) {
+        (Some(SERVICE), Some("update")) => true,
+        (Some(NETWORK), action) => action != Some("disconnect"),
+        _ => false,
+    };
     (!early).then(|| (event_time(e), describe(e)))
 }
 
