@@ -91,7 +91,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // One backend per socket, whatever it sends: an unconnected UDP socket
     // keeps talking to the task that answered it while the ring holds.
-    let hash = (socket_cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+    let hash = mix64(socket_cookie);
     let Some((id, backend)) = lb::maglev(svc, hash) else {
         add_stats(SERVICE_STATS.get_ptr_mut(svc.slot), |st| st.no_backend += 1);
         count(global::SOCK_REFUSED);
@@ -153,4 +153,17 @@ fn from_backend(ctx: &SockAddrContext) {
         sa.user_ip4 = rev.vip;
         sa.user_port = u32::from(rev.port);
     }
+}
+
+/// MurmurHash3's 64-bit finaliser: cookies are consecutive numbers (and
+/// every socket in between takes one), which must still spread evenly over
+/// the ring.
+#[inline(always)]
+fn mix64(mut h: u64) -> u32 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
 }
