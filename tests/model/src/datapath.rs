@@ -2,8 +2,8 @@
 
 use lb_common::{
     global, AffinityEntry, AffinityKey, CtEntry, FlowKey, ServiceKey, TrafficStats, BACKEND_ACTIVE,
-    BACKEND_DOWN, CT_REPLY, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, ST_CLOSING, ST_FIN_BACKEND,
-    ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
+    BACKEND_DOWN, CT_REPLY, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, ST_CLOSING,
+    ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
 use crate::conntrack::{self, flow_key, Claim};
@@ -236,7 +236,9 @@ fn new_flow(
         proto: t.ip.proto,
         _pad: 0,
     };
-    let Some(svc) = state.services.get(&skey).copied() else {
+    // Socket-balanced addresses are the socket programs' alone.
+    let packet_service = state.services.get(&skey).copied();
+    let Some(svc) = packet_service.filter(|s| s.flags & FLAG_SOCKET == 0) else {
         out.path = Path::NoService;
         out.action = TC_ACT_UNSPEC;
         return;

@@ -56,6 +56,8 @@ fn add_service(
             flags: if snat.is_some() { FLAG_FULLNAT } else { 0 },
             snat_addr: snat.map(addr).unwrap_or_default(),
             affinity_ns: if slot % 2 == 1 { 3_000_000_000 } else { 0 },
+            network: 0,
+            _pad: 0,
         },
     );
 }
@@ -279,7 +281,12 @@ fn generated_traffic_reaches_every_path() {
     }
     println!("globals: {:?}", s.global);
     for (name, v) in lb_common::global::NAMES.iter().zip(s.global) {
-        if !matches!(*name, "rewrite_errors" | "ct_insert_failed") {
+        // The sock_* counters belong to the socket programs, not to the
+        // packet datapath this model is.
+        if !matches!(
+            *name,
+            "rewrite_errors" | "ct_insert_failed" | "sock_translated" | "sock_refused"
+        ) {
             assert!(v > 0, "counter {name} never moved");
         }
     }

@@ -88,6 +88,8 @@ fn state(fullnat: bool) -> ModelState {
                 flags: if fullnat { FLAG_FULLNAT } else { 0 },
                 snat_addr: if fullnat { v4_mapped(SNAT) } else { [0; 16] },
                 affinity_ns: 0,
+                network: 0,
+                _pad: 0,
             },
         );
         s.backends.insert(
