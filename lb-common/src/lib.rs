@@ -75,6 +75,10 @@ pub mod progs {
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
 }
 
 /// SERVICES key: a frontend. `port` is in network byte order.

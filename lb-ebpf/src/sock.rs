@@ -1,6 +1,7 @@
 //! Socket-level balancing of network-scoped addresses (Swarm service VIPs,
-//! FLAG_SOCKET): cgroup hooks that rewrite the address a socket connects or
-//! sends to, before the kernel routes anything. A connection to a VIP then
+//! FLAG_SOCKET): cgroup hooks, for IPv4 and dual-stack IPv6 sockets, that
+//! rewrite the address a socket connects or sends to, before the kernel
+//! routes anything. A connection to a VIP then
 //! is a plain connection to a task: no per-packet work, no conntrack, and
 //! no need for the VIP to answer ARP on the overlay (nothing owns it).
 //!
@@ -10,6 +11,7 @@
 //! `getpeername` and a datagram's source show the VIP again.
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -32,37 +34,97 @@ const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend(&ctx, Family::V4)
 }
 
 /// Unconnected UDP: each datagram sent to the VIP.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx)
+    to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    from_backend(&ctx);
+    from_backend(&ctx, Family::V4);
     PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    from_backend(&ctx);
+    from_backend(&ctx, Family::V4);
     PROCEED
 }
 
+/// The same for dual-stack sockets (AF_INET6, as Java and others open
+/// them) reaching a VIP as `::ffff:a.b.c.d`.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V4MappedV6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V4MappedV6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    from_backend(&ctx, Family::V4MappedV6);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    from_backend(&ctx, Family::V4MappedV6);
+    PROCEED
+}
+
+/// Where the IPv4 address is in the context.
+#[derive(Clone, Copy)]
+enum Family {
+    /// `user_ip4`.
+    V4,
+    /// The last word of `user_ip6`, when the first three are `::ffff:`.
+    V4MappedV6,
+}
+
+/// `::ffff:0:0/96`'s first three words, as they lie in memory.
+const MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// The IPv4 address a socket names, if it names one.
 #[inline(always)]
-fn to_backend(ctx: &SockAddrContext) -> i32 {
+fn ipv4_of(sa: &bpf_sock_addr, family: Family) -> Option<u32> {
+    match family {
+        Family::V4 => Some(sa.user_ip4),
+        Family::V4MappedV6 => {
+            // Word by word: the context allows only 4-byte accesses here.
+            let ip6 = &sa.user_ip6;
+            (ip6[0] == MAPPED_PREFIX[0] && ip6[1] == MAPPED_PREFIX[1] && ip6[2] == MAPPED_PREFIX[2])
+                .then_some(ip6[3])
+        }
+    }
+}
+
+#[inline(always)]
+fn set_ipv4(sa: &mut bpf_sock_addr, family: Family, addr: u32) {
+    match family {
+        Family::V4 => sa.user_ip4 = addr,
+        Family::V4MappedV6 => sa.user_ip6[3] = addr,
+    }
+}
+
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the context the kernel passed; these fields are readable and
-    // writable in connect4 and sendmsg4.
+    // writable in connect and sendmsg programs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol;
     if proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP) {
         return PROCEED;
     }
-    let vip = sa.user_ip4;
+    let Some(vip) = ipv4_of(sa, family) else {
+        return PROCEED;
+    };
     let port = sa.user_port as u16;
     let key = ServiceKey {
         addr: v4_mapped(vip.to_ne_bytes()),
@@ -108,7 +170,7 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
     } else {
         backend.port
     };
-    sa.user_ip4 = addr;
+    set_ipv4(sa, family, addr);
     sa.user_port = u32::from(backend_port);
     let rev_key = SockRevKey {
         socket_cookie,
@@ -132,25 +194,28 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
 
 /// Shows the VIP where the kernel would show the backend.
 #[inline(always)]
-fn from_backend(ctx: &SockAddrContext) {
-    // SAFETY: the context the kernel passed; writable in recvmsg4 and
-    // getpeername4.
+fn from_backend(ctx: &SockAddrContext, family: Family) {
+    // SAFETY: the context the kernel passed; writable in recvmsg and
+    // getpeername programs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol;
     if proto != u32::from(PROTO_TCP) && proto != u32::from(PROTO_UDP) {
         return;
     }
+    let Some(backend_addr) = ipv4_of(sa, family) else {
+        return;
+    };
     let key = SockRevKey {
         // SAFETY: a helper the sock_addr program type may call.
         socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        backend_addr: sa.user_ip4,
+        backend_addr,
         backend_port: sa.user_port as u16,
         proto: proto as u8,
         _pad: 0,
     };
     // SAFETY: plain data.
     if let Some(rev) = unsafe { SOCK_REVNAT.get(&key) } {
-        sa.user_ip4 = rev.vip;
+        set_ipv4(sa, family, rev.vip);
         sa.user_port = u32::from(rev.port);
     }
 }

@@ -76,11 +76,15 @@ enum SocketAttachment {
 }
 
 /// The socket programs (FLAG_SOCKET services), see lb-ebpf's sock.rs.
-pub const SOCKET_PROGRAMS: [&str; 4] = [
+pub const SOCKET_PROGRAMS: [&str; 8] = [
     progs::SOCK_CONNECT4,
     progs::SOCK_SENDMSG4,
     progs::SOCK_RECVMSG4,
     progs::SOCK_GETPEERNAME4,
+    progs::SOCK_CONNECT6,
+    progs::SOCK_SENDMSG6,
+    progs::SOCK_RECVMSG6,
+    progs::SOCK_GETPEERNAME6,
 ];
 
 enum Attachment {

@@ -240,6 +240,21 @@ fn containers_reach_a_service_by_its_vip_on_one_node() {
     .unwrap();
     assert_eq!(udp, want, "UDP by VIP");
 
+    // Dual-stack sockets (AF_INET6, as Java opens them) reach the VIP as
+    // ::ffff:a.b.c.d, and see it as their peer the same way.
+    let mapped = IpAddr::V6(vip.to_ipv6_mapped());
+    let (name, peer) = run_in(&front, || whoami(SocketAddr::new(mapped, WHOAMI)))
+        .unwrap()
+        .expect("whoami by VIP from an AF_INET6 socket");
+    assert!(want.contains(&name), "{name}");
+    assert_eq!(peer, SocketAddr::new(mapped, WHOAMI));
+    let udp6 = run_in(&front, || {
+        lb_tests::echo::udp_request(SocketAddr::new(mapped, UDP_ECHO), TIMEOUT)
+    })
+    .unwrap()
+    .expect("UDP by VIP from an AF_INET6 socket");
+    assert!(want.contains(&udp6.0), "{udp6:?}");
+
     // A task calls its own service; tasks.api and dnsrr keep working.
     let own = tasks[0].container_id.clone().unwrap();
     let (seen, failed) = calls_by_name(d, &own, "api", 10);
