@@ -117,6 +117,23 @@ struct Member {
 }
 
 /// Groups running, labelled containers into services, one per frontend.
+/// Whether Docker counts the container as healthy: it has no health check,
+/// or its check has passed and not failed since.
+pub fn healthy(c: &ContainerSummary) -> bool {
+    let docker_health = c.health.as_ref().and_then(|h| h.status);
+    let status = c.status.as_deref().unwrap_or("");
+    // Engines older than the health field say it in the status text.
+    let unhealthy = matches!(
+        docker_health,
+        Some(
+            ContainerSummaryHealthStatusEnum::UNHEALTHY
+                | ContainerSummaryHealthStatusEnum::STARTING
+        )
+    ) || status.contains("(unhealthy)")
+        || status.contains("(health: starting)");
+    !unhealthy
+}
+
 /// Containers that are unhealthy, or whose health check has not passed yet,
 /// are left out until Docker says they are healthy. `allow` says whether a
 /// label may take a frontend address, and why not.
@@ -226,18 +243,7 @@ fn member(
         .get(SERVICE)
         .cloned()
         .unwrap_or_else(|| frontend.to_string());
-    let docker_health = c.health.as_ref().and_then(|h| h.status);
-    let status = c.status.as_deref().unwrap_or("");
-    // Engines older than the health field say it in the status text.
-    let unhealthy = matches!(
-        docker_health,
-        Some(
-            ContainerSummaryHealthStatusEnum::UNHEALTHY
-                | ContainerSummaryHealthStatusEnum::STARTING
-        )
-    ) || status.contains("(unhealthy)")
-        || status.contains("(health: starting)");
-    if unhealthy {
+    if !healthy(c) {
         return Ok(None);
     }
     let health = health(&labels)?;

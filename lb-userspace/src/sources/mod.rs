@@ -5,6 +5,7 @@ pub mod docker;
 pub mod engine;
 pub mod label_frontends;
 pub mod labels;
+pub mod local_tasks;
 pub mod merge;
 pub mod netns_dir;
 pub mod service_vips;

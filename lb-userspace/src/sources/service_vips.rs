@@ -38,7 +38,12 @@ pub struct View {
     pub nodes: BTreeMap<IpAddr, String>,
 }
 
-pub async fn view(docker: &Docker, sandboxes: &mut Sandboxes) -> Result<View> {
+/// `local`: this node's running tasks (see local_tasks.rs).
+pub async fn view(
+    docker: &Docker,
+    sandboxes: &mut Sandboxes,
+    local: &[super::local_tasks::LocalTask],
+) -> Result<View> {
     let filters = HashMap::from([
         ("driver".to_string(), vec!["overlay".to_string()]),
         ("scope".to_string(), vec!["swarm".to_string()]),
@@ -52,13 +57,22 @@ pub async fn view(docker: &Docker, sandboxes: &mut Sandboxes) -> Result<View> {
     let mut out = View::default();
     let mut seen = BTreeSet::new();
     // The ingress network is the mesh's (swarm.rs), read there.
-    let service_networks = networks.iter().filter(|n| n.ingress != Some(true));
-    for id in service_networks.filter_map(|n| n.id.as_deref()) {
+    let ids: Vec<&str> = networks
+        .iter()
+        .filter(|n| n.ingress != Some(true))
+        .filter_map(|n| n.id.as_deref())
+        .collect();
+    // Together: a resync's time is mostly waiting for the engine.
+    let inspected = futures::future::join_all(ids.iter().map(|id| {
         let options = InspectNetworkOptions {
             verbose: true,
             scope: Some("swarm".into()),
         };
-        let net = match docker.inspect_network(id, Some(options)).await {
+        docker.inspect_network(id, Some(options))
+    }))
+    .await;
+    for (id, inspected) in ids.iter().zip(inspected) {
+        let mut net = match inspected {
             Ok(n) => n,
             // Removed since the list.
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -69,6 +83,7 @@ pub async fn view(docker: &Docker, sandboxes: &mut Sandboxes) -> Result<View> {
         let Some(vni) = vxlan_id(&net) else {
             continue;
         };
+        super::local_tasks::add_to(&mut net, local);
         out.services.extend(services(&net, vni));
         out.nodes.extend(task_nodes(&net));
         for container in local_containers(&net) {

@@ -52,7 +52,12 @@ pub struct View {
 }
 
 /// `netns_dir`: where the engine keeps its network namespaces.
-pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
+/// `local`: this node's running tasks (see local_tasks.rs).
+pub async fn view(
+    docker: &Docker,
+    netns_dir: &Path,
+    local: &[super::local_tasks::LocalTask],
+) -> Result<View> {
     let info = docker
         .info()
         .await
@@ -75,10 +80,12 @@ pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
         verbose: true,
         scope: scope.map(String::from),
     };
-    let ingress = match docker
-        .inspect_network("ingress", Some(verbose(Some("swarm"))))
-        .await
-    {
+    // Together: a resync's time is mostly waiting for the engine.
+    let (ingress, gwbridge) = tokio::join!(
+        docker.inspect_network("ingress", Some(verbose(Some("swarm")))),
+        docker.inspect_network("docker_gwbridge", Some(verbose(None))),
+    );
+    let mut ingress = match ingress {
         Ok(n) => n,
         // A node that joined but has no ingress sandbox yet.
         Err(bollard::errors::Error::DockerResponseServerError {
@@ -92,10 +99,8 @@ pub async fn view(docker: &Docker, netns_dir: &Path) -> Result<View> {
         }
         Err(e) => return Err(e).context("inspecting the ingress network"),
     };
-    let gwbridge = docker
-        .inspect_network("docker_gwbridge", Some(verbose(None)))
-        .await
-        .context("inspecting docker_gwbridge")?;
+    super::local_tasks::add_to(&mut ingress, local);
+    let gwbridge = gwbridge.context("inspecting docker_gwbridge")?;
     let sbox = netns_dir.join("ingress_sbox");
     let (Some(overlay), Some(gateway)) = (sbox_address(&ingress), sbox_address(&gwbridge)) else {
         return Ok(View {
