@@ -296,6 +296,39 @@ fn containers_reach_a_service_by_its_vip_on_one_node() {
         "api's VIP on app answered on other: {across:?}"
     );
 
+    // A task whose health check has not passed takes no connection: Swarm
+    // does not list it, and lbd does not take it from the container list.
+    create_service(
+        d,
+        "sick",
+        1,
+        "",
+        &[
+            "--network",
+            "app",
+            "--health-cmd",
+            "false",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "30",
+        ],
+    );
+    let sick_vip = service_vip(d, "sick", "app");
+    let started = wait_until(CONVERGE, "a sick task to start", || {
+        d.docker(&["ps", "--filter", "name=sick", "--format", "{{.Status}}"])
+            .is_ok_and(|s| s.contains("health: starting"))
+    });
+    started.expect("sick task");
+    sleep(Duration::from_millis(500));
+    assert!(
+        vip_backends(&lbd, sick_vip).is_empty(),
+        "an unhealthy task is balanced: {:?}",
+        vip_backends(&lbd, sick_vip)
+    );
+    let (seen, failed) = calls_by_name(d, "front", "sick", 1);
+    assert_eq!(failed, 1, "an unhealthy task answered: {seen:?}");
+
     // A process not on the network is not balanced: the host's namespace
     // (lbd's) connecting to the VIP goes nowhere.
     let not_member = node.ns.run(|| whoami(SocketAddr::from((vip, WHOAMI))));
