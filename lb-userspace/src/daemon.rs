@@ -485,8 +485,8 @@ impl State {
                 if self.converge().iter().any(failures::from_docker) {
                     return;
                 }
-                if let Some(t) = snapshot.event_time {
-                    if let Ok(latency) = SystemTime::now().duration_since(t) {
+                if let Some((t, what)) = &snapshot.cause {
+                    if let Ok(latency) = SystemTime::now().duration_since(*t) {
                         if self.latencies.len() == LATENCY_SAMPLES {
                             self.latencies.pop_front();
                         }
@@ -494,7 +494,7 @@ impl State {
                         log::debug!(
                             "docker change applied {:.1} ms after its event ({})",
                             latency.as_secs_f64() * 1e3,
-                            snapshot.event_what.as_deref().unwrap_or("?")
+                            what
                         );
                     }
                 }

@@ -8,7 +8,7 @@ use crate::datapath_log::DatapathLog;
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
@@ -61,18 +61,13 @@ pub struct Maps {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
-    links: BTreeMap<String, Attachment>,
+    links: BTreeMap<String, Attachment<SchedClassifierLink>>,
     /// Other namespaces attached in, by tag: the namespace's inode.
     netns: BTreeMap<String, u64>,
     /// The socket programs' attachments to a cgroup, by program name.
-    sockets: BTreeMap<&'static str, SocketAttachment>,
+    sockets: BTreeMap<&'static str, Attachment<CgroupSockAddrLink>>,
     /// Whether the kernel took the socket programs, and if not why.
     sockets_loadable: Result<(), String>,
-}
-
-enum SocketAttachment {
-    Owned(#[expect(dead_code, reason = "held: dropping it detaches")] CgroupSockAddrLink),
-    Pinned(PinnedLink),
 }
 
 /// The socket programs (FLAG_SOCKET services), see lb-ebpf's sock.rs.
@@ -87,9 +82,37 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     progs::SOCK_GETPEERNAME6,
 ];
 
-enum Attachment {
-    Owned(SchedClassifierLink),
+/// A program's attachment: pinned when lbd has a pin directory, so that it
+/// outlives lbd; otherwise owned, and gone with lbd.
+enum Attachment<L> {
+    Owned(L),
     Pinned(PinnedLink),
+}
+
+impl<L: TryInto<FdLink, Error = LinkError>> Attachment<L> {
+    /// Keeps `link`, pinned at `pin` if there is one. What an earlier lbd
+    /// pinned there is unpinned first, which drops its last reference and
+    /// so detaches it. `linkless` says why a kernel may refuse the pin.
+    fn keep(link: L, pin: Option<PathBuf>, linkless: &'static str) -> Result<Self> {
+        let Some(path) = pin else {
+            return Ok(Attachment::Owned(link));
+        };
+        let _ = std::fs::remove_file(&path);
+        let fd: FdLink = link.try_into().context(linkless)?;
+        Ok(Attachment::Pinned(fd.pin(&path)?))
+    }
+}
+
+impl<L> Attachment<L> {
+    /// Detaches: unpinning drops the last reference; an owned link goes
+    /// when dropped.
+    fn detach(self, name: &str) {
+        if let Attachment::Pinned(p) = self {
+            if let Err(e) = p.unpin() {
+                log::warn!("unpinning the link of {name}: {e}");
+            }
+        }
+    }
 }
 
 /// The maps lbd pins, by name.
@@ -307,7 +330,11 @@ impl Datapath {
         if self.links.contains_key(key) {
             return Ok(());
         }
-        let pin = self.link_pin(key);
+        let pin = self.link_pin(format!(
+            "{}{}",
+            crate::pins::LINK_PREFIX,
+            key.replace(':', "-")
+        ));
         let prog = self.program()?;
         let replaced = match pin.as_deref().map(PinnedLink::from_pin) {
             Some(Ok(old)) => {
@@ -334,16 +361,11 @@ impl Datapath {
             }
         };
         let link = prog.take_link(id)?;
-        let attachment = match pin {
-            Some(path) => {
-                let _ = std::fs::remove_file(&path);
-                let fd: FdLink = link
-                    .try_into()
-                    .context("this kernel attaches TC through netlink; links cannot be pinned")?;
-                Attachment::Pinned(fd.pin(&path)?)
-            }
-            None => Attachment::Owned(link),
-        };
+        let attachment = Attachment::keep(
+            link,
+            pin,
+            "this kernel attaches TC through netlink; links cannot be pinned",
+        )?;
         self.links.insert(key.to_string(), attachment);
         Ok(())
     }
@@ -369,40 +391,22 @@ impl Datapath {
                 .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
             let link = prog.take_link(id)?;
-            let attachment = match self.socket_link_pin(name) {
-                Some(path) => {
-                    // Unpinning the old link drops its last reference.
-                    let _ = std::fs::remove_file(&path);
-                    let fd: FdLink = link
-                        .try_into()
-                        .context("this kernel attaches cgroup programs without links")?;
-                    SocketAttachment::Pinned(fd.pin(&path)?)
-                }
-                None => SocketAttachment::Owned(link),
-            };
+            let pin = self.link_pin(format!("{}{name}", crate::pins::SOCKET_LINK_PREFIX));
+            let attachment = Attachment::keep(
+                link,
+                pin,
+                "this kernel attaches cgroup programs without links",
+            )?;
             self.sockets.insert(name, attachment);
         }
         log::info!("socket programs attached to {}", cgroup.display());
         Ok(())
     }
 
-    fn socket_link_pin(&self, program: &str) -> Option<PathBuf> {
-        self.pin_dir.as_ref().map(|d| {
-            d.join(crate::pins::LINKS_DIR)
-                .join(format!("{}{program}", crate::pins::SOCKET_LINK_PREFIX))
-        })
-    }
-
     /// Detaches from `ifname` (its pin, if any, is removed).
     pub fn detach(&mut self, ifname: &str) {
-        match self.links.remove(ifname) {
-            Some(Attachment::Pinned(p)) => {
-                // Unpinning drops the last reference and so detaches.
-                if let Err(e) = p.unpin() {
-                    log::warn!("unpinning the link of {ifname}: {e}");
-                }
-            }
-            Some(Attachment::Owned(_)) | None => {}
+        if let Some(attachment) = self.links.remove(ifname) {
+            attachment.detach(ifname);
         }
     }
 
@@ -434,11 +438,7 @@ impl Datapath {
             self.detach(&name);
         }
         for (name, attachment) in std::mem::take(&mut self.sockets) {
-            if let SocketAttachment::Pinned(p) = attachment {
-                if let Err(e) = p.unpin() {
-                    log::warn!("unpinning the link of {name}: {e}");
-                }
-            }
+            attachment.detach(name);
         }
         if let Some(dir) = &self.pin_dir {
             remove_pins(dir);
@@ -456,14 +456,11 @@ impl Datapath {
         }
     }
 
-    fn link_pin(&self, ifname: &str) -> Option<PathBuf> {
-        self.pin_dir.as_ref().map(|d| {
-            d.join(crate::pins::LINKS_DIR).join(format!(
-                "{}{}",
-                crate::pins::LINK_PREFIX,
-                ifname.replace(':', "-")
-            ))
-        })
+    /// Where a link is pinned: `links/<file>` in the pin directory.
+    fn link_pin(&self, file: String) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|d| d.join(crate::pins::LINKS_DIR).join(file))
     }
 }
 

@@ -2,7 +2,7 @@
 //! safety net. If the engine goes away, the last state it gave keeps
 //! serving; the source reconnects with backoff and resyncs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result};
@@ -11,7 +11,7 @@ use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::model::ServiceSpec;
+use crate::model::{Member, ServiceSpec};
 use crate::sources::engine::Engine;
 use crate::sources::label_frontends::Gate;
 use crate::sources::labels::{self, Rejected};
@@ -37,14 +37,13 @@ pub struct Snapshot {
     pub sbox: Option<std::path::PathBuf>,
     /// Network namespaces of this node's containers on Swarm's overlay
     /// networks: who may use each network's service VIPs.
-    pub members: std::collections::BTreeSet<crate::model::Member>,
+    pub members: BTreeSet<Member>,
     /// Backend address -> the node it runs on (containers: this engine).
     pub nodes: std::collections::BTreeMap<std::net::IpAddr, String>,
     pub rejected: Vec<Rejected>,
-    /// When the event that caused this snapshot happened, if one did.
-    pub event_time: Option<SystemTime>,
-    /// That event, as "type action name", for the log.
-    pub event_what: Option<String>,
+    /// The event that caused this snapshot, if one did: when it happened,
+    /// and what it was ("type action name", for the log).
+    pub cause: Option<(SystemTime, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -161,11 +160,10 @@ async fn session(
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, netns, &mut sandboxes, gate, None).await?;
+    let first = sync(&docker, netns, &mut sandboxes, gate).await?;
     log_refusals(&first.rejected, logged);
     let first_in_swarm = first.swarm_role != "inactive";
-    let (first_services, first_rejected) = (first.services.clone(), first.rejected.clone());
-    let first_members = first.members.clone();
+    let mut last = compared(&first);
     *connected = true;
     if tx.send(Update::Connected { version: api }).await.is_err()
         || tx.send(Update::Snapshot(first)).await.is_err()
@@ -177,8 +175,6 @@ async fn session(
     let mut swarm_poll = tokio::time::interval(SWARM_POLL);
     swarm_poll.reset();
     let mut in_swarm = first_in_swarm;
-    let mut last = (first_services, first_rejected);
-    let mut last_members = first_members;
     // The event a change is attributed to: the latest one before it. Swarm's
     // view of a new task lags the container's event, so the change may only
     // show at a later poll; it still counts from the event.
@@ -218,35 +214,34 @@ async fn session(
         if cause.is_some() {
             pending = cause;
         }
-        if pending
-            .as_ref()
-            .is_some_and(|(t, _)| t.elapsed().unwrap_or_default() > FOLLOW_UP_FOR)
-        {
+        if !follow_up(pending.as_ref()) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, netns, &mut sandboxes, gate, None).await?;
+        let mut snapshot = sync(&docker, netns, &mut sandboxes, gate).await?;
         log_refusals(&snapshot.rejected, logged);
         in_swarm = snapshot.swarm_role != "inactive";
-        let now = (snapshot.services.clone(), snapshot.rejected.clone());
-        if now == last && snapshot.members == last_members {
+        let now = compared(&snapshot);
+        if now == last {
             continue;
         }
         log::debug!(
             "docker change: services {} -> {}, members {} -> {}",
             last.0.len(),
             now.0.len(),
-            last_members.len(),
-            snapshot.members.len()
+            last.2.len(),
+            now.2.len()
         );
         last = now;
-        last_members = snapshot.members.clone();
-        let cause = pending.take();
-        snapshot.event_time = cause.as_ref().map(|(t, _)| *t);
-        snapshot.event_what = cause.map(|(_, what)| what);
+        snapshot.cause = pending.take();
         if tx.send(Update::Snapshot(snapshot)).await.is_err() {
             return Ok(());
         }
     }
+}
+
+/// What a snapshot is compared by, to send only changes.
+fn compared(s: &Snapshot) -> (Vec<ServiceSpec>, Vec<Rejected>, BTreeSet<Member>) {
+    (s.services.clone(), s.rejected.clone(), s.members.clone())
 }
 
 /// Whether an event is still waiting, recently enough, for its change.
@@ -256,10 +251,10 @@ fn follow_up(pending: Option<&(SystemTime, String)>) -> bool {
 
 /// The event a change is timed from. A service's "update" (a scale, say), a
 /// container's "kill" and a network's events other than "disconnect" only
-/// cause a resync: the
-/// tasks they announce are balanced from their container's "start" (Swarm
-/// lists a task in its view only then), and timing from the earlier event
-/// would charge lbd with Swarm's scheduling and the container's start-up.
+/// cause a resync: the tasks they announce are balanced from their
+/// container's "start" (Swarm lists a task in its view only then), and
+/// timing from the earlier event would charge lbd with Swarm's scheduling
+/// and the container's start-up.
 fn origin(e: &bollard::models::EventMessage) -> Option<(SystemTime, String)> {
     use bollard::models::EventMessageTypeEnum::{CONTAINER, NETWORK, SERVICE};
     let early = match (e.typ, e.action.as_deref()) {
@@ -326,7 +321,6 @@ async fn sync(
     netns: &mut NetnsDir,
     sandboxes: &mut Sandboxes,
     gate: &Gate,
-    cause: Option<SystemTime>,
 ) -> Result<Snapshot> {
     let filters = HashMap::from([
         ("label".to_string(), vec![labels::FRONTEND.to_string()]),
@@ -369,7 +363,6 @@ async fn sync(
         swarm_role: swarm.role,
         sbox: swarm.sbox,
         nodes,
-        event_time: cause,
-        event_what: None,
+        cause: None,
     })
 }

@@ -115,12 +115,8 @@ fn vxlan_id(net: &NetworkInspect) -> Option<u32> {
 
 /// One service per VIP and protocol, every port: each task on the same port.
 pub(crate) fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
-    let entries: BTreeMap<&String, &serde_json::Value> = net.services.iter().flatten().collect();
     let mut out = Vec::new();
-    for (name, raw) in entries {
-        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
-            continue;
-        };
+    for (name, info) in service_infos(net) {
         let Some(vip) = info.vip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
             continue; // dnsrr, or the network's own load-balancer endpoint
         };
@@ -159,13 +155,21 @@ pub(crate) fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
     out
 }
 
+/// A network view's services by name, in name order: the engine sorts
+/// nothing, and an unchanged service must compare equal. An entry that does
+/// not parse is skipped.
+pub fn service_infos(net: &NetworkInspect) -> BTreeMap<&String, ServiceInfo> {
+    net.services
+        .iter()
+        .flatten()
+        .filter_map(|(name, raw)| Some((name, serde_json::from_value(raw.clone()).ok()?)))
+        .collect()
+}
+
 /// Where each task runs, from the view's "Host IP".
 pub fn task_nodes(net: &NetworkInspect) -> BTreeMap<IpAddr, String> {
     let mut out = BTreeMap::new();
-    for raw in net.services.iter().flatten().map(|(_, v)| v) {
-        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
-            continue;
-        };
+    for info in service_infos(net).values() {
         for task in info.tasks.iter().flatten() {
             let ip = task.endpoint_ip.as_deref().and_then(|ip| ip.parse().ok());
             let host = task.info.as_ref().and_then(|i| i.get("Host IP")).cloned();

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use bollard::models::{
     EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, LocalNodeState,
-    NetworkInspect, Service, ServiceInfo,
+    NetworkInspect, Service,
 };
 use bollard::query_parameters::{InspectNetworkOptions, ListServicesOptions};
 use bollard::Docker;
@@ -239,12 +239,7 @@ pub(crate) fn services(
     protocols: Option<&Protocols>,
 ) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
-    let entries: BTreeMap<&String, &serde_json::Value> =
-        ingress.services.iter().flatten().collect();
-    for (name, raw) in entries {
-        let Ok(info) = serde_json::from_value::<ServiceInfo>(raw.clone()) else {
-            continue;
-        };
+    for (name, info) in super::service_vips::service_infos(ingress) {
         // Sorted: the engine lists tasks in no fixed order, and an unchanged
         // service must compare equal to skip rewriting its ring.
         let mut tasks: Vec<IpAddr> = info
