@@ -173,6 +173,9 @@ pub struct Status {
     pub config: ConfigStatus,
     /// Present when lbd watches a Docker engine.
     pub docker: Option<DockerStatus>,
+    /// Present when lbd reads etcd.
+    #[serde(default)]
+    pub etcd: Option<EtcdStatus>,
     /// Services rejected because another owns their frontend.
     pub conflicts: Vec<Conflict>,
     /// Services that could not be applied (their previous state, if any,
@@ -284,6 +287,32 @@ pub struct DockerStatus {
     pub swarm: Option<String>,
 }
 
+/// lbd's view of etcd, and of its registrations in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+    /// The latest revision seen.
+    pub revision: u64,
+    /// The revision whose keys the datapath holds, and when (Unix time in
+    /// microseconds) it was written.
+    pub applied_revision: u64,
+    pub applied_at_us: u64,
+    /// Full reads of the watched keys (the first, and one after a watch
+    /// was compacted away).
+    pub resyncs: u64,
+    /// "KEY: reason" for each key that was skipped.
+    pub rejected: Vec<String>,
+    /// etcd's services that could not be applied to the datapath, and why.
+    pub failed: Vec<String>,
+    /// With `lbd --register`: this node's lease and the keys written under it.
+    pub lease: Option<u64>,
+    pub registered: Vec<String>,
+    pub register_error: Option<String>,
+}
+
 /// A service rejected because another owns its frontend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conflict {
@@ -383,6 +412,33 @@ pub fn render_table(status: &Status, swarm_frontends: bool) -> String {
         }
         for f in &d.failed {
             let _ = writeln!(out, "docker: NOT applied {f}");
+        }
+    }
+    if let Some(e) = &status.etcd {
+        let state = if e.connected {
+            format!("connected, revision {}", e.revision)
+        } else {
+            format!(
+                "NOT connected, serving the last known state: {}",
+                e.last_error.as_deref().unwrap_or("not reached yet")
+            )
+        };
+        let _ = writeln!(out, "etcd: {} {} {state}", e.endpoints.join(","), e.prefix);
+        for r in &e.rejected {
+            let _ = writeln!(out, "etcd: rejected {r}");
+        }
+        for f in &e.failed {
+            let _ = writeln!(out, "etcd: NOT applied {f}");
+        }
+        if let Some(lease) = e.lease {
+            let _ = writeln!(
+                out,
+                "etcd: registered {} backends under lease {lease:x}",
+                e.registered.len()
+            );
+        }
+        if let Some(err) = &e.register_error {
+            let _ = writeln!(out, "etcd: NOT registering: {err}");
         }
     }
     for c in &status.conflicts {

@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub services: Vec<ServiceSpec>,
     pub conntrack: ConntrackSettings,
     pub labels: LabelPolicy,
+    /// Service name -> the etcd prefix its backends come from.
+    pub etcd_backends: std::collections::BTreeMap<String, String>,
 }
 
 /// The longest timeout accepted: a week.
@@ -135,6 +137,9 @@ struct RawService {
     health: Option<Spanned<RawHealth>>,
     /// Session affinity, in seconds.
     affinity_secs: Option<Spanned<i64>>,
+    /// Backends from etcd: every key under this prefix holds one backend's
+    /// `host:port` (the layout confd set-ups use).
+    etcd_backends: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -238,6 +243,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut frontends: HashMap<Frontend, (String, usize)> = HashMap::new();
     let mut services = Vec::with_capacity(raw.service.len());
+    let mut etcd_backends = std::collections::BTreeMap::new();
 
     for svc in raw.service {
         let name_line = line_at(text, svc.name.span().start);
@@ -275,6 +281,25 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         }
         frontends.insert(frontend, (name.clone(), frontend_line));
 
+        if let Some(prefix) = &svc.etcd_backends {
+            let text = prefix.get_ref();
+            if !text.starts_with('/') || text.trim_end_matches('/').is_empty() {
+                return Err(fail(
+                    prefix.span(),
+                    format!(
+                        "etcd_backends {text:?}: expected a key prefix such as \"/app/servers\""
+                    ),
+                ));
+            }
+            if !svc.backends.is_empty() {
+                return Err(fail(
+                    prefix.span(),
+                    "a service takes its backends from `backends` or from `etcd_backends`, not both"
+                        .into(),
+                ));
+            }
+            etcd_backends.insert(name.clone(), text.clone());
+        }
         let mut backends: Vec<BackendSpec> = Vec::with_capacity(svc.backends.len());
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         for entry in svc.backends {
@@ -402,6 +427,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         services,
         conntrack,
         labels,
+        etcd_backends,
     })
 }
 

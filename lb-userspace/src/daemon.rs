@@ -2,7 +2,7 @@
 //! therefore the only place where maps are written; sources, the interface
 //! watcher and the control socket are tasks that send it events.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -22,6 +22,8 @@ use crate::reconciler::Reconciler;
 use crate::sources::docker::{self, DockerStatus, Update};
 use crate::sources::label_frontends::{Gate, LabelPolicy};
 use crate::sources::merge::{merge, Conflict};
+use crate::sources::registrator::{Registration, Registrator};
+use crate::sources::{etcd_layout, labels};
 use crate::status::{self, ConfigStatus, Convergence, Status};
 use crate::supervisor::Tasks;
 use crate::vips::Vips;
@@ -36,6 +38,13 @@ pub struct Options {
     /// The engine's exec root, where Swarm's ingress sandbox lives, when
     /// given; otherwise found (sources/netns_dir.rs).
     pub docker_exec_root: Option<PathBuf>,
+    /// etcd to read services from.
+    pub etcd: Option<crate::sources::etcd::Endpoint>,
+    /// With `--register`: this node's name and lease TTL in etcd.
+    pub register: Option<(String, Duration)>,
+    /// This node's address between hosts (`--node-address`): the source of
+    /// connections to etcd services' backends, and what registrations name.
+    pub node_address: Option<IpAddr>,
     /// Where the socket programs attach (see cgroup.rs); found when None.
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
@@ -80,6 +89,19 @@ struct State {
     /// Network namespaces on Swarm's overlay networks (service VIPs).
     docker_members: BTreeSet<crate::model::Member>,
     docker_status: Option<DockerStatus>,
+    /// With `--register`, this node's labelled containers are served
+    /// through etcd's services (etcd_layout::with_local), not on their own.
+    local_labels: Vec<ServiceSpec>,
+    etcd: crate::sources::etcd_layout::Parsed,
+    etcd_status: Option<crate::status::EtcdStatus>,
+    /// The registrator's input: None until Docker has listed containers.
+    registrations: tokio::sync::watch::Sender<Option<Vec<Registration>>>,
+    /// The confd-style prefixes the config file names, for the etcd source.
+    etcd_sets: tokio::sync::watch::Sender<BTreeSet<String>>,
+    etcd_backends: BTreeMap<String, String>,
+    node_address: Option<IpAddr>,
+    /// `--register`: this node's labelled containers go through etcd.
+    register: bool,
     conflicts: Vec<Conflict>,
     /// Services the last convergence could not apply, and why.
     failing: Vec<crate::reconciler::ServiceFailure>,
@@ -91,6 +113,7 @@ struct State {
     /// have, services adopted from a previous lbd are kept: they may be
     /// theirs.
     awaiting_docker: bool,
+    awaiting_etcd: bool,
     /// Drains and weights set with lbctl; drains are recorded under /run
     /// for the next lbd (see drains.rs).
     overrides: crate::overrides::Overrides,
@@ -131,6 +154,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let (health_tx, mut health_rx) = mpsc::channel::<Transition>(64);
     let census = crate::census::Worker::start(&maps)?;
     let (labels_tx, labels_rx) = tokio::sync::watch::channel(opts.labels.union(&file.labels));
+    let (etcd_sets, etcd_sets_rx) = tokio::sync::watch::channel(sets_of(&file.etcd_backends));
+    let (registrations, registrations_rx) = tokio::sync::watch::channel(None);
     let mut state = State {
         reconciler: Reconciler::new(maps)?,
         datapath,
@@ -143,6 +168,18 @@ pub async fn run(opts: Options) -> Result<()> {
         },
         docker_services: Vec::new(),
         docker_members: BTreeSet::new(),
+        local_labels: Vec::new(),
+        etcd: Default::default(),
+        etcd_status: opts.etcd.as_ref().map(|e| crate::status::EtcdStatus {
+            endpoints: e.urls.clone(),
+            prefix: e.prefix.clone(),
+            ..Default::default()
+        }),
+        registrations,
+        etcd_sets,
+        etcd_backends: file.etcd_backends,
+        node_address: opts.node_address,
+        register: opts.register.is_some(),
         docker_status: opts.docker.as_ref().map(|host| DockerStatus {
             host: host.to_string(),
             ..Default::default()
@@ -153,6 +190,7 @@ pub async fn run(opts: Options) -> Result<()> {
         reconcile: Default::default(),
         backend_nodes: Default::default(),
         awaiting_docker: opts.docker.is_some(),
+        awaiting_etcd: opts.etcd.is_some(),
         overrides: crate::overrides::Overrides::with_drained(drained),
         pin_dir: opts.pin_dir.clone(),
         checkers: Checkers::new(health_tx),
@@ -176,7 +214,7 @@ pub async fn run(opts: Options) -> Result<()> {
             log::error!("Swarm service VIPs cannot be balanced: {e:#}");
         }
     }
-    if !state.awaiting_docker {
+    if !state.awaiting() {
         state.reconciler.release_adopted();
     }
     if let Some(e) = failures::config_error(&state.converge()) {
@@ -205,18 +243,54 @@ pub async fn run(opts: Options) -> Result<()> {
         async move { control::serve(&socket, calls).await }
     });
 
+    let gate = Gate {
+        policy: labels_rx,
+        added: vips.as_ref().map(|v| v.added()).unwrap_or_default(),
+    };
+    let (etcd_tx, mut etcd_rx) = mpsc::channel::<crate::sources::etcd::Update>(16);
+    let (register_tx, mut register_rx) = mpsc::channel::<crate::sources::registrator::Report>(16);
+    if let Some(endpoint) = opts.etcd.clone() {
+        let node = opts.register.as_ref().map(|(name, _)| name.clone());
+        let gate = gate.clone();
+        let watched = endpoint.clone();
+        tasks.spawn("etcd", fault("etcd"), move || {
+            let inputs = crate::sources::etcd::Inputs {
+                sets: etcd_sets_rx.clone(),
+                node: node.clone(),
+                gate: gate.clone(),
+            };
+            let watch = crate::sources::etcd::watch(watched.clone(), inputs, etcd_tx.clone());
+            async move {
+                watch.await;
+                Ok(())
+            }
+        });
+        if let Some((node, ttl)) = opts.register.clone() {
+            tasks.spawn("registrator", fault("registrator"), move || {
+                let registrator = Registrator {
+                    endpoint: endpoint.clone(),
+                    node: node.clone(),
+                    ttl,
+                };
+                let run = registrator.run(registrations_rx.clone(), register_tx.clone());
+                async move {
+                    run.await;
+                    Ok(())
+                }
+            });
+        }
+    }
     let (docker_tx, mut docker_rx) = mpsc::channel::<Update>(16);
     if let Some(host) = opts.docker.clone() {
         let exec_root = opts.docker_exec_root.clone();
-        let gate = Gate {
-            policy: labels_rx,
-            added: vips.as_ref().map(|v| v.added()).unwrap_or_default(),
-        };
+        let register_at = opts.register.as_ref().and(opts.node_address);
+        let gate = gate.clone();
         // It reconnects by itself; supervision covers a panic.
         tasks.spawn("docker", fault("docker"), move || {
             let watch = docker::watch(
                 host.clone(),
                 exec_root.clone(),
+                register_at,
                 gate.clone(),
                 docker_tx.clone(),
             );
@@ -241,7 +315,7 @@ pub async fn run(opts: Options) -> Result<()> {
         // Ready once every source has delivered its first state, or after
         // a grace period: an engine that is down must not keep systemd
         // waiting while lbd serves what it has.
-        if !ready && (!state.awaiting_docker || started.elapsed() >= READY_GRACE) {
+        if !ready && (!state.awaiting() || started.elapsed() >= READY_GRACE) {
             ready = true;
             crate::notify::ready(&state.summary());
         }
@@ -249,6 +323,8 @@ pub async fn run(opts: Options) -> Result<()> {
             Some(t) = health_rx.recv() => state.health(t),
             Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
             Some(update) = docker_rx.recv() => state.docker_update(update),
+            Some(update) = etcd_rx.recv() => state.etcd_update(update),
+            Some(report) = register_rx.recv() => state.registered(report),
             Some((request, reply)) = calls_rx.recv() => {
                 if matches!(request, Request::Reload) {
                     // Read now: the poll need not read it again.
@@ -317,6 +393,11 @@ async fn sync_vips(vips: &mut Option<Vips>, wanted: &BTreeSet<IpAddr>) {
     }
 }
 
+/// The etcd prefixes the config file's services take backends from.
+fn sets_of(etcd_backends: &BTreeMap<String, String>) -> BTreeSet<String> {
+    etcd_backends.values().cloned().collect()
+}
+
 /// Modification time and size: either changing means the file changed.
 fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -336,7 +417,10 @@ impl State {
     /// Merges the sources and makes the maps equal to the result, service
     /// by service; returns the services that could not be applied.
     fn converge(&mut self) -> Vec<crate::reconciler::ServiceFailure> {
-        let (mut desired, conflicts) = merge(&[&self.config_services, &self.docker_services]);
+        let etcd =
+            etcd_layout::with_local(&self.etcd.services, &self.local_labels, self.node_address);
+        let config = self.config_with_etcd_backends();
+        let (mut desired, conflicts) = merge(&[&config, &self.docker_services, &etcd]);
         desired.members = self.docker_members.clone();
         self.checkers.sync(&desired.services);
         let checkers = &self.checkers;
@@ -381,6 +465,9 @@ impl State {
         if let Some(d) = self.docker_status.as_mut() {
             d.failed = failures::docker_lines(&failing);
         }
+        if let Some(e) = self.etcd_status.as_mut() {
+            e.failed = failures::etcd_lines(&failing);
+        }
         self.failing = failing.clone();
         if changes != Default::default() {
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -400,11 +487,17 @@ impl State {
         };
         self.config_status.reloads += 1;
         let previous = std::mem::take(&mut self.config_services);
+        let previous_sets = self.etcd_backends.clone();
         let mut summary = String::new();
         let result = config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|file| {
                 self.config_services = file.services;
+                self.etcd_backends = file.etcd_backends;
+                self.etcd_sets.send_if_modified(|sets| {
+                    let now = sets_of(&self.etcd_backends);
+                    std::mem::replace(sets, now.clone()) != now
+                });
                 if let Some(e) = failures::config_error(&self.converge()) {
                     anyhow::bail!(e);
                 }
@@ -429,6 +522,11 @@ impl State {
                 log::error!("reload rejected, keeping the previous state: {e:#}");
                 self.config_status.last_error = Some(format!("{e:#}"));
                 self.config_services = previous;
+                self.etcd_backends = previous_sets;
+                self.etcd_sets.send_if_modified(|sets| {
+                    let now = sets_of(&self.etcd_backends);
+                    std::mem::replace(sets, now.clone()) != now
+                });
                 if let Some(e) = failures::config_error(&self.converge()) {
                     log::error!("restoring the previous state: {e}");
                 }
@@ -440,6 +538,7 @@ impl State {
     }
 
     fn docker_update(&mut self, update: Update) {
+        let registering = self.registering();
         let Some(status) = self.docker_status.as_mut() else {
             return;
         };
@@ -470,11 +569,22 @@ impl State {
                     .map(|r| format!("{}: {}", r.container, r.reason))
                     .collect();
                 self.backend_nodes = snapshot.nodes;
-                let mut changed = self.docker_services != snapshot.services
-                    || self.docker_members != snapshot.members;
-                self.docker_services = snapshot.services;
+                let (local_labels, services): (Vec<_>, Vec<_>) = snapshot
+                    .services
+                    .into_iter()
+                    .partition(|s| registering && s.source == labels::SOURCE);
+                let mut changed = self.docker_services != services
+                    || self.docker_members != snapshot.members
+                    || self.local_labels != local_labels;
+                self.docker_services = services;
+                self.local_labels = local_labels;
                 self.docker_members = snapshot.members;
-                if std::mem::take(&mut self.awaiting_docker) {
+                if registering {
+                    let now = Some(snapshot.registrations);
+                    self.registrations
+                        .send_if_modified(|r| std::mem::replace(r, now.clone()) != now);
+                }
+                if std::mem::take(&mut self.awaiting_docker) && !self.awaiting() {
                     self.reconciler.release_adopted();
                     changed = true;
                 }
@@ -500,6 +610,108 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Whether a source has yet to deliver its first state.
+    fn awaiting(&self) -> bool {
+        self.awaiting_docker || self.awaiting_etcd
+    }
+
+    fn registering(&self) -> bool {
+        self.register
+    }
+
+    fn etcd_update(&mut self, update: crate::sources::etcd::Update) {
+        use crate::sources::etcd::Update as U;
+        let Some(status) = self.etcd_status.as_mut() else {
+            return;
+        };
+        match update {
+            U::Connected => {
+                status.connected = true;
+                status.last_error = None;
+            }
+            U::Disconnected { reason } => {
+                status.connected = false;
+                status.last_error = Some(reason);
+            }
+            U::State {
+                parsed,
+                revision,
+                full,
+                received,
+            } => {
+                let revision = u64::try_from(revision).unwrap_or(0);
+                status.revision = revision;
+                status.resyncs += u64::from(full);
+                for r in parsed
+                    .rejected
+                    .iter()
+                    .filter(|r| !status.rejected.contains(r))
+                {
+                    log::warn!("etcd key refused: {r}");
+                }
+                status.rejected = parsed.rejected.clone();
+                let mut changed = self.etcd != parsed;
+                self.etcd = parsed;
+                if std::mem::take(&mut self.awaiting_etcd) && !self.awaiting() {
+                    self.reconciler.release_adopted();
+                    changed = true;
+                }
+                if changed
+                    && self
+                        .converge()
+                        .iter()
+                        .any(|f| f.source == etcd_layout::SOURCE)
+                {
+                    return;
+                }
+                let latency = received.elapsed();
+                if let Some(status) = self.etcd_status.as_mut() {
+                    status.applied_revision = revision;
+                    status.applied_at_us = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros() as u64);
+                }
+                if changed {
+                    log::debug!(
+                        "etcd revision {revision} applied {:.1} ms after its watch response",
+                        latency.as_secs_f64() * 1e3
+                    );
+                }
+            }
+        }
+    }
+
+    fn registered(&mut self, report: crate::sources::registrator::Report) {
+        if let Some(status) = self.etcd_status.as_mut() {
+            status.lease = report.lease.map(|l| l as u64);
+            status.registered = report.registered;
+            status.register_error = report.last_error;
+        }
+    }
+
+    /// The config file's services, those with `etcd_backends` given the
+    /// backends etcd holds under their prefix (of their address family).
+    fn config_with_etcd_backends(&self) -> Vec<ServiceSpec> {
+        let mut services = self.config_services.clone();
+        for s in &mut services {
+            let Some(prefix) = self.etcd_backends.get(&s.name) else {
+                continue;
+            };
+            let from_etcd = self
+                .etcd
+                .sets
+                .get(prefix)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            s.backends = from_etcd
+                .iter()
+                .filter(|b| b.addr.is_ipv4() == s.frontend.addr.is_ipv4())
+                .copied()
+                .collect();
+        }
+        services
     }
 
     fn sync_links(&mut self, links: &Links, wanted: &[String]) {
@@ -663,6 +875,7 @@ impl State {
                 interfaces: self.datapath.attached(),
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),
+                etcd: self.etcd_status.clone(),
                 conflicts: self.conflicts.clone(),
                 failing: self.failing.clone(),
                 convergence: self.convergence(),

@@ -37,9 +37,19 @@ pub fn config_error(failures: &[ServiceFailure]) -> Option<String> {
 
 /// Docker's failed services, as its status lists them.
 pub fn docker_lines(failures: &[ServiceFailure]) -> Vec<String> {
+    lines(failures, from_docker)
+}
+
+pub fn etcd_lines(failures: &[ServiceFailure]) -> Vec<String> {
+    lines(failures, |f| {
+        f.source == crate::sources::etcd_layout::SOURCE
+    })
+}
+
+fn lines(failures: &[ServiceFailure], keep: impl Fn(&ServiceFailure) -> bool) -> Vec<String> {
     failures
         .iter()
-        .filter(|f| from_docker(f))
+        .filter(|f| keep(f))
         .map(|f| format!("{} ({}): {}", f.name, f.frontend, f.reason))
         .collect()
 }

@@ -20,6 +20,12 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     // The stats page test renders the page in a headless browser.
     "chromium",
+    // The etcd client's build compiles etcd's .proto files: protoc and the
+    // well-known types it imports.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    // The etcd tests start a real etcd of their own.
+    "etcd-server",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

@@ -54,6 +54,49 @@ pub struct Args {
     /// a VIP's network are balanced, whatever the cgroup.
     #[arg(long, env = "LBD_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// Also take services from etcd (comma-separated endpoint URLs, e.g.
+    /// http://10.0.0.5:2379): the keys under --etcd-prefix, and the
+    /// prefixes the config file names with `etcd_backends` (see the README).
+    #[arg(long, env = "LBD_ETCD", value_delimiter = ',', value_name = "URL")]
+    pub etcd: Vec<String>,
+    /// The key prefix lbd reads services from (and registers under).
+    #[arg(long, env = "LBD_ETCD_PREFIX", default_value = "/lb")]
+    pub etcd_prefix: String,
+    /// etcd user name, with --etcd-password-file.
+    #[arg(long, env = "LBD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (a password on the command
+    /// line would show in ps).
+    #[arg(long, env = "LBD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that etcd's certificate must chain to
+    /// (https endpoints).
+    #[arg(long, env = "LBD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --etcd-key.
+    #[arg(long, env = "LBD_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "LBD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Publish this node's labelled containers in etcd (with --docker and
+    /// --etcd), under a lease kept alive by lbd: hosts running lbd then
+    /// share their services through etcd, without Swarm.
+    #[arg(long, env = "LBD_REGISTER", requires_all = ["docker", "etcd"])]
+    pub register: bool,
+    /// This node's name in its registrations. Default: the host name.
+    #[arg(long, env = "LBD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's address on the network between hosts: registrations
+    /// give it with the published port, and connections to etcd services'
+    /// backends leave from it. Default: the address this node reaches the
+    /// first etcd endpoint from.
+    #[arg(long, env = "LBD_NODE_ADDRESS")]
+    pub node_address: Option<std::net::IpAddr>,
+    /// The registrations' lease, in seconds: how long after this node dies
+    /// its backends leave the other nodes.
+    #[arg(long, env = "LBD_REGISTER_TTL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub register_ttl: u64,
     /// Where maps and links are pinned. Must be on bpffs; lbd mounts bpffs
     /// only at /sys/fs/bpf, when nothing is mounted there yet.
     #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]

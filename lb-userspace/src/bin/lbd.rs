@@ -53,13 +53,51 @@ async fn main() -> Result<()> {
     let config = args
         .config
         .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
-    if config.is_none() && !args.docker {
+    if config.is_none() && !args.docker && args.etcd.is_empty() {
         eprintln!(
             "lbd: no source of services: give --config FILE (the default, {DEFAULT_CONFIG}, \
-             does not exist) and/or --docker"
+             does not exist), --docker and/or --etcd"
         );
         std::process::exit(2);
     }
+    let etcd = (!args.etcd.is_empty()).then(|| lb_userspace::sources::etcd::Endpoint {
+        urls: args.etcd.clone(),
+        prefix: args.etcd_prefix.clone(),
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+    });
+    if !args.etcd_prefix.starts_with('/') {
+        eprintln!(
+            "lbd: --etcd-prefix {:?}: must start with /",
+            args.etcd_prefix
+        );
+        std::process::exit(2);
+    }
+    let node_address = args
+        .node_address
+        .or_else(|| etcd.as_ref().and_then(|e| e.local_address()));
+    let register = match args.register {
+        false => None,
+        true => {
+            if node_address.is_none() {
+                eprintln!(
+                    "lbd: --register needs this node's address between hosts: give \
+                     --node-address (the route to etcd leaves from no usable address)"
+                );
+                std::process::exit(2);
+            }
+            let name = args.node_name.clone().unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "node".into())
+            });
+            let name = lb_userspace::sources::labels::key_safe(&name);
+            Some((name, std::time::Duration::from_secs(args.register_ttl)))
+        }
+    };
     let docker = match args.docker {
         false => None,
         true => {
@@ -85,6 +123,9 @@ async fn main() -> Result<()> {
             allow_node_addresses: args.label_node_addresses,
         },
         docker_exec_root: args.docker_exec_root,
+        etcd,
+        register,
+        node_address,
         cgroup: args.cgroup,
         pin_dir: args.pin_dir,
         socket: args.socket,

@@ -17,6 +17,7 @@ use crate::sources::label_frontends::Gate;
 use crate::sources::labels::{self, Rejected};
 use crate::sources::local_tasks;
 use crate::sources::netns_dir::NetnsDir;
+use crate::sources::registrator::Registration;
 use crate::sources::service_vips::{self, Sandboxes};
 use crate::sources::swarm;
 
@@ -41,6 +42,9 @@ pub struct Snapshot {
     /// Backend address -> the node it runs on (containers: this engine).
     pub nodes: std::collections::BTreeMap<std::net::IpAddr, String>,
     pub rejected: Vec<Rejected>,
+    /// With `lbd --register`: this node's labelled containers as etcd is
+    /// to list them (registrator.rs).
+    pub registrations: Vec<Registration>,
     /// The event that caused this snapshot, if one did: when it happened,
     /// and what it was ("type action name", for the log).
     pub cause: Option<(SystemTime, String)>,
@@ -78,10 +82,12 @@ const FOLLOW_UP: Duration = Duration::from_millis(25);
 const FOLLOW_UP_FOR: Duration = Duration::from_millis(500);
 
 /// `exec_root`: the engine's `--exec-root` when given (`--docker-exec-root`);
-/// otherwise it is found (see netns_dir.rs).
+/// otherwise it is found (see netns_dir.rs). `register`: this node's
+/// address on the network between hosts, with `lbd --register`.
 pub async fn watch(
     host: Engine,
     exec_root: Option<std::path::PathBuf>,
+    register: Option<std::net::IpAddr>,
     mut gate: Gate,
     tx: mpsc::Sender<Update>,
 ) {
@@ -94,6 +100,7 @@ pub async fn watch(
         let mut netns = NetnsDir::new(exec_root.clone(), &host.to_string());
         let Err(e) = session(
             &host,
+            register,
             &mut netns,
             &mut gate,
             &mut logged,
@@ -129,6 +136,7 @@ pub async fn watch(
 /// receiver is gone.
 async fn session(
     host: &Engine,
+    register: Option<std::net::IpAddr>,
     netns: &mut NetnsDir,
     gate: &mut Gate,
     logged: &mut Vec<Rejected>,
@@ -160,7 +168,7 @@ async fn session(
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, netns, &mut sandboxes, gate).await?;
+    let first = sync(&docker, register, netns, &mut sandboxes, gate).await?;
     log_refusals(&first.rejected, logged);
     let first_in_swarm = first.swarm_role != "inactive";
     let mut last = compared(&first);
@@ -217,7 +225,7 @@ async fn session(
         if !follow_up(pending.as_ref()) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, netns, &mut sandboxes, gate).await?;
+        let mut snapshot = sync(&docker, register, netns, &mut sandboxes, gate).await?;
         log_refusals(&snapshot.rejected, logged);
         in_swarm = snapshot.swarm_role != "inactive";
         let now = compared(&snapshot);
@@ -240,8 +248,20 @@ async fn session(
 }
 
 /// What a snapshot is compared by, to send only changes.
-fn compared(s: &Snapshot) -> (Vec<ServiceSpec>, Vec<Rejected>, BTreeSet<Member>) {
-    (s.services.clone(), s.rejected.clone(), s.members.clone())
+fn compared(
+    s: &Snapshot,
+) -> (
+    Vec<ServiceSpec>,
+    Vec<Rejected>,
+    BTreeSet<Member>,
+    Vec<Registration>,
+) {
+    (
+        s.services.clone(),
+        s.rejected.clone(),
+        s.members.clone(),
+        s.registrations.clone(),
+    )
 }
 
 /// Whether an event is still waiting, recently enough, for its change.
@@ -318,6 +338,7 @@ fn event_time(e: &bollard::models::EventMessage) -> SystemTime {
 /// Lists everything the load balancer cares about.
 async fn sync(
     docker: &Docker,
+    register: Option<std::net::IpAddr>,
     netns: &mut NetnsDir,
     sandboxes: &mut Sandboxes,
     gate: &Gate,
@@ -338,7 +359,16 @@ async fn sync(
     };
     // Together: a resync's time is mostly waiting for the engine.
     let (containers, local) = tokio::try_join!(labelled, local_tasks::list(docker))?;
-    let (mut services, rejected) = labels::services(&containers, &gate.screen());
+    let screen = gate.screen();
+    let (mut services, mut rejected) = labels::services(&containers, &screen);
+    let registrations = match register {
+        Some(node) => {
+            let (registrations, refused) = labels::registrations(&containers, &screen, node);
+            rejected.extend(refused);
+            registrations
+        }
+        None => Vec::new(),
+    };
     let netns_dir = netns.get(docker).await;
     // The networks' views before the list of services (in swarm::view): a
     // service they show was created before the list was made, so one the
@@ -360,6 +390,7 @@ async fn sync(
         members: vips.members,
         services,
         rejected,
+        registrations,
         swarm_role: swarm.role,
         sbox: swarm.sbox,
         nodes,

@@ -26,7 +26,8 @@ use std::net::IpAddr;
 use bollard::models::{ContainerSummary, ContainerSummaryHealthStatusEnum};
 
 use crate::config::parse_frontend;
-use crate::model::{BackendSpec, CheckKind, Frontend, HealthCheck, OnDown, ServiceSpec};
+use crate::model::{BackendSpec, CheckKind, Frontend, HealthCheck, OnDown, Proto, ServiceSpec};
+use crate::sources::registrator::Registration;
 
 pub const FRONTEND: &str = "lb.frontend";
 pub const PORT: &str = "lb.port";
@@ -34,20 +35,41 @@ pub const WEIGHT: &str = "lb.weight";
 pub const SERVICE: &str = "lb.service";
 pub const NETWORK: &str = "lb.network";
 
-pub const HEALTH: &str = "lb.health";
-pub const AFFINITY: &str = "lb.affinity_secs";
-
 pub const SOURCE: &str = "docker:labels";
 
-/// The `lb.health*` labels as a check, if `lb.health` is set.
+/// A service's settings named as labels name them without their `lb.`:
+/// `health`, `health.path`, ... and `affinity_secs`. Labels and etcd keys
+/// (etcd_layout.rs) both go through here, so both mean the same and are
+/// checked the same. `get` reads one setting; `shown` is prepended to a
+/// setting's name in errors (`lb.` for labels).
+pub struct Settings {
+    pub health: Option<HealthCheck>,
+    pub affinity_secs: u32,
+}
+
+pub fn settings(get: &dyn Fn(&str) -> Option<String>, shown: &str) -> Result<Settings, String> {
+    let affinity_secs = match get("affinity_secs") {
+        None => 0,
+        Some(a) => a.parse().ok().filter(|s| *s <= 86_400).ok_or_else(|| {
+            format!("{shown}affinity_secs must be a number of seconds from 0 to 86400")
+        })?,
+    };
+    Ok(Settings {
+        health: health(get, shown)?,
+        affinity_secs,
+    })
+}
+
+/// The `health*` settings as a check, if `health` is set.
 fn health(
-    labels: &std::collections::HashMap<String, String>,
+    get: &dyn Fn(&str) -> Option<String>,
+    shown: &str,
 ) -> Result<Option<HealthCheck>, String> {
-    let Some(kind) = labels.get(HEALTH) else {
+    let Some(kind) = get("health") else {
         return Ok(None);
     };
     let mut check = HealthCheck::tcp();
-    let get = |name: &str| labels.get(&format!("{HEALTH}.{name}"));
+    let get = |name: &str| get(&format!("health.{name}"));
     let number = |name: &str, min: u64, max: u64, default: u64| -> Result<u64, String> {
         match get(name) {
             None => Ok(default),
@@ -55,35 +77,37 @@ fn health(
                 .parse()
                 .ok()
                 .filter(|n| (min..=max).contains(n))
-                .ok_or_else(|| format!("{HEALTH}.{name} must be a number from {min} to {max}")),
+                .ok_or_else(|| {
+                    format!("{shown}health.{name} must be a number from {min} to {max}")
+                }),
         }
     };
     check.interval_ms = number("interval_ms", 10, 3_600_000, check.interval_ms)?;
     check.timeout_ms = number("timeout_ms", 10, 3_600_000, check.timeout_ms)?;
     check.rise = number("rise", 1, 100, u64::from(check.rise))? as u32;
     check.fall = number("fall", 1, 100, u64::from(check.fall))? as u32;
-    check.on_down = match get("on_down").map(String::as_str) {
+    check.on_down = match get("on_down").as_deref() {
         None | Some("keep") => OnDown::Keep,
         Some("reset") => OnDown::Reset,
         Some(other) => {
             return Err(format!(
-                "{HEALTH}.on_down {other:?}: expected keep or reset"
+                "{shown}health.on_down {other:?}: expected keep or reset"
             ))
         }
     };
     check.kind = match kind.as_str() {
         "tcp" => CheckKind::Tcp,
         "http" => {
-            let path = get("path").cloned().unwrap_or_else(|| "/".into());
+            let path = get("path").unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(format!(
-                    "{HEALTH}.path {path:?}: must start with / and have no spaces"
+                    "{shown}health.path {path:?}: must start with / and have no spaces"
                 ));
             }
             let (status_min, status_max) = match get("status") {
                 None => (200, 399),
-                Some(s) => crate::config::parse_status_range(s).ok_or_else(|| {
-                    format!("{HEALTH}.status {s:?}: expected a code or a range like 200-399")
+                Some(s) => crate::config::parse_status_range(&s).ok_or_else(|| {
+                    format!("{shown}health.status {s:?}: expected a code or a range like 200-399")
                 })?,
             };
             CheckKind::Http {
@@ -92,7 +116,7 @@ fn health(
                 status_max,
             }
         }
-        other => return Err(format!("{HEALTH} {other:?}: expected tcp or http")),
+        other => return Err(format!("{shown}health {other:?}: expected tcp or http")),
     };
     Ok(Some(check))
 }
@@ -246,15 +270,10 @@ fn member(
     if !healthy(c) {
         return Ok(None);
     }
-    let health = health(&labels)?;
-    let affinity_secs = match labels.get(AFFINITY) {
-        None => 0,
-        Some(a) => a
-            .parse()
-            .ok()
-            .filter(|s| *s <= 86_400)
-            .ok_or_else(|| format!("{AFFINITY} must be a number of seconds from 0 to 86400"))?,
-    };
+    let Settings {
+        health,
+        affinity_secs,
+    } = settings(&|name| labels.get(&format!("lb.{name}")).cloned(), "lb.")?;
     let addr = address(
         c,
         labels.get(NETWORK).map(String::as_str),
@@ -313,6 +332,97 @@ fn address(c: &ContainerSummary, network: Option<&str>, v6: bool) -> Result<IpAd
             }
         }
     }
+}
+
+/// `lb.routable=true`: the container's own address is reachable from other
+/// hosts (macvlan, ipvlan, a routed network), so it is registered in etcd
+/// instead of a published port.
+pub const ROUTABLE: &str = "lb.routable";
+
+/// What `lbd --register` publishes for this node's labelled containers
+/// (registrator.rs): each serving member with the address other hosts reach
+/// it at, the port Docker publishes for `lb.port` on `node`, or with
+/// `lb.routable=true` the container's own. A member with neither is left
+/// out, with the reason.
+pub fn registrations(
+    containers: &[ContainerSummary],
+    allow: &dyn Fn(IpAddr) -> Result<(), String>,
+    node: IpAddr,
+) -> (Vec<Registration>, Vec<Rejected>) {
+    let mut out = Vec::new();
+    let mut rejected = Vec::new();
+    for c in containers {
+        let labels = c.labels.clone().unwrap_or_default();
+        if !labels.contains_key(FRONTEND) {
+            continue;
+        }
+        let Ok(Some(m)) = member(c, allow) else {
+            continue; // services() reports why
+        };
+        let addr = if labels.get(ROUTABLE).map(String::as_str) == Some("true") {
+            Some(m.backend.socket_addr())
+        } else {
+            published(c, m.backend.port, m.frontend.proto, node)
+                .map(|port| std::net::SocketAddr::new(node, port))
+        };
+        let Some(addr) = addr else {
+            rejected.push(Rejected {
+                container: m.container,
+                reason: format!(
+                    "not registered: Docker publishes no port for {PORT} {} on {node}; \
+                     publish it (-p) or set {ROUTABLE}=true",
+                    m.backend.port
+                ),
+            });
+            continue;
+        };
+        let settings = labels
+            .iter()
+            .filter(|(k, _)| k.starts_with("lb.health") || *k == "lb.affinity_secs")
+            .map(|(k, v)| (k["lb.".len()..].to_string(), v.clone()))
+            .collect();
+        out.push(Registration {
+            service: key_safe(&m.service),
+            frontend: m.frontend,
+            settings,
+            container: key_safe(&m.container),
+            addr,
+            weight: m.backend.weight,
+        });
+    }
+    out.sort_by(|a, b| (&a.service, &a.container).cmp(&(&b.service, &b.container)));
+    (out, rejected)
+}
+
+/// The host port Docker publishes for the container's `port`, on all of
+/// the node's addresses or on `node`.
+fn published(c: &ContainerSummary, port: u16, proto: Proto, node: IpAddr) -> Option<u16> {
+    use bollard::models::PortSummaryTypeEnum as T;
+    let wanted = match proto {
+        Proto::Tcp => T::TCP,
+        Proto::Udp => T::UDP,
+    };
+    c.ports.as_ref()?.iter().find_map(|p| {
+        let on_node = match p.ip.as_deref() {
+            None | Some("") | Some("0.0.0.0") | Some("::") => true,
+            Some(ip) => ip.parse::<IpAddr>().ok() == Some(node),
+        };
+        (p.private_port == port && p.typ == Some(wanted) && on_node)
+            .then_some(p.public_port)
+            .flatten()
+    })
+}
+
+/// A name as one segment of an etcd key: what is not a letter, digit, `.`,
+/// `_` or `-` becomes `-` (a service named by its frontend, `10.73.0.10:80/tcp`,
+/// is `10.73.0.10-80-tcp`).
+pub fn key_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
+            _ => '-',
+        })
+        .collect()
 }
 
 #[cfg(test)]

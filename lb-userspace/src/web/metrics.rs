@@ -353,6 +353,48 @@ pub fn encode(status: &Status) -> String {
         );
     }
 
+    if let Some(etcd) = &status.etcd {
+        let gauge = |v: u64| {
+            let g = Gauge::<i64>::default();
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            g
+        };
+        registry.register(
+            "etcd_connected",
+            "1 while lbd is connected to etcd (the last state keeps serving while it is not)",
+            gauge(u64::from(etcd.connected)),
+        );
+        registry.register(
+            "etcd_revision",
+            "The latest etcd revision lbd has seen",
+            gauge(etcd.revision),
+        );
+        registry.register(
+            "etcd_applied_revision",
+            "The etcd revision whose keys the datapath holds",
+            gauge(etcd.applied_revision),
+        );
+        registry.register(
+            "etcd_rejected_keys",
+            "etcd keys skipped as malformed or not allowed",
+            gauge(etcd.rejected.len() as u64),
+        );
+        let resyncs = U64Counter::default();
+        resyncs.inc_by(etcd.resyncs);
+        registry.register(
+            "etcd_resyncs",
+            "Full reads of the watched etcd keys",
+            resyncs,
+        );
+        if etcd.lease.is_some() || etcd.register_error.is_some() {
+            registry.register(
+                "etcd_registered",
+                "Backends this node has registered in etcd under its lease",
+                gauge(etcd.registered.len() as u64),
+            );
+        }
+    }
+
     let ct = Gauge::<i64>::default();
     ct.set(i64::try_from(status.conntrack_entries).unwrap_or(i64::MAX));
     registry.register("conntrack_entries", "Flows in the conntrack table", ct);
@@ -529,6 +571,13 @@ mod tests {
                 connected: true,
                 ..Default::default()
             }),
+            etcd: Some(lb_api::status::EtcdStatus {
+                connected: true,
+                revision: 42,
+                applied_revision: 41,
+                rejected: vec!["/lb/services/x/colour: unknown key".into()],
+                ..Default::default()
+            }),
             conflicts: Vec::new(),
             failing: vec![crate::reconciler::ServiceFailure {
                 name: "api".into(),
@@ -638,6 +687,11 @@ mod tests {
             &text,
             "lb_docker_connected{host=\"unix:///var/run/docker.sock\"} 1",
         );
+        line(&text, "lb_etcd_connected 1");
+        line(&text, "lb_etcd_revision 42");
+        line(&text, "lb_etcd_applied_revision 41");
+        line(&text, "lb_etcd_rejected_keys 1");
+        assert!(!text.contains("lb_etcd_registered"), "{text}");
         line(&text, "lb_convergence_p50_seconds 0.0025");
         line(&text, "lb_convergence_p99_seconds 0.04");
         line(&text, "# TYPE lb_service_packets counter");
@@ -648,6 +702,7 @@ mod tests {
     fn optional_parts_are_left_out() {
         let text = encode(&Status::default());
         assert!(!text.contains("lb_docker"), "{text}");
+        assert!(!text.contains("lb_etcd"), "{text}");
         assert!(!text.contains("lb_convergence"), "{text}");
         line(&text, "lb_services 0");
         line(&text, "lb_config_last_reload_failed 0");
