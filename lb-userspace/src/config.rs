@@ -1235,4 +1235,36 @@ frontend = "10.73.0.10:80/tcp"
             assert!(err.reason().contains(reason), "{body}: {err}");
         }
     }
+
+    #[test]
+    fn etcd_backends_name_a_prefix_instead_of_backends() {
+        let cfg = ok(r#"
+[[service]]
+name = "app"
+frontend = "10.73.0.20:80/tcp"
+etcd_backends = "/app/servers"
+"#);
+        assert_eq!(cfg.etcd_backends["app"], "/app/servers");
+        assert!(cfg.services[0].backends.is_empty());
+        let e = parse(
+            Path::new("t.toml"),
+            r#"
+[[service]]
+name = "app"
+frontend = "10.73.0.20:80/tcp"
+backends = ["10.0.0.1:80"]
+etcd_backends = "/app/servers"
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.line(), Some(6));
+        assert!(e.reason().contains("not both"), "{}", e.reason());
+        let e = parse(
+            Path::new("t.toml"),
+            "[[service]]\nname = \"a\"\nfrontend = \"10.73.0.20:80/tcp\"\netcd_backends = \"app\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line(), Some(4));
+        assert!(e.reason().contains("key prefix"), "{}", e.reason());
+    }
 }

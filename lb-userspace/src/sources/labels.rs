@@ -460,6 +460,100 @@ mod tests {
 
     const FE: (&str, &str) = ("lb.frontend", "10.73.0.10:80/tcp");
 
+    /// `Ports` as `GET /containers/json` lists them for `-p 32768:8080`.
+    fn with_ports(mut c: ContainerSummary, ports: serde_json::Value) -> ContainerSummary {
+        c.ports = serde_json::from_value(ports).unwrap();
+        c
+    }
+
+    #[test]
+    fn registrations_name_the_published_port_on_the_node() {
+        let node: IpAddr = "10.74.0.11".parse().unwrap();
+        let published = serde_json::json!([
+            {"IP": "0.0.0.0", "PrivatePort": 8080, "PublicPort": 32768, "Type": "tcp"},
+            {"IP": "::", "PrivatePort": 8080, "PublicPort": 32768, "Type": "tcp"},
+            {"PrivatePort": 9000, "Type": "tcp"}
+        ]);
+        let cs = [
+            with_ports(
+                container(
+                    "web-1",
+                    1,
+                    &[FE, PORT8080, ("lb.health", "tcp"), ("lb.service", "web")],
+                    "172.17.0.2",
+                    "Up",
+                ),
+                published.clone(),
+            ),
+            // Published for UDP only: nothing to register for a TCP frontend.
+            with_ports(
+                container(
+                    "web-2",
+                    2,
+                    &[FE, PORT8080, ("lb.service", "web")],
+                    "172.17.0.3",
+                    "Up",
+                ),
+                serde_json::json!([{"IP": "0.0.0.0", "PrivatePort": 8080, "PublicPort": 40000, "Type": "udp"}]),
+            ),
+            container(
+                "web-3",
+                3,
+                &[
+                    FE,
+                    PORT8080,
+                    ("lb.service", "web"),
+                    (ROUTABLE, "true"),
+                    ("lb.weight", "3"),
+                ],
+                "10.80.0.3",
+                "Up",
+            ),
+            container("unlabelled", 4, &[], "172.17.0.9", "Up"),
+        ];
+        let (regs, rejected) = registrations(&cs, &any, node);
+        let got: Vec<(String, String, String, u32)> = regs
+            .iter()
+            .map(|r| {
+                (
+                    r.service.clone(),
+                    r.container.clone(),
+                    r.addr.to_string(),
+                    r.weight,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("web".into(), "web-1".into(), "10.74.0.11:32768".into(), 1),
+                ("web".into(), "web-3".into(), "10.80.0.3:8080".into(), 3),
+            ]
+        );
+        assert_eq!(
+            regs[0].settings.get("health").map(String::as_str),
+            Some("tcp")
+        );
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].container, "web-2");
+        assert!(rejected[0].reason.contains("-p"), "{}", rejected[0].reason);
+    }
+
+    #[test]
+    fn unnamed_services_get_a_key_safe_name() {
+        let cs = [with_ports(
+            container("a", 1, &[FE, PORT8080], "172.17.0.2", "Up"),
+            serde_json::json!([{"IP": "10.74.0.11", "PrivatePort": 8080, "PublicPort": 8080, "Type": "tcp"}]),
+        )];
+        let (regs, _) = registrations(&cs, &any, "10.74.0.11".parse().unwrap());
+        assert_eq!(regs[0].service, "10.73.0.10-80-tcp");
+        // Published on another address of the node only: not reachable at
+        // the one registered.
+        let (regs, rejected) = registrations(&cs, &any, "10.74.0.12".parse().unwrap());
+        assert!(regs.is_empty());
+        assert_eq!(rejected.len(), 1);
+    }
+
     fn any(_: IpAddr) -> Result<(), String> {
         Ok(())
     }
