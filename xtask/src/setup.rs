@@ -10,8 +10,23 @@ use anyhow::{bail, Result};
 
 use crate::cargo::{self, output, Env};
 
-/// bpf-linker 0.13 is built against this LLVM; the tests and demo need the rest.
+/// What the build, the tests and the demo need from Debian.
 const APT_PACKAGES: &[&str] = &[
+    // bpf-linker 0.13 is built against LLVM 22: its development files and
+    // the libraries they link with.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // The etcd client crate (etcd-client, through tonic-prost-build)
+    // generates its gRPC code from etcd's .proto files at build time: it
+    // needs protoc and the well-known types those files import, before
+    // lb-userspace or the tests build.
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    // The tests and the demo build namespaces, links and routes with ip,
+    // and run shells in them with the static busybox (also copied into
+    // the test image).
     "iproute2",
     "busybox-static",
     // The Docker tests start their own dockerd (which brings containerd,
@@ -20,16 +35,9 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     // The stats page test renders the page in a headless browser.
     "chromium",
-    // The etcd client's build compiles etcd's .proto files: protoc and the
-    // well-known types it imports.
-    "protobuf-compiler",
-    "libprotobuf-dev",
-    // The etcd tests start a real etcd of their own.
+    // The etcd tests start a real etcd server (/usr/bin/etcd) in a
+    // namespace of their own.
     "etcd-server",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
 ];
 /// Nice to have for debugging, not worth failing setup over.
 const APT_OPTIONAL: &[&str] = &["bpftool"];
@@ -39,7 +47,7 @@ const BPF_LINKER_SERIES: &str = "0.13.";
 /// Checks and installs everything, then returns the environment later cargo
 /// runs need to build lb-ebpf.
 pub fn run() -> Result<Env> {
-    apt_packages()?;
+    ensure_packages(APT_PACKAGES, APT_OPTIONAL, "setup")?;
     let toolchain = ebpf_toolchain()?;
     rust_src(&toolchain)?;
 
@@ -55,17 +63,22 @@ pub fn run() -> Result<Env> {
     Ok(env)
 }
 
-fn apt_packages() -> Result<()> {
-    let missing = missing_packages(APT_PACKAGES)?;
-    let missing_optional = missing_packages(APT_OPTIONAL)?;
+/// Installs whichever of `required` and `optional` Debian packages are
+/// missing; an optional one that cannot be installed is only a warning.
+/// Does nothing (and runs no apt) when everything is installed already, so
+/// every xtask command can call it first. `why` names the command that
+/// needs them, for the message when not run as root.
+pub fn ensure_packages(required: &[&str], optional: &[&str], why: &str) -> Result<()> {
+    let missing = missing_packages(required)?;
+    let missing_optional = missing_packages(optional)?;
     if missing.is_empty() && missing_optional.is_empty() {
         return Ok(());
     }
     if !is_root()? {
         let all = [missing, missing_optional].concat().join(" ");
-        bail!("apt packages missing ({all}); run `cargo xtask setup` as root to install them");
+        bail!("apt packages missing ({all}); run `cargo xtask {why}` as root to install them");
     }
-    cargo::run(Command::new("apt-get").arg("update"))?;
+    cargo::run(apt_get().arg("update"))?;
     if !missing.is_empty() {
         println!("installing: {}", missing.join(" "));
         cargo::run(&mut apt_install(&missing))?;
@@ -79,14 +92,26 @@ fn apt_packages() -> Result<()> {
     Ok(())
 }
 
+/// All of `packages` that dpkg does not list as installed, in one query.
 fn missing_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+    if packages.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One line per package it knows; unknown ones only go to stderr.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(packages)
+        .stderr(Stdio::null())
+        .output()?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.strip_suffix(" install ok installed"))
+        .map(|name| name.split(':').next().unwrap_or(name))
+        .collect();
     let mut missing = Vec::new();
     for &package in packages {
-        let status = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", package])
-            .stderr(Stdio::null())
-            .output()?;
-        if status.stdout == b"install ok installed" {
+        if installed.contains(&package) {
             println!("ok: {package}");
         } else {
             missing.push(package);
@@ -95,10 +120,18 @@ fn missing_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
     Ok(missing)
 }
 
-fn apt_install(packages: &[&str]) -> Command {
+/// apt-get that waits for another apt run (a concurrent setup, unattended
+/// upgrades) to release the dpkg lock instead of failing at once.
+fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "--no-install-recommends"])
+        .args(["-o", "DPkg::Lock::Timeout=300"]);
+    cmd
+}
+
+fn apt_install(packages: &[&str]) -> Command {
+    let mut cmd = apt_get();
+    cmd.args(["install", "-y", "--no-install-recommends"])
         .args(packages);
     cmd
 }
