@@ -174,7 +174,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
@@ -182,7 +182,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::echo::parse_reply;
-use crate::netns::{self, unique_name, Netns};
+use crate::netns::{self, owner_pid, pid_alive, unique_name, Netns};
 use crate::process::{wait_until, ChildGuard};
 
 /// Every daemon's files live in `ROOT_DIR/lbt-<pid>-<tag>`: short enough for
@@ -512,6 +512,33 @@ impl Dockerd {
         serde_json::from_str(&body).with_context(|| format!("GET {path}: parsing JSON"))
     }
 
+    /// When the engine reported `event` (`die`, `start`, ...) for
+    /// `container` since `since`, from its own event log: the clock lbd
+    /// measures convergence from.
+    pub fn event_time(&self, container: &str, event: &str, since: SystemTime) -> SystemTime {
+        let out = self
+            .docker(&[
+                "events",
+                "--since",
+                &unix_time(since),
+                "--until",
+                &unix_time(SystemTime::now()),
+                "--filter",
+                &format!("container={container}"),
+                "--filter",
+                &format!("event={event}"),
+                "--format",
+                "{{.TimeNano}}",
+            ])
+            .expect("docker events");
+        let nanos: u64 = out
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {event} event for {container}: {out:?}"));
+        UNIX_EPOCH + Duration::from_nanos(nanos)
+    }
+
     /// Sends SIGTERM without waiting, so several daemons can shut down at
     /// the same time; [`Self::stop`] then waits.
     fn signal_stop(&mut self) {
@@ -612,6 +639,12 @@ impl Drop for Dockerd {
     }
 }
 
+/// `SECONDS.NANOSECONDS` since the epoch, as `docker events` takes it.
+fn unix_time(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).expect("after 1970");
+    format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+}
+
 /// overlay2 cannot stack on an overlayfs (a machine whose / is a container's
 /// root, say); vfs works anywhere, only slower.
 fn storage_driver(dir: &Path) -> &'static str {
@@ -673,6 +706,28 @@ pub fn http_whoami(target: SocketAddr, timeout: Duration) -> Result<(String, Soc
     let (status, body) = parse_http(&raw).with_context(|| format!("http answer from {target}"))?;
     ensure!(status == 200, "http {target}: status {status}: {body:?}");
     parse_reply(body.trim())
+}
+
+/// Polls [`http_whoami`] (each call bounded by `timeout`) until `target`
+/// answers, for at most `ready`: a fresh container's server needs a moment
+/// after `running` to listen. Panics with the last error when it does not.
+pub fn whoami_when_ready(
+    target: SocketAddr,
+    ready: Duration,
+    timeout: Duration,
+) -> (String, SocketAddr) {
+    let mut answer = None;
+    let done = wait_until(ready, &format!("http answer from {target}"), || {
+        answer = http_whoami(target, timeout).ok();
+        answer.is_some()
+    });
+    if let Err(e) = done {
+        panic!(
+            "{e:#}: last error: {:#}",
+            http_whoami(target, timeout).unwrap_err()
+        );
+    }
+    answer.expect("set when ready")
 }
 
 /// Builds the test web image as `tag` on `d`: `FROM scratch` plus busybox,
@@ -933,20 +988,24 @@ pub fn wait_service_running(
 
 static CLUSTER_SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A Swarm of `n` nodes on one machine.
+/// `n` Docker hosts on one machine, a Swarm ([`Cluster::new`]) or
+/// independent engines ([`Cluster::standalone`]).
 ///
 /// ```text
 ///   client ns            underlay ns (bridge br0)          node ns i (dockerd i)
 ///   eth0 10.74.0.2 ----- c   br0   n1 ... ni ------------- eth0 10.74.0.(10+i)
+///                                  <tag> ----------------- eth0 (Cluster::attach)
 /// ```
 ///
-/// Node 1 is the manager, the others join as workers. The client has no
-/// route beyond the underlay; tests add what they need.
+/// In a Swarm node 1 is the manager, the others join as workers. The
+/// client has no route beyond the underlay; tests add what they need.
 pub struct Cluster {
     // Declared first so that the daemons stop before their namespaces go.
     pub nodes: Vec<Node>,
     pub client: Netns,
     pub underlay: Netns,
+    /// Names this cluster's namespaces and daemons (`s0`, `s1`, ...).
+    tag: String,
 }
 
 pub struct Node {
@@ -965,31 +1024,7 @@ impl Cluster {
     /// Builds the namespaces, starts every dockerd (in parallel) and forms
     /// the Swarm; returns once every node is `Ready`.
     pub fn new(n: usize) -> Result<Self> {
-        ensure!((1..=20).contains(&n), "a cluster has 1 to 20 nodes");
-        cleanup_stale();
-        let tag = format!("s{}", CLUSTER_SEQ.fetch_add(1, Ordering::Relaxed));
-        let underlay = Netns::new(&unique_name(&format!("{tag}-ul")))?;
-        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
-        underlay.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::new(&unique_name(&format!("{tag}-c")))?;
-        attach(&underlay, "c", &client, CLIENT_ADDR)?;
-
-        let mut cluster = Self {
-            nodes: Vec::new(),
-            client,
-            underlay,
-        };
-        for i in 1..=n {
-            let ns = Netns::new(&unique_name(&format!("{tag}-n{i}")))?;
-            let addr = node_addr(i);
-            attach(&cluster.underlay, &format!("n{i}"), &ns, addr)?;
-            let dockerd = Dockerd::spawn(&ns, &format!("{tag}-n{i}"))?;
-            cluster.nodes.push(Node { dockerd, ns, addr });
-        }
-        for node in &mut cluster.nodes {
-            node.dockerd.wait_ready()?;
-        }
-
+        let cluster = Self::standalone(n)?;
         swarm_init(cluster.manager(), node_addr(1))?;
         if n > 1 {
             let token = join_token(cluster.manager(), SwarmRole::Worker)?;
@@ -1005,6 +1040,55 @@ impl Cluster {
                 .unwrap_or(false)
         })?;
         Ok(cluster)
+    }
+
+    /// Builds the namespaces and starts every dockerd (in parallel), each
+    /// engine on its own, in no Swarm; returns once every engine answers.
+    pub fn standalone(n: usize) -> Result<Self> {
+        ensure!((1..=20).contains(&n), "a cluster has 1 to 20 nodes");
+        cleanup_stale();
+        let tag = format!("s{}", CLUSTER_SEQ.fetch_add(1, Ordering::Relaxed));
+        let underlay = Netns::new(&unique_name(&format!("{tag}-ul")))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new(&unique_name(&format!("{tag}-c")))?;
+        attach(&underlay, "c", &client, CLIENT_ADDR)?;
+
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            client,
+            underlay,
+            tag,
+        };
+        for i in 1..=n {
+            let ns = Netns::new(&unique_name(&format!("{}-n{i}", cluster.tag)))?;
+            let addr = node_addr(i);
+            attach(&cluster.underlay, &format!("n{i}"), &ns, addr)?;
+            let dockerd = Dockerd::spawn(&ns, &format!("{}-n{i}", cluster.tag))?;
+            cluster.nodes.push(Node { dockerd, ns, addr });
+        }
+        for node in &mut cluster.nodes {
+            node.dockerd.wait_ready()?;
+        }
+        Ok(cluster)
+    }
+
+    /// A new namespace on the underlay at `addr` (its `eth0`), for another
+    /// host of the test (an etcd server, say). `tag` (at most 10 of
+    /// `[a-z0-9]`, not `c` nor `n<i>`) names it and its port on the bridge.
+    /// The caller owns it; the link goes with it.
+    pub fn attach(&self, tag: &str, addr: Ipv4Addr) -> Result<Netns> {
+        ensure!(
+            !tag.is_empty()
+                && tag.len() <= 10
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "namespace tag {tag:?}: want 1 to 10 of [a-z0-9]"
+        );
+        let ns = Netns::new(&unique_name(&format!("{}-{tag}", self.tag)))?;
+        attach(&self.underlay, tag, &ns, addr)?;
+        Ok(ns)
     }
 
     /// Node 1's daemon, the Swarm manager.
@@ -1091,22 +1175,6 @@ pub fn cleanup_stale() {
         purge(&Path::new(ROOT_DIR).join(name), name);
     }
     netns::cleanup_stale();
-}
-
-/// `lbt-<pid>-...` -> pid.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("lbt-")?;
-    rest.split_once('-')?.0.parse().ok()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    !matches!(
-        kill(Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
 }
 
 /// Kills whatever still belongs to the daemon in `dir` / cgroup `name`,

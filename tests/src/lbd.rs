@@ -133,6 +133,18 @@ impl Lbd {
         Ok(())
     }
 
+    /// The running lbd's pid; None once stopped or killed.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ChildGuard::pid)
+    }
+
+    /// Whether lbd is still running (it has not exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|p| p.try_wait().is_none())
+    }
+
     /// SIGKILL: lbd gets no chance to clean up, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {

@@ -1,6 +1,7 @@
 pub mod bulk;
 pub mod docker;
 pub mod echo;
+pub mod etcd;
 pub mod fixture;
 pub mod flood;
 pub mod lbd;

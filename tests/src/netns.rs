@@ -74,13 +74,14 @@ fn kill_members(path: &Path) {
     }
 }
 
-fn owner_pid(name: &str) -> Option<u32> {
+/// `lbt-<pid>-...` -> pid: the test process that created it.
+pub(crate) fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX)?;
     let (pid, _tag) = rest.split_once('-')?;
     pid.parse().ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };

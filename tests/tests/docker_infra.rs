@@ -29,18 +29,7 @@ const DOCKER0_GW: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 1);
 
 /// Polls `http_whoami` until it answers (or `READY` passes).
 fn whoami_when_ready(target: SocketAddr) -> (String, SocketAddr) {
-    let mut answer = None;
-    let ready = wait_until(READY, &format!("http answer from {target}"), || {
-        answer = http_whoami(target, TIMEOUT).ok();
-        answer.is_some()
-    });
-    if let Err(e) = ready {
-        panic!(
-            "{e:#}: last error: {:#}",
-            http_whoami(target, TIMEOUT).unwrap_err()
-        );
-    }
-    answer.expect("set when ready")
+    lb_tests::docker::whoami_when_ready(target, READY, TIMEOUT)
 }
 
 /// The bare-hostname service on TCP port 7 of the test image.

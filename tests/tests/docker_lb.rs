@@ -21,7 +21,7 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use lb_tests::docker::{
     build_test_image, cleanup_stale, container_ip, http_whoami, wait_service_running, Cluster,
@@ -176,18 +176,7 @@ fn labelled<'a>(frontend: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str
 }
 
 fn whoami_when_ready(target: SocketAddr) -> (String, SocketAddr) {
-    let mut answer = None;
-    let ready = wait_until(READY, &format!("http answer from {target}"), || {
-        answer = http_whoami(target, TIMEOUT).ok();
-        answer.is_some()
-    });
-    if let Err(e) = ready {
-        panic!(
-            "{e:#}: last error: {:#}",
-            http_whoami(target, TIMEOUT).unwrap_err()
-        );
-    }
-    answer.expect("set when ready")
+    lb_tests::docker::whoami_when_ready(target, READY, TIMEOUT)
 }
 
 // ---------------------------------------------------------------------------
@@ -352,37 +341,6 @@ fn ms_after(t: SystemTime, origin: SystemTime) -> f64 {
     }
 }
 
-fn unix(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).expect("after 1970");
-    format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
-}
-
-/// When the engine reported `event` for `container`, from its own event
-/// log (the clock lbd measures convergence from).
-fn event_time(d: &Dockerd, container: &str, event: &str, since: SystemTime) -> SystemTime {
-    let out = d
-        .docker(&[
-            "events",
-            "--since",
-            &unix(since),
-            "--until",
-            &unix(SystemTime::now()),
-            "--filter",
-            &format!("container={container}"),
-            "--filter",
-            &format!("event={event}"),
-            "--format",
-            "{{.TimeNano}}",
-        ])
-        .expect("docker events");
-    let nanos: u64 = out
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {event} event for {container}: {out:?}"));
-    UNIX_EPOCH + Duration::from_nanos(nanos)
-}
-
 fn connection_refused(target: SocketAddr) -> Result<(), String> {
     match http_whoami(target, TIMEOUT) {
         Ok((name, _)) => Err(format!("{name} answered")),
@@ -458,7 +416,7 @@ fn labelled_containers_are_balanced_and_followed_as_they_stop_and_start() {
         removed.expect("lbd never removed the stopped container");
         (samples, removed_at.expect("set on success"))
     });
-    let died = event_time(&env.dockerd, "web2", "die", before_stop);
+    let died = env.dockerd.event_time("web2", "die", before_stop);
     let bound = died + REMOVAL_BOUND;
     let removed_ms = ms_after(removed_at, died);
     let last_web2 = samples
@@ -519,7 +477,7 @@ fn labelled_containers_are_balanced_and_followed_as_they_stop_and_start() {
         FRONTEND,
         &backend_set(&[addrs["web1"], addrs["web3"], web4]),
     );
-    let started = event_time(&env.dockerd, "web4", "start", before_start);
+    let started = env.dockerd.event_time("web4", "start", before_start);
     eprintln!(
         "start web4: listed by lbd {:.1} ms after the start event (polled through lbctl)",
         ms_after(listed_at, started)
