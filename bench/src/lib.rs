@@ -9,6 +9,7 @@
 pub mod control;
 pub mod docker;
 pub mod e2e;
+pub mod etcd;
 pub mod forward;
 pub mod pktcost;
 pub mod report;

@@ -459,6 +459,16 @@ impl EtcdClient {
         header_revision(resp.header(), key)
     }
 
+    /// Compacts the history up to `revision`: a watch from before it is
+    /// cancelled by etcd.
+    pub fn compact(&self, revision: u64) -> Result<()> {
+        let rev = i64::try_from(revision)?;
+        self.call(&format!("compact {revision}"), |mut c| async move {
+            c.compact(rev, None).await
+        })?;
+        Ok(())
+    }
+
     /// Deletes every key starting with `prefix`; returns the revision after.
     pub fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         let k = prefix.to_owned();

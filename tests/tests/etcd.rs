@@ -685,6 +685,53 @@ fn etcd_down_and_restarted_under_load() {
     );
 }
 
+/// lbd cut off from etcd while keys change and the history is compacted:
+/// resuming its watch from the last revision it saw is refused, so it reads
+/// every key again, and a backend deleted meanwhile is gone, not kept.
+#[test]
+fn a_compacted_history_is_read_again() {
+    let mut env = Env::new("ecomp");
+    env.put_web();
+    env.start_lbd("", &["--label-frontends", LABEL_RANGE]);
+    wait_backends(env.lbd(), FRONTEND, &unweighted(&[1, 2, 3]));
+    let resyncs = |s: &Value| s["etcd"]["resyncs"].as_u64().unwrap_or(0);
+    assert_eq!(resyncs(&status(env.lbd())), 1);
+
+    env.topo
+        .lb
+        .ip(&["link", "set", LB_ETCD_IF, "down"])
+        .unwrap();
+    wait_etcd_connected(env.lbd(), false, NOTICE_BOUND);
+    env.kv().delete(&key("web", "backends/b2")).unwrap();
+    let rev = env
+        .kv()
+        .put(
+            &key("web", "backends/b1"),
+            &format!("{} weight=2", backend(1)),
+        )
+        .unwrap();
+    env.kv().compact(rev).unwrap();
+    env.topo.lb.ip(&["link", "set", LB_ETCD_IF, "up"]).unwrap();
+
+    wait_applied(env.lbd(), rev, RECONNECT_BOUND);
+    let want: BTreeMap<String, u64> = [(backend(1), 2), (backend(3), 1)].into();
+    let s = wait_backends(env.lbd(), FRONTEND, &want);
+    assert_eq!(s["etcd"]["connected"], true, "{:#}", s["etcd"]);
+    assert_eq!(
+        resyncs(&s),
+        2,
+        "a full read after the compaction: {:#}",
+        s["etcd"]
+    );
+    assert!(
+        env.lbd().log().contains("compacted"),
+        "lbd's log does not say why it read everything again:\n{}",
+        env.lbd().log()
+    );
+    let answers = assert_answer(env.client(), 60, &["b1", "b3"]);
+    eprintln!("after the compaction: {answers:?}");
+}
+
 // ---------------------------------------------------------------------------
 // The confd layout
 
