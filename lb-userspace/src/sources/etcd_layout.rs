@@ -349,6 +349,62 @@ mod tests {
         assert_eq!(web.source, SOURCE);
     }
 
+    /// `etcdctl get --prefix ... -w json` as a real etcd answered it, with
+    /// keys written as a registrator writes them (two under a lease) and
+    /// by hand.
+    fn recorded(json: &str) -> Kvs {
+        use base64::Engine as _;
+        let b64 = |v: &serde_json::Value| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap();
+            String::from_utf8(bytes).unwrap()
+        };
+        let answer: serde_json::Value = serde_json::from_str(json).unwrap();
+        answer["kvs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| (b64(&kv["key"]), b64(&kv["value"])))
+            .collect()
+    }
+
+    #[test]
+    fn recorded_answers_of_a_real_etcd() {
+        let mut kvs = recorded(include_str!("../../testdata/etcd-get-lb-services.json"));
+        kvs.extend(recorded(include_str!(
+            "../../testdata/etcd-get-app-servers.json"
+        )));
+        let sets = ["/app/servers".to_string()].into();
+        let p = parse(&kvs, "/lb", &sets, Some("n1"), &allow_73);
+        assert_eq!(p.services.len(), 1);
+        let web = &p.services[0];
+        assert_eq!(web.frontend.to_string(), "10.73.0.10:80/tcp");
+        // n1's own registration is left to n1's containers.
+        let backends: Vec<(String, u32)> = web
+            .backends
+            .iter()
+            .map(|b| (b.socket_addr().to_string(), b.weight))
+            .collect();
+        assert_eq!(backends, [("10.74.0.12:8080".into(), 3)]);
+        assert!(matches!(
+            web.health.as_ref().map(|h| &h.kind),
+            Some(crate::model::CheckKind::Http { path, .. }) if path == "/healthz"
+        ));
+        assert_eq!(
+            p.rejected,
+            [
+                "/lb/services/web/backends/bad: \"web-3.internal:8080\": expected an IP address \
+              and port such as 10.0.0.2:8080 or [fd00::2]:8080 (names are not resolved)"
+            ]
+        );
+        let app: Vec<String> = p.sets["/app/servers"]
+            .iter()
+            .map(|b| b.socket_addr().to_string())
+            .collect();
+        assert_eq!(app, ["10.74.0.21:3000"]);
+    }
+
     #[test]
     fn malformed_keys_are_skipped_with_their_reason() {
         let p = parse_all(&kvs(&[
