@@ -18,7 +18,7 @@ use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -58,12 +58,131 @@ pub struct Etcd {
     dir: PathBuf,
     process: Option<ChildGuard>,
     client: EtcdClient,
+    /// Serving https only, to clients with a certificate of its CA.
+    tls: Option<Tls>,
+}
+
+/// PEM files for mutual TLS, made with openssl under the server's
+/// directory: one CA, the server's certificate (for its address) and a
+/// client's.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    fn make(dir: &Path, server: IpAddr) -> Result<Tls> {
+        let tls = Tls {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        let ca_key = dir.join("ca-key.pem");
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl").args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let p = |p: &Path| p.display().to_string();
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=lb test CA",
+            "-keyout",
+            &p(&ca_key),
+            "-out",
+            &p(&tls.ca),
+        ])?;
+        for (cert, key, cn, ext) in [
+            (
+                &tls.server_cert,
+                &tls.server_key,
+                "etcd",
+                format!("subjectAltName=IP:{server}"),
+            ),
+            (
+                &tls.client_cert,
+                &tls.client_key,
+                "lbd",
+                "extendedKeyUsage=clientAuth".to_string(),
+            ),
+        ] {
+            let csr = dir.join(format!("{cn}.csr"));
+            openssl(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &p(key),
+                "-out",
+                &p(&csr),
+            ])?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&csr),
+                "-CA",
+                &p(&tls.ca),
+                "-CAkey",
+                &p(&ca_key),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &p(&write_ext(dir, cn, &ext)?),
+                "-out",
+                &p(cert),
+            ])?;
+        }
+        Ok(tls)
+    }
+}
+
+fn write_ext(dir: &Path, name: &str, ext: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.ext"));
+    std::fs::write(&path, format!("{ext}\n"))?;
+    Ok(path)
 }
 
 impl Etcd {
     /// Starts etcd in `ns` on `addr` (already configured there) and waits
     /// until it answers. `tag` tells apart several servers of one test.
     pub fn new(ns: &Netns, tag: &str, addr: IpAddr) -> Result<Self> {
+        Self::start_new(ns, tag, addr, false)
+    }
+
+    /// [`Self::new`], serving https only and only to clients with a
+    /// certificate of its own CA ([`Self::tls`]).
+    pub fn new_tls(ns: &Netns, tag: &str, addr: IpAddr) -> Result<Self> {
+        Self::start_new(ns, tag, addr, true)
+    }
+
+    fn start_new(ns: &Netns, tag: &str, addr: IpAddr, tls: bool) -> Result<Self> {
         cleanup_stale();
         let name = unique_name(&format!("{DIR_TAG}{tag}"));
         let dir = std::env::temp_dir().join(&name);
@@ -74,7 +193,18 @@ impl Etcd {
             );
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let client = match EtcdClient::connect(&ns.path(), &[client_url(addr)]) {
+        let tls = match tls.then(|| Tls::make(&dir, addr)).transpose() {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let client = match EtcdClient::connect_with(
+            &ns.path(),
+            &[client_url(addr, tls.is_some())],
+            tls.as_ref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -89,6 +219,7 @@ impl Etcd {
             dir,
             process: None,
             client,
+            tls,
         };
         etcd.start()?;
         Ok(etcd)
@@ -104,8 +235,8 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let client_url = client_url(self.addr);
-        let peer_url = url(self.addr, PEER_PORT);
+        let client_url = client_url(self.addr, self.tls.is_some());
+        let peer_url = url("http", self.addr, PEER_PORT);
         let mut cmd = crate::netns::command_in(&self.netns, ETCD_BIN);
         // The machine's own etcd settings, if any, stay out of it.
         for (key, _) in std::env::vars_os() {
@@ -124,8 +255,17 @@ impl Etcd {
             // Ignored once the data directory holds a member.
             .args(["--initial-cluster", &format!("{}={peer_url}", self.name)])
             .args(["--initial-cluster-state", "new"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
+            .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
@@ -180,9 +320,14 @@ impl Etcd {
         self.process.is_some()
     }
 
-    /// `http://ADDR:2379`, as lbd's `--etcd` takes it.
+    /// `http://ADDR:2379` (https with TLS), as lbd's `--etcd` takes it.
     pub fn endpoint(&self) -> String {
-        client_url(self.addr)
+        client_url(self.addr, self.tls.is_some())
+    }
+
+    /// The certificates, for a server made with [`Self::new_tls`].
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     pub fn addr(&self) -> IpAddr {
@@ -233,12 +378,12 @@ impl Drop for Etcd {
     }
 }
 
-fn url(addr: IpAddr, port: u16) -> String {
-    format!("http://{}", std::net::SocketAddr::from((addr, port)))
+fn url(scheme: &str, addr: IpAddr, port: u16) -> String {
+    format!("{scheme}://{}", std::net::SocketAddr::from((addr, port)))
 }
 
-fn client_url(addr: IpAddr) -> String {
-    url(addr, CLIENT_PORT)
+fn client_url(addr: IpAddr, tls: bool) -> String {
+    url(if tls { "https" } else { "http" }, addr, CLIENT_PORT)
 }
 
 /// Kills the etcd servers of earlier test processes that no longer exist
@@ -355,6 +500,11 @@ impl EtcdClient {
     /// A client of `endpoints` (`http://ADDR:2379`) from the namespace
     /// pinned at `netns`. Connects lazily: the server need not be up yet.
     pub fn connect(netns: &Path, endpoints: &[String]) -> Result<Self> {
+        Self::connect_with(netns, endpoints, None)
+    }
+
+    /// [`Self::connect`], with the client certificate of `tls` if given.
+    pub fn connect_with(netns: &Path, endpoints: &[String], tls: Option<&Tls>) -> Result<Self> {
         let ns =
             Arc::new(File::open(netns).with_context(|| format!("opening {}", netns.display()))?);
         let thread_ns = Arc::clone(&ns);
@@ -374,10 +524,22 @@ impl EtcdClient {
             })
             .build()
             .context("building the etcd client's runtime")?;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(PROBE_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1));
+        if let Some(tls) = tls {
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&tls.client_cert)?,
+                        read(&tls.client_key)?,
+                    )),
+            );
+        }
         let eps = endpoints.to_vec();
         let handle = rt.spawn(async move { Client::connect(eps, Some(options)).await });
         let client = rt

@@ -279,6 +279,15 @@ struct Env {
 
 impl Env {
     fn new(tag: &str) -> Self {
+        Self::build(tag, false)
+    }
+
+    /// With an etcd that serves only https, to client certificates of its CA.
+    fn tls(tag: &str) -> Self {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, tls: bool) -> Self {
         let topo = Topology::new(tag).expect("topology");
         let etcd_ns = Netns::new(&unique_name(&format!("{tag}-e"))).expect("etcd namespace");
         topo.lb
@@ -314,7 +323,11 @@ impl Env {
             .iter()
             .map(|b| bulk::start_server(&b.ns, &bulk_bin(), &b.name, BULK_PORT).expect("bulk"))
             .collect();
-        let etcd = Etcd::new(&etcd_ns, tag, IpAddr::V4(ETCD_ADDR)).expect("etcd");
+        let etcd = match tls {
+            true => Etcd::new_tls(&etcd_ns, tag, IpAddr::V4(ETCD_ADDR)),
+            false => Etcd::new(&etcd_ns, tag, IpAddr::V4(ETCD_ADDR)),
+        }
+        .expect("etcd");
         Self {
             lbd: None,
             etcd,
@@ -730,6 +743,67 @@ fn a_compacted_history_is_read_again() {
     );
     let answers = assert_answer(env.client(), 60, &["b1", "b3"]);
     eprintln!("after the compaction: {answers:?}");
+}
+
+/// An etcd that takes only TLS clients with a certificate of its CA: lbd
+/// without one is refused and says why, keeping nothing it did not have;
+/// with `--etcd-ca`, `--etcd-cert` and `--etcd-key` it is served.
+#[test]
+fn tls_with_a_client_certificate() {
+    let mut env = Env::tls("etls");
+    env.put_web();
+    let endpoint = env.etcd.endpoint();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let tls = env.etcd.tls().expect("a TLS etcd").clone();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca, cert, client_key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+    {
+        // It trusts etcd's CA but has no certificate of its own to show.
+        let refused = Lbd::start_with(
+            &env.topo.lb,
+            "etlsno",
+            "",
+            LB_IFS,
+            &[
+                "--etcd",
+                &endpoint,
+                "--label-frontends",
+                LABEL_RANGE,
+                "--etcd-ca",
+                &ca,
+            ],
+        )
+        .expect("lbd");
+        let deadline = Instant::now() + CONVERGE;
+        let s = loop {
+            let s = status(&refused);
+            if s["etcd"]["last_error"].is_string() || Instant::now() > deadline {
+                break s;
+            }
+            sleep(Duration::from_millis(50));
+        };
+        eprintln!("without a client certificate: {:#}", s["etcd"]);
+        assert_eq!(s["etcd"]["connected"], false, "{:#}", s["etcd"]);
+        assert!(s["etcd"]["last_error"].is_string(), "{:#}", s["etcd"]);
+        assert!(services_for(&s, FRONTEND).is_empty(), "{s:#}");
+    }
+    env.start_lbd(
+        "",
+        &[
+            "--label-frontends",
+            LABEL_RANGE,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &client_key,
+        ],
+    );
+    wait_backends(env.lbd(), FRONTEND, &unweighted(&[1, 2, 3]));
+    let rev = env.kv().delete(&key("web", "backends/b3")).unwrap();
+    wait_applied(env.lbd(), rev, CONVERGE);
+    assert_answer(env.client(), 60, &["b1", "b2"]);
 }
 
 // ---------------------------------------------------------------------------
