@@ -5,6 +5,7 @@ pub mod etcd;
 pub mod fixture;
 pub mod flood;
 pub mod lbd;
+pub mod load;
 pub mod netdev;
 pub mod netns;
 pub mod process;

@@ -28,6 +28,7 @@ use lb_tests::docker::{
     Dockerd, Node,
 };
 use lb_tests::lbd::Lbd;
+use lb_tests::load::{until_stopped, Bounds, Sample, StopOnDrop};
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::wait_until;
 use lb_tests::swarm::{create_service, lbd_for_node, task_names, wait_docker_connected, IMAGE};
@@ -297,39 +298,15 @@ fn until_all_answer(
     })
 }
 
-/// Sets the flag when dropped, so that background loops end even when the
-/// thread that would have stopped them panics.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-struct Sample {
-    /// When the request started.
-    at: SystemTime,
-    answer: Result<String, String>,
-}
-
 /// Requests `target` from `client` back to back until `stop` is set.
 fn hammer(client: &Netns, target: SocketAddr, stop: &AtomicBool) -> Vec<Sample> {
-    client.run(|| {
-        let start = Instant::now();
-        let mut out = Vec::new();
-        while !stop.load(Ordering::Relaxed)
-            && out.len() < HAMMER_MAX_REQUESTS
-            && start.elapsed() < HAMMER_MAX_TIME
-        {
-            let at = SystemTime::now();
-            let answer = http_whoami(target, TIMEOUT)
-                .map(|(name, _)| name)
-                .map_err(|e| format!("{e:#}"));
-            out.push(Sample { at, answer });
-            sleep(HAMMER_PAUSE);
-        }
-        out
+    let bounds = Bounds {
+        max_requests: HAMMER_MAX_REQUESTS,
+        max_time: HAMMER_MAX_TIME,
+        pause: HAMMER_PAUSE,
+    };
+    until_stopped(client, stop, bounds, || {
+        http_whoami(target, TIMEOUT).map(|(name, _)| name)
     })
 }
 

@@ -43,6 +43,7 @@ use lb_tests::bulk::{self, bulk_bin, human};
 use lb_tests::docker::{container_ip, http_whoami, node_addr, whoami_when_ready, Cluster, Node};
 use lb_tests::etcd::{self, Etcd, EtcdClient};
 use lb_tests::lbd::Lbd;
+use lb_tests::load::{until_stopped, Bounds, Sample, StopOnDrop};
 use lb_tests::netns::{command_in, unique_name, Netns};
 use lb_tests::process::{wait_until, ChildGuard};
 use lb_tests::swarm::{wait_docker_connected, IMAGE};
@@ -230,37 +231,14 @@ fn assert_answer(client: &Netns, n: usize, want: &[&str]) -> BTreeMap<String, us
     seen
 }
 
-/// Sets the flag when dropped, so that background loops end even when the
-/// thread that would have stopped them panics.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-struct Sample {
-    at: SystemTime,
-    answer: Result<String, String>,
-}
-
 /// Requests back to back until `stop` is set (or the bounds are reached).
 fn load(client: &Netns, target: SocketAddr, stop: &AtomicBool) -> Vec<Sample> {
-    client.run(|| {
-        let start = Instant::now();
-        let mut out = Vec::new();
-        while !stop.load(Ordering::Relaxed)
-            && out.len() < LOAD_MAX_REQUESTS
-            && start.elapsed() < LOAD_MAX_TIME
-        {
-            let at = SystemTime::now();
-            let answer = ask(target).map_err(|e| format!("{e:#}"));
-            out.push(Sample { at, answer });
-            sleep(LOAD_PAUSE);
-        }
-        out
-    })
+    let bounds = Bounds {
+        max_requests: LOAD_MAX_REQUESTS,
+        max_time: LOAD_MAX_TIME,
+        pause: LOAD_PAUSE,
+    };
+    until_stopped(client, stop, bounds, || ask(target))
 }
 
 // ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::model::{Member, ServiceSpec};
+use crate::sources::backoff::Backoff;
 use crate::sources::engine::Engine;
 use crate::sources::label_frontends::Gate;
 use crate::sources::labels::{self, Rejected};
@@ -25,8 +26,6 @@ use crate::sources::swarm;
 const RESYNC: Duration = Duration::from_secs(30);
 /// Events that arrive together cause one resync.
 const DEBOUNCE: Duration = Duration::from_millis(5);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What the source knows; sent whole after every change.
 #[derive(Clone, Debug, Default)]
@@ -91,7 +90,7 @@ pub async fn watch(
     mut gate: Gate,
     tx: mpsc::Sender<Update>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     let mut down = false;
     // Refusals already logged: each is said once, not at every resync.
     let mut logged = Vec::new();
@@ -112,7 +111,7 @@ pub async fn watch(
             return; // the daemon is stopping
         };
         if connected {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
             down = false;
         }
         // Said once per outage, not once per retry.
@@ -124,8 +123,7 @@ pub async fn watch(
                 return;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff.wait().await;
         if tx.is_closed() {
             return;
         }

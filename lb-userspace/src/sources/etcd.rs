@@ -12,11 +12,10 @@ use anyhow::{bail, Context as _, Result};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
+use crate::sources::backoff::Backoff;
 use crate::sources::etcd_layout::{self, Kvs, Parsed};
 use crate::sources::label_frontends::Gate;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// gRPC keep-alive: a silent etcd is noticed within interval + timeout.
 const KEEPALIVE: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,7 +125,7 @@ pub struct Inputs {
 
 pub async fn watch(endpoint: Endpoint, mut inputs: Inputs, tx: mpsc::Sender<Update>) {
     let mut mirror = Mirror::default();
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     let mut down = false;
     loop {
         let mut connected = false;
@@ -134,7 +133,7 @@ pub async fn watch(endpoint: Endpoint, mut inputs: Inputs, tx: mpsc::Sender<Upda
             return; // the daemon is stopping
         };
         if connected {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
             down = false;
         }
         if !down {
@@ -148,8 +147,7 @@ pub async fn watch(endpoint: Endpoint, mut inputs: Inputs, tx: mpsc::Sender<Upda
                 return;
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff.wait().await;
     }
 }
 

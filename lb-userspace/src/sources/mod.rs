@@ -1,6 +1,7 @@
 //! Sources of desired state. Each produces services; none touches a map.
 //! `merge` combines them, deciding who owns a contested frontend.
 
+pub mod backoff;
 pub mod docker;
 pub mod engine;
 pub mod etcd;

@@ -22,11 +22,9 @@ use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOpti
 use tokio::sync::{mpsc, watch};
 
 use crate::model::Frontend;
+use crate::sources::backoff::Backoff;
 use crate::sources::etcd::Endpoint;
 use crate::sources::etcd_layout::backend_value;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One labelled container as this node publishes it (labels::registrations).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,14 +79,14 @@ impl Registrator {
         mut wanted: watch::Receiver<Option<Vec<Registration>>>,
         tx: mpsc::Sender<Report>,
     ) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
             let mut report = Report::default();
             match self.session(&mut wanted, &tx, &mut report).await {
                 Ok(()) => return,
                 Err(e) => {
                     if report.lease.is_some() {
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                     log::warn!("registering in etcd: {e:#}; retrying");
                     report.lease = None;
@@ -98,8 +96,7 @@ impl Registrator {
                     }
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff.wait().await;
         }
     }
 
