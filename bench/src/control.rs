@@ -90,6 +90,7 @@ struct Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         remove_pins(&self.pin_dir);
+        lb_tests::lbd::remove_run_files(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
