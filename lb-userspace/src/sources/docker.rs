@@ -2,7 +2,7 @@
 //! safety net. If the engine goes away, the last state it gave keeps
 //! serving; the source reconnects with backoff and resyncs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result};
@@ -166,7 +166,12 @@ async fn session(
         ..Default::default()
     }));
     log::info!("connected to the docker engine at {host} (API {api})");
-    let first = sync(&docker, register, netns, &mut sandboxes, gate).await?;
+    // Containers that died and have not started again. The engine lists a
+    // container as running until its cleanup is done (network teardown
+    // included), some 150 ms after its `die`; it takes no connection
+    // meanwhile, so it is left out from its `die` on.
+    let mut dead: HashSet<String> = HashSet::new();
+    let first = sync(&docker, register, netns, &mut sandboxes, gate, &mut dead).await?;
     log_refusals(&first.rejected, logged);
     let first_in_swarm = first.swarm_role != "inactive";
     let mut last = compared(&first);
@@ -188,7 +193,10 @@ async fn session(
     loop {
         let cause = tokio::select! {
             event = events.next() => match event {
-                Some(Ok(e)) if relevant(&e) => origin(&e),
+                Some(Ok(e)) if relevant(&e) => {
+                    note_death(&mut dead, &e);
+                    origin(&e)
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(e).context("the event stream failed"),
                 None => anyhow::bail!("the event stream ended"),
@@ -211,7 +219,10 @@ async fn session(
             tokio::select! {
                 _ = &mut settle => break,
                 more = events.next() => match more {
-                    Some(Ok(_)) => continue,
+                    Some(Ok(e)) => {
+                        note_death(&mut dead, &e);
+                        continue;
+                    }
                     Some(Err(e)) => return Err(e).context("the event stream failed"),
                     None => anyhow::bail!("the event stream ended"),
                 },
@@ -223,7 +234,7 @@ async fn session(
         if !follow_up(pending.as_ref()) {
             pending = None;
         }
-        let mut snapshot = sync(&docker, register, netns, &mut sandboxes, gate).await?;
+        let mut snapshot = sync(&docker, register, netns, &mut sandboxes, gate, &mut dead).await?;
         log_refusals(&snapshot.rejected, logged);
         in_swarm = snapshot.swarm_role != "inactive";
         let now = compared(&snapshot);
@@ -260,6 +271,23 @@ fn compared(
         s.members.clone(),
         s.registrations.clone(),
     )
+}
+
+/// Records a container's `die`, and forgets it at its next `start`.
+fn note_death(dead: &mut HashSet<String>, e: &bollard::models::EventMessage) {
+    use bollard::models::EventMessageTypeEnum::CONTAINER;
+    let Some(id) = e.actor.as_ref().and_then(|a| a.id.as_ref()) else {
+        return;
+    };
+    match (e.typ, e.action.as_deref()) {
+        (Some(CONTAINER), Some("die")) => {
+            dead.insert(id.clone());
+        }
+        (Some(CONTAINER), Some("start")) => {
+            dead.remove(id);
+        }
+        _ => {}
+    }
 }
 
 /// Whether an event is still waiting, recently enough, for its change.
@@ -340,6 +368,7 @@ async fn sync(
     netns: &mut NetnsDir,
     sandboxes: &mut Sandboxes,
     gate: &Gate,
+    dead: &mut HashSet<String>,
 ) -> Result<Snapshot> {
     let filters = HashMap::from([
         ("label".to_string(), vec![labels::FRONTEND.to_string()]),
@@ -356,7 +385,10 @@ async fn sync(
             .context("listing containers")
     };
     // Together: a resync's time is mostly waiting for the engine.
-    let (containers, local) = tokio::try_join!(labelled, local_tasks::list(docker))?;
+    let (mut containers, local) = tokio::try_join!(labelled, local_tasks::list(docker))?;
+    // A dead container no longer listed needs no more remembering.
+    dead.retain(|id| containers.iter().any(|c| c.id.as_ref() == Some(id)));
+    containers.retain(|c| c.id.as_ref().is_none_or(|id| !dead.contains(id)));
     let screen = gate.screen();
     let (mut services, mut rejected) = labels::services(&containers, &screen);
     let registrations = match register {
@@ -394,4 +426,29 @@ async fn sync(
         nodes,
         cause: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event as the engine sends it (API 1.41), reduced to what matters.
+    fn event(kind: &str, action: &str, id: &str) -> bollard::models::EventMessage {
+        serde_json::from_value(serde_json::json!({
+            "Type": kind, "Action": action, "Actor": {"ID": id, "Attributes": {}},
+            "timeNano": 1_700_000_000_000_000_000_i64
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_container_is_dead_from_its_die_to_its_next_start() {
+        let mut dead = HashSet::new();
+        note_death(&mut dead, &event("container", "die", "c1"));
+        note_death(&mut dead, &event("network", "die", "n1"));
+        assert_eq!(dead, HashSet::from(["c1".to_string()]));
+        // A restart policy brings it back under the same id.
+        note_death(&mut dead, &event("container", "start", "c1"));
+        assert!(dead.is_empty());
+    }
 }
