@@ -85,18 +85,27 @@ impl Lbd {
             .create(true)
             .append(true)
             .open(lbd.dir.join("lbd.log"))?;
-        let mut cmd = ns.command(target_bin("lbd"));
-        cmd.arg("--config")
-            .arg(&lbd.config)
-            .arg("--socket")
-            .arg(&lbd.socket)
-            .arg("--pin-dir")
-            .arg(&lbd.pin_dir)
-            .args(&lbd.extra_args)
-            .env_remove("RUST_LOG")
-            .envs(lbd.env.iter().map(|(k, v)| (k, v)))
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        // As the systemd unit runs it: with its capabilities alone.
+        let mut cmd = ns.command("setpriv");
+        cmd.args([
+            "--bounding-set",
+            &unit_capabilities()?,
+            "--inh-caps",
+            "-all",
+            "--",
+        ])
+        .arg(target_bin("lbd"))
+        .arg("--config")
+        .arg(&lbd.config)
+        .arg("--socket")
+        .arg(&lbd.socket)
+        .arg("--pin-dir")
+        .arg(&lbd.pin_dir)
+        .args(&lbd.extra_args)
+        .env_remove("RUST_LOG")
+        .envs(lbd.env.iter().map(|(k, v)| (k, v)))
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let wanted: Vec<String> = interfaces.iter().map(|s| s.to_string()).collect();
         let mut exited = None;
@@ -245,6 +254,25 @@ pub fn remove_run_files(pin_dir: &Path) {
     for ext in ["lock", "vips", "drains"] {
         let _ = std::fs::remove_file(lb_userspace::instance::run_file(pin_dir, ext));
     }
+}
+
+/// `setpriv --bounding-set` for the capabilities dist/lbd.service leaves
+/// lbd (`CapabilityBoundingSet=`), e.g. `-all,+sys_admin,+net_admin`.
+pub fn unit_capabilities() -> Result<String> {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/lbd.service");
+    let text = std::fs::read_to_string(unit).with_context(|| format!("reading {unit}"))?;
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CapabilityBoundingSet="))
+        .with_context(|| format!("{unit} has no CapabilityBoundingSet="))?;
+    let mut set = String::from("-all");
+    for cap in line.split_whitespace() {
+        let name = cap
+            .strip_prefix("CAP_")
+            .with_context(|| format!("{unit}: {cap:?} is not a capability"))?;
+        set.push_str(&format!(",+{}", name.to_lowercase()));
+    }
+    Ok(set)
 }
 
 /// Runs lbctl against `socket` and returns its standard output.

@@ -214,3 +214,29 @@ fn leftovers_of_dead_processes_are_removed() {
     assert!(!stale_left, "{stale} should be gone");
     assert!(ours_left, "{ours} belongs to a live process and must stay");
 }
+
+/// Every lbd the tests start runs with the systemd unit's capabilities
+/// alone, so that the whole suite shows the unit grants enough.
+#[test]
+fn lbd_runs_with_the_units_capabilities_only() {
+    let ns = Netns::new(&unique_name("caps")).expect("namespace");
+    let lbd = lb_tests::lbd::Lbd::start(&ns, "caps", "", &[]).expect("lbd");
+    let pid = lbd.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    // CAP_NET_ADMIN is 12, CAP_SYS_ADMIN 21 (linux/capability.h).
+    let unit = (1 << 12) | (1 << 21);
+    assert_eq!(
+        lb_tests::lbd::unit_capabilities().unwrap(),
+        "-all,+sys_admin,+net_admin"
+    );
+    assert_eq!(field("CapBnd:"), unit, "{status}");
+    assert_eq!(field("CapEff:"), unit, "{status}");
+    assert!(lbd.status().is_ok());
+}

@@ -5,6 +5,7 @@ mod cargo;
 #[cfg(test)]
 mod deps;
 mod man;
+mod package;
 mod setup;
 
 use anyhow::Result;
@@ -24,6 +25,8 @@ enum Task {
     Setup,
     /// Set up, then build the release binaries (lbd, lbctl, ...) into target/release, with man pages and completions
     Build,
+    /// Set up, build, then make a Debian package of lbd and lbctl (target/package/lb_<version>_<arch>.deb)
+    Package,
     /// Write man pages (target/release/man) and bash, zsh and fish completions (target/release/completions) for lbd and lbctl; builds nothing
     Man,
     /// Build, then run every test serially; arguments after `--` go to the test binaries
@@ -62,9 +65,17 @@ fn main() -> Result<()> {
             man::run(&release_dir())?;
         }
         Task::Man => man::run(&release_dir())?,
+        Task::Package => {
+            build(&setup::run()?)?;
+            man::run(&release_dir())?;
+            package::run(&cargo::workspace_root())?;
+        }
         Task::Test { args } => {
             let env = setup::run()?;
             build(&env)?;
+            // The package tests read the package of this very build.
+            man::run(&release_dir())?;
+            package::run(&cargo::workspace_root())?;
             // The e2e tests share network namespaces and kernel state, so they
             // must not run concurrently.
             cargo::run(
