@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lb_tests::echo::{tcp_request, udp_request};
+use lb_tests::etcd::Etcd;
 use lb_tests::lbd::{lbctl, Lbd};
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::{wait_until, ChildGuard};
@@ -68,21 +69,30 @@ backends = ["10.72.1.2:{t}", {{ addr = "10.72.2.2:{t}", weight = 0 }}]
 }
 
 /// lbd is declared first so that it stops before the namespaces go.
+/// Fields drop in order: lbd, then etcd, then the namespaces.
 struct Env {
     lbd: Lbd,
+    _etcd: Etcd,
     topo: Topology,
 }
+
+/// An etcd key lbd must refuse, to be shown on the page.
+const BAD_KEY: &str = "/lb/services/bad/frontend";
 
 fn setup(tag: &str) -> Env {
     let mut topo = Topology::new(tag).expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
+    // etcd on the LB namespace's own loopback, with one malformed key.
+    let etcd = Etcd::new(&topo.lb, tag, "127.0.0.1".parse().unwrap()).expect("etcd");
+    etcd.client().put(BAD_KEY, "not a frontend").expect("put");
+    let endpoint = etcd.endpoint();
     let lbd = Lbd::start_with(
         &topo.lb,
         tag,
         &config(),
         &INTERFACES,
-        &["--metrics", METRICS],
+        &["--metrics", METRICS, "--etcd", &endpoint],
     )
     .expect("lbd");
     // The endpoint answers once its listener is up.
@@ -94,7 +104,11 @@ fn setup(tag: &str) -> Env {
     if let Err(e) = ready {
         panic!("{e:#}\nlbd's log:\n{}", lbd.log());
     }
-    Env { lbd, topo }
+    Env {
+        lbd,
+        _etcd: etcd,
+        topo,
+    }
 }
 
 struct HttpResponse {
@@ -375,6 +389,8 @@ fn metrics_and_stats_page_show_the_traffic() {
     };
     assert_eq!((state("draining"), state("active")), (1.0, 0.0));
     assert!(value(&samples, "lb_service_bytes_total", &web_labels) > 0.0);
+    assert_eq!(value(&samples, "lb_etcd_connected", &[]), 1.0);
+    assert_eq!(value(&samples, "lb_etcd_rejected_keys", &[]), 1.0);
     assert!(value(&samples, "lb_service_reply_packets_total", &web_labels) >= WEB_REQUESTS as f64);
     assert_eq!(value(&samples, "lb_services", &[]), 4.0);
     assert_eq!(value(&samples, "lb_conflicts", &[]), 0.0);
@@ -438,6 +454,10 @@ fn metrics_and_stats_page_show_the_traffic() {
         "web's {WEB_REQUESTS} flows are not shown"
     );
     assert!(dom.contains("lbc0"), "interfaces are not shown");
+    assert!(
+        dom.contains("<b>etcd keys rejected</b>") && dom.contains(BAD_KEY),
+        "the refused etcd key is not shown"
+    );
     // Looked for as rendered markup: the page's script holds the same words.
     let failed_banner = "<div class=\"alert bad\"><b>Configuration reload failed";
     assert!(!dom.contains(failed_banner), "a reload failure is shown");
