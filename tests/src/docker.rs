@@ -730,6 +730,46 @@ pub fn whoami_when_ready(
     answer.expect("set when ready")
 }
 
+/// Requests `target` (the test image's whoami) from `client` until every
+/// name in `want` has answered, and only those, at most `max` requests
+/// paced to span a few seconds: a container that just started may not
+/// listen yet, and a worker learns of a task only through Swarm's gossip,
+/// which its lbd reads once a second. Panics with what answered otherwise.
+pub fn until_all_answer(
+    client: &Netns,
+    target: SocketAddr,
+    want: &BTreeSet<String>,
+    max: usize,
+    timeout: Duration,
+) -> BTreeMap<String, usize> {
+    client.run(|| {
+        let mut seen = BTreeMap::new();
+        let mut errors = Vec::new();
+        for _ in 0..max {
+            match http_whoami(target, timeout) {
+                Ok((name, _)) => *seen.entry(name).or_insert(0) += 1,
+                Err(e) => {
+                    errors.push(format!("{e:#}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            if seen.keys().cloned().collect::<BTreeSet<_>>() == *want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let names: BTreeSet<String> = seen.keys().cloned().collect();
+        assert_eq!(
+            &names,
+            want,
+            "answers from {target} after up to {max} requests: {seen:?}; {} errors, last: {:?}",
+            errors.len(),
+            errors.last()
+        );
+        seen
+    })
+}
+
 /// Builds the test web image as `tag` on `d`: `FROM scratch` plus busybox,
 /// serving `HOSTNAME ADDR:PORT` over HTTP on port 80 (the client address as
 /// the container saw it) and the bare hostname on TCP port 7 for any line.

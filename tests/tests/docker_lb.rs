@@ -24,8 +24,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use lb_tests::docker::{
-    build_test_image, cleanup_stale, container_ip, http_whoami, wait_service_running, Cluster,
-    Dockerd, Node,
+    build_test_image, cleanup_stale, container_ip, http_whoami, until_all_answer,
+    wait_service_running, Cluster, Dockerd, Node,
 };
 use lb_tests::lbd::Lbd;
 use lb_tests::load::{until_stopped, Bounds, Sample, StopOnDrop};
@@ -257,44 +257,6 @@ fn spread(
             peers.insert(peer.ip());
         }
         (seen, peers)
-    })
-}
-
-/// Requests until every name in `want` has answered (and only those), at
-/// most `max` of them, paced so that they span a few seconds: a task that
-/// just started may not listen yet, and a worker learns of it only through
-/// Swarm's gossip, which its lbd reads once a second.
-fn until_all_answer(
-    client: &Netns,
-    target: SocketAddr,
-    want: &BTreeSet<String>,
-    max: usize,
-) -> BTreeMap<String, usize> {
-    client.run(|| {
-        let mut seen = BTreeMap::new();
-        let mut errors = Vec::new();
-        for _ in 0..max {
-            match http_whoami(target, TIMEOUT) {
-                Ok((name, _)) => *seen.entry(name).or_insert(0) += 1,
-                Err(e) => {
-                    errors.push(format!("{e:#}"));
-                    sleep(Duration::from_millis(100));
-                }
-            }
-            if seen.keys().cloned().collect::<BTreeSet<_>>() == *want {
-                break;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        let names: BTreeSet<String> = seen.keys().cloned().collect();
-        assert_eq!(
-            &names,
-            want,
-            "answers from {target} after up to {max} requests: {seen:?}; {} errors, last: {:?}",
-            errors.len(),
-            errors.last()
-        );
-        seen
     })
 }
 
@@ -944,7 +906,7 @@ fn single_node_swarm_publishes_ports_through_lbd() {
     wait_mesh_answers(&cluster.client, target, &[&lbd]);
     let first_answer = t0.elapsed();
     let want = task_names(&tasks);
-    let seen = until_all_answer(&cluster.client, target, &want, 60);
+    let seen = until_all_answer(&cluster.client, target, &want, 60, TIMEOUT);
     let (spread60, peers) = spread(&cluster.client, target, 60);
     eprintln!(
         "swarm: first answer {:.0} ms after lbd was up; 60 requests: {spread60:?}",
@@ -969,7 +931,7 @@ fn single_node_swarm_publishes_ports_through_lbd() {
     let running = t0.elapsed();
     let want = task_names(&tasks);
     let tasks_before_rm = want.clone();
-    let seen = until_all_answer(&cluster.client, target, &want, 200);
+    let seen = until_all_answer(&cluster.client, target, &want, 200, TIMEOUT);
     eprintln!(
         "swarm scale 3 -> 5: tasks running after {:.0} ms, all 5 answered after {:.0} ms: {seen:?}",
         running.as_secs_f64() * 1e3,
@@ -1129,7 +1091,7 @@ fn two_node_swarm_reaches_tasks_through_either_node() {
         let t0 = Instant::now();
         wait_mesh_answers(&cluster.client, target, &both);
         let want = task_names(tasks);
-        let seen = until_all_answer(&cluster.client, target, &want, 60);
+        let seen = until_all_answer(&cluster.client, target, &want, 60, TIMEOUT);
         let (_, peers) = spread(&cluster.client, target, 10);
         eprintln!(
             "swarm 2 nodes, {what}: {target} answered by all tasks after {:.0} ms: {seen:?}",
@@ -1157,7 +1119,7 @@ fn two_node_swarm_reaches_tasks_through_either_node() {
     let on1 = wait_service_running(manager, "on1", 3, CONVERGE).expect("on1 scaled");
     let running = t0.elapsed();
     let target = SocketAddr::from((n2.addr, 8082));
-    let seen = until_all_answer(&cluster.client, target, &task_names(&on1), 300);
+    let seen = until_all_answer(&cluster.client, target, &task_names(&on1), 300, TIMEOUT);
     eprintln!(
         "swarm 2 nodes, scale on1 2 -> 3: running after {:.0} ms, all 3 answered through the \
          worker after {:.0} ms: {seen:?}",

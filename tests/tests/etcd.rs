@@ -40,7 +40,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lb_tests::bulk::{self, bulk_bin, human};
-use lb_tests::docker::{container_ip, http_whoami, node_addr, whoami_when_ready, Cluster, Node};
+use lb_tests::docker::{
+    container_ip, http_whoami, node_addr, until_all_answer, whoami_when_ready, Cluster, Node,
+};
 use lb_tests::etcd::{self, Etcd, EtcdClient};
 use lb_tests::lbd::Lbd;
 use lb_tests::load::{until_stopped, Bounds, Sample, StopOnDrop};
@@ -881,33 +883,6 @@ fn route_via(client: &Netns, i: usize) {
         .unwrap();
 }
 
-/// Requests until every name in `want` has answered, at most `max`, paced
-/// so that they span a few seconds; errors only while converging.
-fn until_all_answer(client: &Netns, want: &BTreeSet<String>, max: usize) {
-    client.run(|| {
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut errors = Vec::new();
-        for _ in 0..max {
-            match http_whoami(VIP, DOCKER_TIMEOUT) {
-                Ok((name, _)) => *seen.entry(name).or_insert(0) += 1,
-                Err(e) => {
-                    errors.push(format!("{e:#}"));
-                    sleep(Duration::from_millis(100));
-                }
-            }
-            if seen.keys().cloned().collect::<BTreeSet<_>>() == *want {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "after {max} requests: {seen:?}, want {want:?}; {} errors, last: {:?}",
-            errors.len(),
-            errors.last()
-        );
-    })
-}
-
 /// `n` requests that must all be answered, by names in `want` only.
 fn all_answer_from(client: &Netns, n: usize, want: &BTreeSet<String>) -> BTreeMap<String, usize> {
     client.run(|| {
@@ -1028,7 +1003,7 @@ fn registrator_three_hosts() {
     let all = names(&[1, 2, 3]);
     for i in 1..=3 {
         route_via(&cluster.client, i);
-        until_all_answer(&cluster.client, &all, 300);
+        until_all_answer(&cluster.client, VIP, &all, 300, DOCKER_TIMEOUT);
         let seen = all_answer_from(&cluster.client, 60, &all);
         eprintln!("via node {i}: {seen:?}");
     }
