@@ -1243,21 +1243,10 @@ pub fn daemon_processes(dir: &Path, name: &str) -> BTreeMap<i32, String> {
     let mut found = BTreeMap::new();
     let mut parents: BTreeMap<i32, i32> = BTreeMap::new();
     let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for (pid, proc_dir) in crate::process::all_processes() {
         if pid == me {
             continue;
         }
-        let proc_dir = entry.path();
         let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
             continue;
         };

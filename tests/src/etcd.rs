@@ -430,18 +430,8 @@ pub fn cleanup_stale() {
 /// Pid and `--data-dir` of every running etcd.
 fn etcd_processes() -> Vec<(i32, PathBuf)> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+    for (pid, proc_dir) in crate::process::all_processes() {
+        let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
         let args: Vec<String> = cmdline

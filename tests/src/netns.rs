@@ -55,18 +55,8 @@ fn kill_members(path: &Path) {
         return;
     };
     let wanted = format!("net:[{}]", meta.ino());
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let in_ns = std::fs::read_link(entry.path().join("ns/net"))
+    for (pid, proc_dir) in crate::process::all_processes() {
+        let in_ns = std::fs::read_link(proc_dir.join("ns/net"))
             .is_ok_and(|link| link.as_os_str() == wanted.as_str());
         if in_ns {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -87,3 +87,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) ->
         sleep(POLL);
     }
 }
+
+/// Every process now running: its pid and its `/proc/<pid>` directory.
+/// Empty if /proc cannot be read (then there is nothing to clean up either).
+pub fn all_processes() -> Vec<(i32, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, entry.path()))
+        })
+        .collect()
+}
