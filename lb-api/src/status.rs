@@ -170,6 +170,9 @@ pub struct Status {
     #[serde(default)]
     pub swarm: Vec<SwarmService>,
     pub interfaces: Vec<String>,
+    /// How the TC program is attached to them: `tcx` or `netlink`.
+    #[serde(default)]
+    pub tc_attach: String,
     pub config: ConfigStatus,
     /// Present when lbd watches a Docker engine.
     pub docker: Option<DockerStatus>,
@@ -383,7 +386,11 @@ pub fn render_table(status: &Status, swarm_frontends: bool) -> String {
         let _ = writeln!(out, "* weight set with `lbctl weight`");
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "interfaces: {}", status.interfaces.join(", "));
+    let _ = write!(out, "interfaces: {}", status.interfaces.join(", "));
+    if !status.tc_attach.is_empty() {
+        let _ = write!(out, " (attached by {})", status.tc_attach);
+    }
+    let _ = writeln!(out);
     if let Some(path) = &status.config.path {
         let _ = writeln!(out, "config: {path} (reloads: {})", status.config.reloads);
     }

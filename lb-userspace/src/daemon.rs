@@ -61,6 +61,8 @@ pub struct Options {
     pub inject_fault: Option<String>,
     /// The datapath's rare events in lbd's log (see datapath_log.rs).
     pub datapath_log: crate::datapath_log::DatapathLog,
+    /// How the TC program is attached (see datapath.rs).
+    pub tc_attach: crate::datapath::TcAttach,
 }
 
 /// The background task that follows interfaces as they come and go.
@@ -143,6 +145,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let drained = crate::drains::load(&opts.pin_dir)?;
     let (mut datapath, maps) =
         Datapath::load_with_log(Some(&opts.pin_dir), opts.limits, opts.datapath_log)?;
+    datapath.set_tc_attach(opts.tc_attach);
+    log::info!("TC attach mode: {}", opts.tc_attach.name());
     if opts.datapath_log != crate::datapath_log::DatapathLog::Off {
         let logger = datapath.logger()?;
         tokio::spawn(async move {
@@ -873,6 +877,7 @@ impl State {
                 services: collected.services,
                 swarm: collected.swarm,
                 interfaces: self.datapath.attached(),
+                tc_attach: self.datapath.tc_attach().name().to_string(),
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),
                 etcd: self.etcd_status.clone(),

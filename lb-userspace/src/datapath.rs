@@ -5,11 +5,13 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use crate::datapath_log::DatapathLog;
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
+use aya::programs::tc::{
+    self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
+};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
@@ -68,6 +70,106 @@ pub struct Datapath {
     sockets: BTreeMap<&'static str, Attachment<CgroupSockAddrLink>>,
     /// Whether the kernel took the socket programs, and if not why.
     sockets_loadable: Result<(), String>,
+    tc_attach: TcAttach,
+}
+
+/// How the TC program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcAttach {
+    /// A TCX link (Linux 6.6 and later): pinned in the pin directory, and
+    /// replaced atomically by the next lbd through its pin.
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc, set by netlink (any kernel).
+    /// The filter itself holds the program, so it outlives lbd without a
+    /// pin; the next lbd replaces its program in place, found by the
+    /// filter's priority and handle, which are lbd's own.
+    Netlink,
+}
+
+/// The netlink filter's priority and handle. Fixed, so that a restarted
+/// lbd or `lbd --cleanup` finds the filter without a record, and unusual,
+/// so that they do not meet another program's filter ("LB").
+const NETLINK_PRIORITY: u16 = 0x4c42;
+const NETLINK_HANDLE: u32 = 0x4c42;
+
+impl TcAttach {
+    /// `choice` is lbd's `--tc-attach`: `tcx`, `netlink`, or `auto`, which
+    /// takes TCX where the running kernel has it.
+    pub fn choose(choice: &str) -> Result<TcAttach> {
+        match choice {
+            "tcx" => Ok(TcAttach::Tcx),
+            "netlink" => Ok(TcAttach::Netlink),
+            "auto" => {
+                use aya::util::KernelVersion;
+                let kernel = KernelVersion::current()
+                    .map_err(|e| anyhow!("reading the kernel version: {e}"))?;
+                // TCX links arrived in Linux 6.6.
+                Ok(if kernel >= KernelVersion::new(6, 6, 0) {
+                    TcAttach::Tcx
+                } else {
+                    TcAttach::Netlink
+                })
+            }
+            other => bail!("unknown TC attach mode {other:?}: auto, tcx or netlink"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
+        }
+    }
+}
+
+/// Removes lbd's netlink filter from every interface of the calling
+/// thread's network namespace (`lbd --cleanup`: TCX links go with their
+/// pins, netlink filters must be taken off). Returns the interfaces it was
+/// on.
+pub fn remove_netlink_filters() -> Vec<String> {
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for name in interfaces.iter().filter_map(|i| i.name().to_str().ok()) {
+        if let Ok(link) = netlink_link(name) {
+            // Detaching a filter that is not there fails: nothing to do.
+            if aya::programs::Link::detach(link).is_ok() {
+                removed.push(name.to_string());
+            }
+        }
+    }
+    removed
+}
+
+/// [`remove_netlink_filters`] inside the network namespace at `path`.
+pub fn remove_netlink_filters_in(path: &Path) -> Result<Vec<String>> {
+    let target =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    in_netns(&target, path, remove_netlink_filters)
+}
+
+/// Runs `f` with the calling thread in the network namespace `target`
+/// (opened from `path`), and brings the thread back whatever `f` did.
+fn in_netns<T>(target: &std::fs::File, path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    let own = std::fs::File::open("/proc/thread-self/ns/net")?;
+    nix::sched::setns(target, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering {}", path.display()))?;
+    let result = f();
+    nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("returning to lbd's network namespace")?;
+    Ok(result)
+}
+
+/// lbd's netlink filter on `ifname`, whether or not it is there.
+fn netlink_link(ifname: &str) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        ifname,
+        TcAttachType::Ingress,
+        NETLINK_PRIORITY,
+        TcHandle::from(NETLINK_HANDLE),
+        None,
+    )
 }
 
 /// The socket programs (FLAG_SOCKET services), see lb-ebpf's sock.rs.
@@ -87,6 +189,9 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
 enum Attachment<L> {
     Owned(L),
     Pinned(PinnedLink),
+    /// Held by the kernel itself (a netlink TC filter): stays when lbd
+    /// exits, unless detached.
+    Kernel(L),
 }
 
 impl<L: TryInto<FdLink, Error = LinkError>> Attachment<L> {
@@ -111,6 +216,16 @@ impl<L> Attachment<L> {
             if let Err(e) = p.unpin() {
                 log::warn!("unpinning the link of {name}: {e}");
             }
+        }
+    }
+
+    /// Leaves the attachment in place when lbd exits: a pinned link stays
+    /// through its pin, a kernel-held one by itself; an owned one goes.
+    fn stay(self) {
+        if let Attachment::Kernel(link) = self {
+            // A netlink link is only the filter's address (no descriptor):
+            // forgetting it skips the detach its drop would do, nothing else.
+            std::mem::forget(link);
         }
     }
 }
@@ -230,17 +345,27 @@ impl Datapath {
             netns: BTreeMap::new(),
             sockets: BTreeMap::new(),
             sockets_loadable,
+            tc_attach: TcAttach::choose("auto")?,
         };
         Ok((datapath, maps))
     }
 
-    /// The trivial pass-only program of the same object, loaded on demand
-    /// (benchmarks use it as the floor).
     /// Takes the datapath's log buffer, to drain it into lbd's log.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("the datapath's log buffer")
     }
 
+    /// How later attachments are made (see [`TcAttach`]).
+    pub fn set_tc_attach(&mut self, mode: TcAttach) {
+        self.tc_attach = mode;
+    }
+
+    pub fn tc_attach(&self) -> TcAttach {
+        self.tc_attach
+    }
+
+    /// The trivial pass-only program of the same object, loaded on demand
+    /// (benchmarks use it as the floor).
     pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
             .ebpf
@@ -283,14 +408,7 @@ impl Datapath {
             return Ok(());
         }
         self.forget_netns(tag);
-        let own = std::fs::File::open("/proc/thread-self/ns/net")?;
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {}", path.display()))?;
-        // Whatever happens inside, this thread must come back.
-        let result = self.attach_all_here(tag);
-        nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
-            .context("returning to lbd's network namespace")?;
-        result?;
+        in_netns(&target, path, || self.attach_all_here(tag))??;
         self.netns.insert(tag.to_string(), inode);
         log::info!("attached inside {}", path.display());
         Ok(())
@@ -335,37 +453,28 @@ impl Datapath {
             crate::pins::LINK_PREFIX,
             key.replace(':', "-")
         ));
+        let mode = self.tc_attach;
+        let keep_past_exit = pin.is_some();
         let prog = self.program()?;
-        let replaced = match pin.as_deref().map(PinnedLink::from_pin) {
-            Some(Ok(old)) => {
-                let link: SchedClassifierLink = FdLink::from(old).try_into()?;
-                // Fails when the link went with an interface of the same
-                // name that was since re-created: then attach afresh.
-                prog.attach_to_link(link)
-                    .map_err(|e| {
-                        log::info!("{ifname}: pinned link not reusable ({e}); attaching anew")
-                    })
-                    .ok()
+        let attachment = match mode {
+            TcAttach::Tcx => {
+                let id = attach_tcx(prog, ifname, pin.as_deref())?;
+                Attachment::keep(
+                    prog.take_link(id)?,
+                    pin,
+                    "TCX links cannot be pinned on this kernel; use --tc-attach netlink",
+                )?
             }
-            _ => None,
-        };
-        let id = match replaced {
-            Some(id) => id,
-            None => {
-                // Only needed for the netlink attach of kernels before 6.6.
-                if let Err(e) = tc::qdisc_add_clsact(ifname) {
-                    log::debug!("clsact on {ifname}: {e}");
+            TcAttach::Netlink => {
+                let id = attach_netlink(prog, ifname)?;
+                let link = prog.take_link(id)?;
+                if keep_past_exit {
+                    Attachment::Kernel(link)
+                } else {
+                    Attachment::Owned(link)
                 }
-                prog.attach(ifname, TcAttachType::Ingress)
-                    .with_context(|| format!("attaching to {ifname}"))?
             }
         };
-        let link = prog.take_link(id)?;
-        let attachment = Attachment::keep(
-            link,
-            pin,
-            "this kernel attaches TC through netlink; links cannot be pinned",
-        )?;
         self.links.insert(key.to_string(), attachment);
         Ok(())
     }
@@ -412,8 +521,13 @@ impl Datapath {
 
     /// Forgets an interface that no longer exists (its link went with it).
     pub fn forget(&mut self, ifname: &str) {
-        if let Some(Attachment::Pinned(p)) = self.links.remove(ifname) {
-            let _ = p.unpin();
+        match self.links.remove(ifname) {
+            Some(Attachment::Pinned(p)) => {
+                let _ = p.unpin();
+            }
+            // Nothing left to detach.
+            Some(kernel @ Attachment::Kernel(_)) => kernel.stay(),
+            _ => {}
         }
     }
 
@@ -449,10 +563,7 @@ impl Datapath {
     /// pinned, for the next lbd to adopt.
     pub fn keep(self) {
         for (_, attachment) in self.links {
-            if let Attachment::Owned(link) = attachment {
-                // Nowhere to keep an unpinned link: it goes with the process.
-                drop(link);
-            }
+            attachment.stay();
         }
     }
 
@@ -462,6 +573,54 @@ impl Datapath {
             .as_ref()
             .map(|d| d.join(crate::pins::LINKS_DIR).join(file))
     }
+}
+
+/// Attaches by a TCX link. A link pinned at `pin` by an earlier lbd is
+/// taken over atomically (the new program replaces the old one in place).
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    pin: Option<&Path>,
+) -> Result<tc::SchedClassifierLinkId> {
+    if let Some(Ok(old)) = pin.map(PinnedLink::from_pin) {
+        let link: SchedClassifierLink = FdLink::from(old).try_into()?;
+        // Fails when the link went with an interface of the same name that
+        // was since re-created: then attach afresh.
+        match prog.attach_to_link(link) {
+            Ok(id) => return Ok(id),
+            Err(e) => log::info!("{ifname}: pinned link not reusable ({e}); attaching anew"),
+        }
+    }
+    prog.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(Default::default()),
+    )
+    .with_context(|| format!("attaching to {ifname} by TCX"))
+}
+
+/// Attaches as lbd's cls_bpf filter on the clsact qdisc (added if
+/// missing). A filter an earlier lbd left gets the new program in place:
+/// netlink replaces it atomically, so no packet sees no program.
+fn attach_netlink(prog: &mut SchedClassifier, ifname: &str) -> Result<tc::SchedClassifierLinkId> {
+    if let Err(e) = tc::qdisc_add_clsact(ifname) {
+        // Usually: it is there already.
+        log::debug!("clsact on {ifname}: {e}");
+    }
+    let existing = netlink_link(ifname).with_context(|| format!("no interface {ifname}"))?;
+    if let Ok(id) = prog.attach_to_link(existing) {
+        return Ok(id);
+    }
+    prog.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions {
+            priority: NETLINK_PRIORITY,
+            handle: TcHandle::from(NETLINK_HANDLE),
+            classid: None,
+        }),
+    )
+    .with_context(|| format!("attaching to {ifname} by netlink"))
 }
 
 fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {

@@ -80,11 +80,22 @@ struct Env {
 }
 
 fn setup(tag: &str) -> Env {
+    setup_with(tag, &[])
+}
+
+/// [`setup`], with more arguments for lbd.
+fn setup_with(tag: &str, lbd_args: &[&str]) -> Env {
     let mut topo = Topology::new(tag).expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd =
-        Lbd::start(&topo.lb, tag, &config(3), &["lbc0", "lbb1", "lbb2", "lbb3"]).expect("lbd");
+    let lbd = Lbd::start_with(
+        &topo.lb,
+        tag,
+        &config(3),
+        &["lbc0", "lbb1", "lbb2", "lbb3"],
+        lbd_args,
+    )
+    .expect("lbd");
     Env { lbd, topo }
 }
 
@@ -492,6 +503,89 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
         "{}",
         env.lbd.log()
     );
+}
+
+/// lbd's netlink filters on each interface of the load balancer's
+/// namespace (`tc filter show ... ingress`), by interface.
+fn netlink_filters(env: &Env) -> BTreeMap<String, usize> {
+    ["lbc0", "lbb1", "lbb2", "lbb3"]
+        .into_iter()
+        .map(|dev| {
+            let out = env
+                .topo
+                .lb
+                .command("tc")
+                .args(["filter", "show", "dev", dev, "ingress"])
+                .output()
+                .expect("tc filter show");
+            let text = String::from_utf8_lossy(&out.stdout);
+            // One line per filter carries its program: "... bpf ... direct-action".
+            let ours = text
+                .lines()
+                .filter(|l| l.contains("pref 19522") && l.contains("direct-action"))
+                .count();
+            (dev.to_string(), ours)
+        })
+        .collect()
+}
+
+/// The attachment kernels before 6.6 get (a cls_bpf filter set by
+/// netlink), forced here: it carries traffic, `lbctl status` names it, a
+/// killed and restarted lbd replaces the program in place under load with
+/// nothing lost and no second filter, and `lbd --cleanup` takes it off.
+#[test]
+fn the_netlink_attachment_serves_survives_a_restart_and_is_cleaned_up() {
+    let mut env = setup_with("nlattach", &["--tc-attach", "netlink"]);
+    let status = env.lbd.status().unwrap();
+    assert_eq!(status["tc_attach"], "netlink");
+    assert!(
+        lbctl(&env, &["status"]).contains("(attached by netlink)"),
+        "{}",
+        lbctl(&env, &["status"])
+    );
+    let one_each: BTreeMap<String, usize> = ["lbc0", "lbb1", "lbb2", "lbb3"]
+        .into_iter()
+        .map(|d| (d.to_string(), 1))
+        .collect();
+    assert_eq!(netlink_filters(&env), one_each);
+    let seen = tcp_spread(&env, web(), 60);
+    assert_eq!(seen.len(), 3, "not balanced over the 3 backends: {seen:?}");
+
+    let load = Load::start(&env);
+    let sessions = Sessions::open(&env, 5);
+    let before = sessions.ask();
+    std::thread::sleep(Duration::from_millis(300));
+    env.lbd.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sessions.ask(),
+        before,
+        "connections moved while lbd was away"
+    );
+    env.lbd
+        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .expect("lbd starts again and takes over its filters");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sessions.ask(),
+        before,
+        "connections moved after the restart"
+    );
+    load.finish_without_failures("netlink attachment, restart under load");
+    drop(sessions);
+    assert_eq!(netlink_filters(&env), one_each, "a restart added filters");
+
+    assert!(env.lbd.stop(), "lbd did not exit cleanly on SIGTERM");
+    assert_eq!(
+        netlink_filters(&env),
+        one_each,
+        "SIGTERM took the datapath off"
+    );
+    let (status, err) = env.lbd.cleanup().unwrap();
+    assert!(status.success(), "lbd --cleanup failed: {err}");
+    let none: BTreeMap<String, usize> = one_each.keys().map(|d| (d.clone(), 0)).collect();
+    assert_eq!(netlink_filters(&env), none, "lbd --cleanup left filters");
+    assert!(!env.lbd.pin_dir.exists());
 }
 
 #[test]

@@ -97,6 +97,11 @@ pub struct Args {
     /// its backends leave the other nodes.
     #[arg(long, env = "LBD_REGISTER_TTL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub register_ttl: u64,
+    /// How the TC program is attached: `tcx` links (Linux 6.6 and later),
+    /// `netlink` (a clsact qdisc and a cls_bpf filter, older kernels too),
+    /// or `auto`: tcx where the kernel has it.
+    #[arg(long, env = "LBD_TC_ATTACH", default_value = "auto", value_parser = ["auto", "tcx", "netlink"])]
+    pub tc_attach: String,
     /// Where maps and links are pinned. Must be on bpffs; lbd mounts bpffs
     /// only at /sys/fs/bpf, when nothing is mounted there yet.
     #[arg(long, env = "LBD_PIN_DIR", default_value = "/sys/fs/bpf/lb")]

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 use lb_api::cli::lbd::{Args, DEFAULT_CONFIG};
 use lb_userspace::daemon::{self, Options};
-use lb_userspace::datapath::{pinned_names, Limits};
+use lb_userspace::datapath::{pinned_names, Limits, TcAttach};
 use lb_userspace::datapath_log::DatapathLog;
 
 #[tokio::main(flavor = "current_thread")]
@@ -41,6 +41,7 @@ async fn main() -> Result<()> {
         // Not from under a running lbd.
         let _instance = lb_userspace::instance::Instance::claim(&args.pin_dir, None)?;
         lb_userspace::pins::remove(&args.pin_dir, &pinned_names())?;
+        remove_netlink_filters();
         lb_userspace::drains::forget(&args.pin_dir);
         let record = daemon::vips_record(&args.pin_dir);
         lb_userspace::vips::Vips::new(record.clone())
@@ -135,6 +136,7 @@ async fn main() -> Result<()> {
         local_vips: !args.no_local_vips,
         inject_fault: args.inject_fault,
         datapath_log,
+        tc_attach: TcAttach::choose(&args.tc_attach)?,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,
@@ -142,4 +144,23 @@ async fn main() -> Result<()> {
         },
     })
     .await
+}
+
+/// Takes lbd's netlink TC filters off (TCX links went with their pins), in
+/// lbd's namespace and in Swarm's ingress namespaces, where lbd attaches too.
+fn remove_netlink_filters() {
+    use lb_userspace::datapath;
+    for ifname in datapath::remove_netlink_filters() {
+        println!("detached from {ifname}");
+    }
+    for sbox in lb_userspace::sources::netns_dir::ingress_sboxes() {
+        match datapath::remove_netlink_filters_in(&sbox) {
+            Ok(names) => {
+                for ifname in names {
+                    println!("detached from {ifname} in {}", sbox.display());
+                }
+            }
+            Err(e) => eprintln!("{}: {e:#}", sbox.display()),
+        }
+    }
 }

@@ -146,6 +146,14 @@ fn from_mounts() -> Option<PathBuf> {
     }
 }
 
+/// Every `ingress_sbox` namespace mounted on this host (one per engine).
+pub fn ingress_sboxes() -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut dirs = sbox_mounts(&mountinfo);
+    dirs.dedup();
+    dirs.into_iter().map(|d| d.join("ingress_sbox")).collect()
+}
+
 /// Directories holding an nsfs mount named `ingress_sbox`, from
 /// /proc/self/mountinfo (proc(5): field 5 is the mount point, with spaces
 /// escaped as octal; the file system type follows the " - " separator).
