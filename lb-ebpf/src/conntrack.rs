@@ -3,20 +3,21 @@
 //! others in CT_PENDING; per-state timeouts enforced at lookup.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::LruHashMap, programs::TcContext,
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::TcContext,
 };
 use lb_common::{global, Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED};
 
 use crate::maps::{count, Scratch, CONNTRACK, CT_PENDING};
 
-/// The datapath's clock.
+/// The datapath's clock: CLOCK_MONOTONIC as of the last tick. Timeouts
+/// are seconds long, and the coarse clock costs no clock-source read.
 #[inline(always)]
 pub fn now(cfg: &Config) -> u64 {
     if cfg.clock_frozen_ns != 0 {
         return cfg.clock_frozen_ns;
     }
     // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_ns() }.wrapping_add(cfg.clock_offset_ns)
+    unsafe { bpf_ktime_get_coarse_ns() }.wrapping_add(cfg.clock_offset_ns)
 }
 
 #[inline(always)]

@@ -23,7 +23,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::parse::Packet;
+use crate::{
+    parse::Packet,
+    pkt::{self, delta, fix_csum, write},
+};
 
 /// bpf_check_mtu: check each GSO segment rather than the whole burst.
 const BPF_MTU_CHK_SEGS: u64 = 1;
@@ -60,8 +63,7 @@ pub fn decide(
     if p.ttl <= 1 {
         return Route::TimeExceeded;
     }
-    // SAFETY: a plain C struct of integers and unions of integers.
-    *fib = unsafe { mem::zeroed() };
+    pkt::zero_words(fib);
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
     fib.dport = p.dport;
@@ -121,10 +123,7 @@ pub fn send(ctx: &TcContext, p: &Packet, route: Route, fib: &FibParams) -> i32 {
         return aya_ebpf::bindings::TC_ACT_SHOT as i32;
     }
     if route == Route::Direct {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        if ctx.store(0, &macs, 0).is_err() {
+        if write(ctx, 0, &fib.dmac).is_err() || write(ctx, 6, &fib.smac).is_err() {
             return aya_ebpf::bindings::TC_ACT_SHOT as i32;
         }
         // SAFETY: plain helper call.
@@ -182,11 +181,8 @@ fn decrement_ttl(ctx: &TcContext, p: &Packet) -> Result<(), ()> {
             .map_err(|_| ());
     }
     // The checksum covers TTL and protocol as one 16-bit word; the change
-    // and the checksum's cancel out in skb->csum.
-    let proto: u8 = ctx.load(l3 + 9).map_err(|_| ())?;
-    let old = u16::from_ne_bytes([ttl, proto]);
-    let new = u16::from_ne_bytes([ttl - 1, proto]);
-    ctx.store(l3 + 8, &(ttl - 1), 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(l3 + 10, old as u64, new as u64, 2)
-        .map_err(|_| ())
+    // and the checksum's cancel out in skb->csum. The protocol is the
+    // outer header's, which no translation changes.
+    write(ctx, l3 + 8, &(ttl - 1))?;
+    fix_csum(ctx, l3 + 10, delta(&[ttl, p.proto], &[ttl - 1, p.proto]))
 }

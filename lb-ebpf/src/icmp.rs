@@ -20,45 +20,12 @@ use crate::{
     forward::Route,
     maps::Scratch,
     parse::{Packet, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6},
+    pkt::{apply, delta, fold, sum16},
 };
 
 /// Bytes of the offending packet our own errors quote: its headers and the
 /// start of its payload, as much as the receiver needs to match it.
 pub const QUOTE_MAX: usize = 128;
-
-/// Ones'-complement sum of 16-bit big-endian words.
-#[inline(always)]
-fn sum16<const N: usize>(b: &[u8; N]) -> u64 {
-    let mut acc = 0u64;
-    let mut i = 0;
-    while i + 1 < N {
-        acc += u16::from_be_bytes([b[i], b[i + 1]]) as u64;
-        i += 2;
-    }
-    acc
-}
-
-/// The change from `old` to `new` as a term for `apply` (RFC 1624:
-/// HC' = ~(~HC + ~m + m')).
-#[inline(always)]
-fn delta<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u64 {
-    (N as u64 / 2) * 0xffff - sum16(old) + sum16(new)
-}
-
-#[inline(always)]
-fn fold(mut acc: u64) -> u16 {
-    acc = (acc & 0xffff_ffff) + (acc >> 32);
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc as u16
-}
-
-/// A checksum after words it covers changed by `delta`.
-#[inline(always)]
-fn apply(csum: u16, delta: u64) -> u16 {
-    !fold((!csum) as u64 + delta)
-}
 
 /// Replaces an address at `off`, returning the delta of the words changed.
 #[inline(always)]

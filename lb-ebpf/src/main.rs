@@ -17,6 +17,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod pkt;
 mod sock;
 
 use aya_ebpf::{
@@ -87,8 +88,7 @@ fn transport(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
     s.key._pad = [0; 3];
     let e = conntrack::lookup(s, cfg, now);
     if !e.is_null() {
-        // SAFETY: pointer from a successful lookup.
-        s.entry = unsafe { *e };
+        pkt::copy_words(&mut s.entry, e);
         if s.entry.flags & lb_common::CT_REPLY != 0 {
             return to_client(ctx, s, e, now);
         }
@@ -201,8 +201,7 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
                 events::ct_insert_failed(ctx, &s.pkt);
                 return SHOT;
             }
-            // SAFETY: pointer from a successful lookup.
-            s.entry = unsafe { *e };
+            pkt::copy_words(&mut s.entry, e);
             to_backend(ctx, s, route, false)
         }
         conntrack::EXHAUSTED => {
@@ -364,8 +363,7 @@ fn icmp_error(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
     if e.is_null() {
         return UNSPEC;
     }
-    // SAFETY: pointer from a successful lookup.
-    s.entry = unsafe { *e };
+    pkt::copy_words(&mut s.entry, e);
     if !icmp::plan(&s.pkt, &s.entry, &mut s.plan) {
         return UNSPEC;
     }

@@ -1,10 +1,12 @@
 //! Address and port rewriting with checksum fix-ups for TCP and UDP.
 //!
-//! The kernel's csum_replace helpers are used rather than our own
-//! arithmetic because they know the skb's checksum state: a CHECKSUM_PARTIAL
-//! skb (locally generated, e.g. from a container over a veth) must have only
-//! its pseudo-header part adjusted, and a CHECKSUM_COMPLETE one needs
-//! skb->csum kept in step.
+//! The kernel's l4_csum_replace helper is used for the L4 checksum rather
+//! than our own arithmetic because it knows the skb's checksum state: a
+//! CHECKSUM_PARTIAL skb (locally generated, e.g. from a container over a
+//! veth) must have only its pseudo-header part adjusted, and a
+//! CHECKSUM_COMPLETE one needs skb->csum kept in step. The IPv4 header
+//! checksum is never partial, and a change it compensates leaves skb->csum
+//! as it was, so it is adjusted in place.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
@@ -13,7 +15,10 @@ use aya_ebpf::{
 };
 use lb_common::PROTO_UDP;
 
-use crate::parse::Packet;
+use crate::{
+    parse::Packet,
+    pkt::{delta, fix_csum, read, write},
+};
 
 /// Which side of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -62,7 +67,7 @@ pub fn rewrite(
         if diff < 0 {
             return Err(());
         }
-        ctx.store(addr_off, addr, 0).map_err(|_| ())?;
+        write(ctx, addr_off, addr)?;
         ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_PSEUDO_HDR as u64)
             .map_err(|_| ())?;
         // IPv6 has no header checksum, so the address change and the L4
@@ -74,11 +79,13 @@ pub fn rewrite(
         unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
     } else {
         let addr_off = l3 + if matches!(side, Side::Source) { 12 } else { 16 };
-        let from = u32::from_ne_bytes([old_addr[12], old_addr[13], old_addr[14], old_addr[15]]);
-        let to = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
-        ctx.store(addr_off, &to, 0).map_err(|_| ())?;
-        ctx.l3_csum_replace(l3 + 10, from as u64, to as u64, 4)
-            .map_err(|_| ())?;
+        let old4 = [old_addr[12], old_addr[13], old_addr[14], old_addr[15]];
+        let new4 = [addr[12], addr[13], addr[14], addr[15]];
+        write(ctx, addr_off, &new4)?;
+        // The header checksum is always complete: plain arithmetic, no helper.
+        fix_csum(ctx, l3 + 10, delta(&old4, &new4))?;
+        let from = u32::from_ne_bytes(old4);
+        let to = u32::from_ne_bytes(new4);
         ctx.l4_csum_replace(
             csum_off,
             from as u64,
@@ -92,13 +99,13 @@ pub fn rewrite(
         // An IPv4 UDP datagram without a checksum (0): no checksum field
         // compensates the new port, so the kernel must fold it into
         // skb->csum itself (CHECKSUM_COMPLETE).
-        let no_csum = p.proto == PROTO_UDP && !p.is_v6() && ctx.load::<u16>(csum_off) == Ok(0);
+        let no_csum = p.proto == PROTO_UDP && !p.is_v6() && read::<u16>(ctx, csum_off) == Ok(0);
         if no_csum {
             return ctx
                 .store(port_off, &port, BPF_F_RECOMPUTE_CSUM as u64)
                 .map_err(|_| ());
         }
-        ctx.store(port_off, &port, 0).map_err(|_| ())?;
+        write(ctx, port_off, &port)?;
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, flags | 2)
             .map_err(|_| ())?;
     }

@@ -1,9 +1,12 @@
 //! Header parsing and validation (docs/datapath.md, section 1). Everything
-//! is read with bpf_skb_load_bytes, which works for non-linear skbs too and
-//! fails cleanly on a truncated packet.
+//! is read with `pkt::read`: directly from the linear buffer, or with
+//! bpf_skb_load_bytes for bytes beyond it, which fails cleanly on a
+//! truncated packet.
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{PROTO_TCP, PROTO_UDP};
+
+use crate::pkt::{read, set_v4_mapped};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -99,7 +102,7 @@ pub enum Parsed {
 
 #[inline(always)]
 fn be16(ctx: &TcContext, off: usize) -> Result<u16, ()> {
-    ctx.load::<u16>(off).map(u16::from_be).map_err(|_| ())
+    read::<u16>(ctx, off).map(u16::from_be)
 }
 
 // A separate BPF function: its stack frame is not live while the caller's
@@ -133,7 +136,7 @@ fn try_parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     let l3_off = ETH_HLEN;
-    let hdr: [u8; 20] = ctx.load(l3_off).map_err(|_| ())?;
+    let hdr: [u8; 20] = read(ctx, l3_off)?;
     if hdr[0] >> 4 != 4 {
         return Err(());
     }
@@ -156,8 +159,8 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     p.proto = hdr[9];
     p.ttl = hdr[8];
     p.df = ((frag & 0x4000) != 0) as u8;
-    p.src = lb_common::v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    p.dst = lb_common::v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    set_v4_mapped(&mut p.src, [hdr[12], hdr[13], hdr[14], hdr[15]]);
+    set_v4_mapped(&mut p.dst, [hdr[16], hdr[17], hdr[18], hdr[19]]);
     match p.proto {
         PROTO_TCP | PROTO_UDP => transport(ctx, p),
         IPPROTO_ICMP => icmp_v4(ctx, p),
@@ -168,7 +171,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     let l3_off = ETH_HLEN;
-    let hdr: [u8; 40] = ctx.load(l3_off).map_err(|_| ())?;
+    let hdr: [u8; 40] = read(ctx, l3_off)?;
     if hdr[0] >> 4 != 6 {
         return Err(());
     }
@@ -187,12 +190,12 @@ fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: [u8; 2] = ctx.load(off).map_err(|_| ())?;
+                let ext: [u8; 2] = read(ctx, off)?;
                 next = ext[0];
                 off += (ext[1] as usize + 1) * 8;
             }
             IPPROTO_AH => {
-                let ext: [u8; 2] = ctx.load(off).map_err(|_| ())?;
+                let ext: [u8; 2] = read(ctx, off)?;
                 next = ext[0];
                 off += (ext[1] as usize + 2) * 4;
             }
@@ -227,12 +230,12 @@ fn transport(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
         if l4 + 20 > end {
             return Err(());
         }
-        ctx.load(l4).map_err(|_| ())?
+        read(ctx, l4)?
     } else {
         if l4 + 8 > end {
             return Err(());
         }
-        let udp: [u8; 8] = ctx.load(l4).map_err(|_| ())?;
+        let udp: [u8; 8] = read(ctx, l4)?;
         let mut h = [0u8; 14];
         h[..8].copy_from_slice(&udp);
         h
@@ -264,7 +267,7 @@ fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     if l4 + 8 > p.ip_end as usize {
         return Err(());
     }
-    let kind: u8 = ctx.load(l4).map_err(|_| ())?;
+    let kind: u8 = read(ctx, l4)?;
     // Destination unreachable, time exceeded, parameter problem.
     if kind != 3 && kind != 11 && kind != 12 {
         return Ok(Parsed::Other);
@@ -274,7 +277,7 @@ fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     if inner + 20 > p.ip_end as usize {
         return Ok(Parsed::Other);
     }
-    let hdr: [u8; 20] = match ctx.load(inner) {
+    let hdr: [u8; 20] = match read(ctx, inner) {
         Ok(h) => h,
         Err(_) => return Ok(Parsed::Other),
     };
@@ -295,7 +298,7 @@ fn icmp_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     if l4 + 8 > p.ip_end as usize {
         return Err(());
     }
-    let kind: u8 = ctx.load(l4).map_err(|_| ())?;
+    let kind: u8 = read(ctx, l4)?;
     // Destination unreachable, packet too big, time exceeded, parameter problem.
     if !(1..=4).contains(&kind) {
         return Ok(Parsed::Other);
@@ -305,7 +308,7 @@ fn icmp_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
     if inner + 40 > p.ip_end as usize {
         return Ok(Parsed::Other);
     }
-    let hdr: [u8; 40] = match ctx.load(inner) {
+    let hdr: [u8; 40] = match read(ctx, inner) {
         Ok(h) => h,
         Err(_) => return Ok(Parsed::Other),
     };
@@ -341,7 +344,7 @@ fn quoted_transport(
     if (proto != PROTO_TCP && proto != PROTO_UDP) || l4 + 8 > end {
         return Ok(Parsed::Other);
     }
-    let ports: [u16; 2] = ctx.load(l4).map_err(|_| ())?;
+    let ports: [u16; 2] = read(ctx, l4)?;
     p.inner.l3_off = l3 as u32;
     p.inner.l4_off = l4 as u32;
     p.inner.proto = proto;

@@ -63,13 +63,14 @@ pub fn default_snat_ports(ephemeral: &RangeInclusive<u16>) -> (u16, u16) {
     }
 }
 
-/// The datapath's clock, read from userspace: the same CLOCK_MONOTONIC as
-/// bpf_ktime_get_ns, shifted or frozen as CONFIG says.
+/// The datapath's clock, read from userspace: the same
+/// CLOCK_MONOTONIC_COARSE as bpf_ktime_get_coarse_ns, shifted or frozen as
+/// CONFIG says.
 pub fn now(cfg: &Config) -> u64 {
     if cfg.clock_frozen_ns != 0 {
         return cfg.clock_frozen_ns;
     }
-    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .map(|t| t.tv_sec() as u64 * NS + t.tv_nsec() as u64)
         .unwrap_or(0);
     mono.wrapping_add(cfg.clock_offset_ns)
