@@ -76,6 +76,7 @@ impl Drop for ChildGuard {
 
 /// Polls `f` every 20 ms until it returns true, failing after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let timeout = timeout * time_scale();
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
@@ -86,6 +87,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) ->
         }
         sleep(POLL);
     }
+}
+
+/// How many times slower than this machine the tests run: 1, or
+/// `LB_TEST_TIME_SCALE` where it is set (an emulated VM, see xtask's
+/// vm.rs). Every wait for something to be ready stretches by it; figures
+/// the tests measure do not.
+pub fn time_scale() -> u32 {
+    std::env::var("LB_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
 }
 
 /// Every process now running: its pid and its `/proc/<pid>` directory.

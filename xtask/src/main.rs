@@ -7,6 +7,7 @@ mod deps;
 mod man;
 mod package;
 mod setup;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,12 @@ enum Task {
         /// e.g. a test name filter or --nocapture
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Build, then run the VM suites (packet fixtures, end-to-end tests) on Debian's 6.1 kernel in qemu
+    VmTest {
+        /// Only these suites (fixtures, fixtures_icmp, e2e), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Build, then run the benchmarks and write BENCHMARKS.md (with --quick: target/bench-quick/)
     Bench {
@@ -86,6 +93,7 @@ fn main() -> Result<()> {
                     .args(args),
             )?;
         }
+        Task::VmTest { only } => vm::run(&setup::run()?, &only)?,
         Task::Bench { quick, args } => {
             let env = setup::run()?;
             build(&env)?;
