@@ -581,10 +581,13 @@ fn labels_take_only_allowed_frontends_and_never_the_nodes_addresses() {
     assert!(service_for(&s, outside).is_none(), "{s:#}");
     assert!(service_for(&s, &ssh).is_none(), "{s:#}");
 
-    // Only the allowed frontend went onto lo.
-    let lo = env.node.sh("ip -o addr show dev lo").expect("ip addr");
+    // Only the allowed frontend was made local (lbd's routes, proto 76).
+    let lo = env
+        .node
+        .sh("ip route show table local proto 76")
+        .expect("ip route");
     let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
-    assert!(lo.contains(" 10.73.0.10/32"), "{lo}");
+    assert!(lo.contains("local 10.73.0.10 "), "{lo}");
     assert!(!lo.contains("10.74.0.10"), "{lo}");
     assert!(!lo.contains(&NODE_ADDR.to_string()), "{lo}");
     let log = env.lbd().log();

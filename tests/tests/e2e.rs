@@ -1213,3 +1213,112 @@ fn lbctl_conntrack_lists_connections_and_flush_moves_them() {
     }
     drop(sessions);
 }
+
+/// lbd's routes in the local table of the load balancer's namespace, as
+/// `ip route` prints them, IPv4 and IPv6.
+fn local_routes(topo: &Topology, only_lbd: bool) -> String {
+    let proto = if only_lbd { " proto 76" } else { "" };
+    let out = topo
+        .lb
+        .sh(&format!(
+            "ip route show table local type local{proto}; ip -6 route show table local type local{proto}"
+        ))
+        .expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Frontends are made local by routes in the local table, not addresses:
+/// a frontend without backends answers a reset, over IPv4 and IPv6; the
+/// routes outlive a crash of lbd, a frontend that leaves takes its route
+/// along, and a teardown removes lbd's routes and no one else's.
+#[test]
+fn frontends_are_local_routes_that_only_lbd_removes() {
+    let topo = Topology::new("lroute").expect("topology");
+    // Someone else's local route for a frontend lbd will serve, and a route
+    // of lbd's protocol that this lbd did not add (another lbd's).
+    topo.lb
+        .ip(&[
+            "route",
+            "add",
+            "local",
+            "10.73.0.41/32",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ])
+        .unwrap();
+    topo.lb
+        .ip(&[
+            "route",
+            "add",
+            "local",
+            "10.73.0.99/32",
+            "dev",
+            "lo",
+            "table",
+            "local",
+            "proto",
+            "76",
+        ])
+        .unwrap();
+    let config = |more: &str| {
+        format!(
+            "[[service]]\nname = \"empty\"\nfrontend = \"10.73.0.40:80/tcp\"\n\n\
+             [[service]]\nname = \"theirs\"\nfrontend = \"10.73.0.41:80/tcp\"\n\n\
+             [[service]]\nname = \"empty6\"\nfrontend = \"[fd00:73::40]:80/tcp\"\n{more}"
+        )
+    };
+    let leaving = "\n[[service]]\nname = \"leaving\"\nfrontend = \"10.73.0.42:80/tcp\"\n";
+    let mut lbd = Lbd::start(&topo.lb, "lroute", &config(leaving), &["lbc0"]).expect("lbd");
+    let ours = [
+        "local 10.73.0.40 ",
+        "local 10.73.0.42 ",
+        "local fd00:73::40 ",
+    ];
+    wait_until(Duration::from_secs(5), "the frontends' routes", || {
+        let routes = local_routes(&topo, true);
+        ours.iter().all(|r| routes.contains(r))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", local_routes(&topo, false)));
+    let lo = topo.lb.sh("ip -o addr show dev lo").unwrap();
+    let lo = String::from_utf8_lossy(&lo.stdout).into_owned();
+    assert!(
+        !lo.contains("10.73.0.4") && !lo.contains("fd00:73::"),
+        "{lo}"
+    );
+    for frontend in ["10.73.0.40:80", "[fd00:73::40]:80"] {
+        let err = topo
+            .client
+            .run(|| tcp_request(frontend.parse().unwrap(), TIMEOUT))
+            .expect_err("no backend, yet an answer");
+        assert!(
+            format!("{err:#}").contains("refused"),
+            "{frontend}: {err:#}"
+        );
+    }
+
+    // A crash leaves the routes; the next lbd knows them as its own.
+    lbd.kill();
+    let routes = local_routes(&topo, true);
+    assert!(ours.iter().all(|r| routes.contains(r)), "{routes}");
+    lbd.spawn(&topo.lb, &["lbc0"]).expect("lbd again");
+    lbd.reload(&config("")).unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the route of a removed frontend to go",
+        || !local_routes(&topo, true).contains("local 10.73.0.42 "),
+    )
+    .unwrap();
+
+    assert!(lbd.stop());
+    let (status, err) = lbd.cleanup().unwrap();
+    assert!(status.success(), "{err}");
+    let routes = local_routes(&topo, false);
+    assert!(
+        !routes.contains("local 10.73.0.40 ") && !routes.contains("local fd00:73::40 "),
+        "{routes}"
+    );
+    assert!(routes.contains("local 10.73.0.41 "), "{routes}");
+    assert!(routes.contains("local 10.73.0.99 "), "{routes}");
+}
