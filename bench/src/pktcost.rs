@@ -102,6 +102,7 @@ pub fn limits(services: u32, backends: u32, flows: u32) -> Limits {
         max_services: services.max(1),
         max_backends: (services * backends).max(16),
         max_flows: flows.max(1024),
+        ..Default::default()
     }
 }
 

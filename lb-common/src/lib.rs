@@ -7,9 +7,17 @@
 //! `::ffff:a.b.c.d`, so one map serves both families.
 #![no_std]
 
-/// Size of each Maglev lookup table. A prime; a service with up to ~40
+/// Default size of a Maglev lookup table. A prime; a service with up to ~40
 /// backends stays within about 1 % of a perfect balance.
 pub const MAGLEV_M: u32 = 4093;
+/// Bounds of a configured table size (which must be a prime): below the
+/// minimum a table has too few entries to balance even a few backends;
+/// Katran's largest table is the maximum.
+pub const MAGLEV_M_MIN: u32 = 31;
+pub const MAGLEV_M_MAX: u32 = 65537;
+/// Backend ids per RINGS element: the kernel spaces array elements 8 bytes
+/// apart, so a 4-byte id per element would leave half the map unused.
+pub const RING_IDS_PER_ENTRY: u32 = 2;
 /// Two ring generations per service slot: the reconciler writes the idle one
 /// and then flips the service entry, so a lookup never sees a half-built ring.
 pub const RINGS_PER_SERVICE: u32 = 2;
@@ -52,7 +60,7 @@ pub mod maps {
 /// map's type or flags in lb-ebpf) changes, even if its size stays the same:
 /// an lbd then refuses pins made under another version instead of reading
 /// them wrongly. Map sizes are checked separately, map by map.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// LAYOUT's only value: under which layout and limits the maps of a pin
 /// directory were made.
@@ -113,7 +121,10 @@ pub const FLAG_SOCKET: u32 = 4;
 pub struct ServiceValue {
     /// Service slot: index into SERVICE_STATS.
     pub slot: u32,
-    /// Which ring (slot * RINGS_PER_SERVICE + generation) is live.
+    /// Where the live Maglev table starts: the index of its first backend
+    /// id in RINGS, counting ids (RING_IDS_PER_ENTRY per element). The
+    /// table of generation g of a slot starts at (slot * RINGS_PER_SERVICE
+    /// + g) * the maps' table stride.
     pub ring: u32,
     /// Number of backends that may take new flows; 0 means none.
     pub backend_count: u32,
@@ -125,7 +136,8 @@ pub struct ServiceValue {
     pub affinity_ns: u64,
     /// With FLAG_SOCKET: the network whose members may use the address.
     pub network: u32,
-    pub _pad: u32,
+    /// Entries of the live Maglev table (a prime, at most the stride).
+    pub ring_size: u32,
 }
 
 /// SOCK_MEMBERS key: a network namespace (its cookie) attached to a network.

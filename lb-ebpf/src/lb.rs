@@ -1,9 +1,7 @@
 //! Choosing a backend for a new flow (docs/datapath.md, sections 3.2, 3.3):
 //! session affinity, then Maglev.
 
-use lb_common::{
-    AffinityEntry, AffinityKey, Backend, FlowKey, ServiceValue, BACKEND_ACTIVE, MAGLEV_M,
-};
+use lb_common::{AffinityEntry, AffinityKey, Backend, FlowKey, ServiceValue, BACKEND_ACTIVE};
 
 use crate::maps::{AFFINITY, BACKENDS, RINGS};
 
@@ -68,8 +66,9 @@ pub fn takes_new_flows(slot: u32, id: u32) -> Option<&'static Backend> {
 
 #[inline(always)]
 pub fn maglev(svc: &ServiceValue, hash: u32) -> Option<(u32, &'static Backend)> {
-    let slot = hash % MAGLEV_M;
-    let id = *RINGS.get(svc.ring.checked_mul(MAGLEV_M)?.checked_add(slot)?)?;
+    let i = svc.ring.checked_add(hash.checked_rem(svc.ring_size)?)?;
+    let pair = RINGS.get(i / 2)?;
+    let id = if i & 1 == 0 { pair[0] } else { pair[1] };
     Some((id, takes_new_flows(svc.slot, id)?))
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use lb_common::{
     global, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey,
     ServiceValue, SockRevKey, SockRevValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, MAGLEV_M, MAX_MEMBERS, RINGS_PER_SERVICE,
+    DEFAULT_MAX_SERVICES, MAGLEV_M, MAX_MEMBERS, RINGS_PER_SERVICE, RING_IDS_PER_ENTRY,
 };
 
 use crate::parse::Packet;
@@ -30,13 +30,14 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Maglev lookup tables, flattened: ring r occupies [r * MAGLEV_M, (r + 1) * MAGLEV_M),
-/// each entry a backend id. Written by the reconciler, which maps the array
+/// Maglev lookup tables, flattened: backend ids, two to an element (see
+/// RING_IDS_PER_ENTRY); a service's table is the `ring_size` ids from its
+/// `ring`. Written by the reconciler, which maps the array
 /// into its memory (BPF_F_MMAPABLE) to write whole tables without a syscall
 /// per entry.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(
-    DEFAULT_MAX_SERVICES * RINGS_PER_SERVICE * MAGLEV_M,
+pub static RINGS: Array<[u32; RING_IDS_PER_ENTRY as usize]> = Array::with_max_entries(
+    (DEFAULT_MAX_SERVICES * RINGS_PER_SERVICE * MAGLEV_M).div_ceil(RING_IDS_PER_ENTRY),
     BPF_F_MMAPABLE,
 );
 

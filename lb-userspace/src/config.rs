@@ -45,6 +45,9 @@ pub struct FileConfig {
     pub labels: LabelPolicy,
     /// Service name -> the etcd prefix its backends come from.
     pub etcd_backends: std::collections::BTreeMap<String, String>,
+    /// `[maglev] table_size`: the Maglev table size of services that set
+    /// none, and the largest any may set (it sizes the ring map).
+    pub table_size: Option<u32>,
 }
 
 /// The longest timeout accepted: a week.
@@ -103,6 +106,13 @@ struct RawConfig {
     service: Vec<RawService>,
     conntrack: Option<RawConntrack>,
     labels: Option<RawLabels>,
+    maglev: Option<RawMaglev>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaglev {
+    table_size: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -137,6 +147,7 @@ struct RawService {
     health: Option<Spanned<RawHealth>>,
     /// Session affinity, in seconds.
     affinity_secs: Option<Spanned<i64>>,
+    maglev_table_size: Option<Spanned<i64>>,
     /// Backends from etcd: every key under this prefix holds one backend's
     /// `host:port` (the layout confd set-ups use).
     etcd_backends: Option<Spanned<String>>,
@@ -203,15 +214,27 @@ impl<'de> Deserialize<'de> for RawBackend {
     }
 }
 
-/// 1-based line of a byte offset. Counts bytes so an offset that is not on a
-/// character boundary cannot panic.
-fn line_at(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// Where the lines of a text start, to tell the line of a byte offset
+/// without counting from the start each time: a file of 10,000 services has
+/// hundreds of thousands of spans, and counting took minutes.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Lines {
+        Lines(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    /// 1-based line of a byte offset (any offset, on a character boundary
+    /// or not).
+    fn at(&self, offset: usize) -> usize {
+        self.0.partition_point(|&newline| newline < offset) + 1
+    }
 }
 
 /// Reads and parses the config file at `path`.
@@ -225,7 +248,7 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
 /// `source`.
 pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_at(text, s.start));
+        let line = e.span().map(|s| Lines::new(text).at(s.start));
         // One line, so that logs and `lbctl status` show the whole reason.
         let reason: Vec<&str> = e
             .message()
@@ -236,17 +259,24 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         ConfigError::new(path, line, reason.join(": "))
     })?;
 
+    let lines = Lines::new(text);
     let fail = |span: Range<usize>, reason: String| {
-        ConfigError::new(path, Some(line_at(text, span.start)), reason)
+        ConfigError::new(path, Some(lines.at(span.start)), reason)
     };
     let source = format!("config:{}", path.display());
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut frontends: HashMap<Frontend, (String, usize)> = HashMap::new();
     let mut services = Vec::with_capacity(raw.service.len());
     let mut etcd_backends = std::collections::BTreeMap::new();
+    let table_size = raw
+        .maglev
+        .and_then(|m| m.table_size)
+        .map(|t| spanned_table_size(t, "maglev.table_size", &fail))
+        .transpose()?;
+    let largest = table_size.unwrap_or(lb_common::MAGLEV_M);
 
     for svc in raw.service {
-        let name_line = line_at(text, svc.name.span().start);
+        let name_line = lines.at(svc.name.span().start);
         let name = svc.name.into_inner();
         if name.trim().is_empty() {
             return Err(ConfigError::new(
@@ -264,7 +294,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         }
 
         let frontend_span = svc.frontend.span();
-        let frontend_line = line_at(text, frontend_span.start);
+        let frontend_line = lines.at(frontend_span.start);
         let frontend_text = svc.frontend.get_ref();
         let frontend = parse_frontend(frontend_text).map_err(|reason| {
             fail(
@@ -348,7 +378,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                 ));
             }
             let socket = SocketAddr::new(addr, port);
-            let line = line_at(text, addr_span.start);
+            let line = lines.at(addr_span.start);
             if let Some(first) = seen.insert(socket, line) {
                 return Err(ConfigError::new(
                     path,
@@ -397,6 +427,23 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
                     )
                 })?,
         };
+        let service_table_size = match svc.maglev_table_size {
+            None => None,
+            Some(t) => {
+                let span = t.span();
+                let size = spanned_table_size(t, "maglev_table_size", &fail)?;
+                if size > largest {
+                    return Err(fail(
+                        span,
+                        format!(
+                            "maglev_table_size {size} is larger than the global \
+                             maglev.table_size ({largest}), the most a service may have"
+                        ),
+                    ));
+                }
+                Some(size)
+            }
+        };
         services.push(ServiceSpec {
             name,
             frontend,
@@ -404,6 +451,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             snat,
             health,
             affinity_secs,
+            table_size: service_table_size,
             network: None,
             local_frontend: false,
             source: source.clone(),
@@ -428,7 +476,38 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         conntrack,
         labels,
         etcd_backends,
+        table_size,
     })
+}
+
+/// A Maglev table size, checked: a prime (so that every backend's
+/// permutation visits every entry) from MAGLEV_M_MIN to MAGLEV_M_MAX. The
+/// one check of the config file, labels and etcd keys.
+pub fn table_size(n: i64) -> Result<u32, String> {
+    use lb_common::{MAGLEV_M_MAX, MAGLEV_M_MIN};
+    let in_bounds = u32::try_from(n)
+        .ok()
+        .filter(|n| (MAGLEV_M_MIN..=MAGLEV_M_MAX).contains(n));
+    let Some(m) = in_bounds else {
+        return Err(format!(
+            "{n} is out of range ({MAGLEV_M_MIN} to {MAGLEV_M_MAX}, a prime)"
+        ));
+    };
+    if (2..).take_while(|d| d * d <= m).any(|d| m % d == 0) {
+        return Err(format!(
+            "{m} is not a prime (a Maglev table needs a prime size; e.g. 251, 1021, 4093, \
+             16381, 65521 or 65537)"
+        ));
+    }
+    Ok(m)
+}
+
+fn spanned_table_size(
+    t: Spanned<i64>,
+    key: &str,
+    fail: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<u32, ConfigError> {
+    table_size(*t.get_ref()).map_err(|e| fail(t.span(), format!("{key}: {e}")))
 }
 
 /// An address range such as "10.73.0.0/24" or "fd00:73::/64", for the
@@ -1106,6 +1185,55 @@ frontend = "10.73.0.10:80/tcp"
             .to_string()
             .starts_with(&format!("{}: cannot read: ", missing.display())));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn maglev_table_sizes_are_primes_within_bounds() {
+        let svc = |extra: &str| {
+            format!("[[service]]\nname = \"a\"\nfrontend = \"10.0.0.1:80/tcp\"\n{extra}")
+        };
+        let text = format!(
+            "[maglev]\ntable_size = 65537\n{}",
+            svc("maglev_table_size = 251\n")
+        );
+        let ok = parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(ok.table_size, Some(65537));
+        assert_eq!(ok.services[0].table_size, Some(251));
+        let cases = [
+            (
+                "[maglev]\ntable_size = 4096\n".to_string(),
+                2,
+                "maglev.table_size: 4096 is not a prime",
+            ),
+            (
+                "[maglev]\ntable_size = 65539\n".to_string(),
+                2,
+                "maglev.table_size: 65539 is out of range (31 to 65537, a prime)",
+            ),
+            (
+                svc("maglev_table_size = -7\n"),
+                4,
+                "maglev_table_size: -7 is out of range",
+            ),
+            (
+                svc("maglev_table_size = 1001\n"),
+                4,
+                "maglev_table_size: 1001 is not a prime",
+            ),
+            (
+                svc("maglev_table_size = 8191\n"),
+                4,
+                "maglev_table_size 8191 is larger than the global maglev.table_size (4093)",
+            ),
+        ];
+        for (body, line, reason) in cases {
+            let e = parse(Path::new("/etc/lbd.toml"), &body).unwrap_err();
+            assert_eq!(e.line(), Some(line), "{body}: {e}");
+            assert!(e.reason().starts_with(reason), "{body}: {e}");
+            assert!(e
+                .to_string()
+                .starts_with(&format!("/etc/lbd.toml:{line}: ")));
+        }
     }
 
     #[test]

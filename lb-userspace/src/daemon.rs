@@ -143,8 +143,12 @@ pub async fn run(opts: Options) -> Result<()> {
         None => config::FileConfig::default(),
     };
     let drained = crate::drains::load(&opts.pin_dir)?;
+    let limits = Limits {
+        table_size: file.table_size.unwrap_or(opts.limits.table_size),
+        ..opts.limits
+    };
     let (mut datapath, maps) =
-        Datapath::load_with_log(Some(&opts.pin_dir), opts.limits, opts.datapath_log)?;
+        Datapath::load_with_log(Some(&opts.pin_dir), limits, opts.datapath_log)?;
     datapath.set_tc_attach(opts.tc_attach);
     log::info!("TC attach mode: {}", opts.tc_attach.name());
     if opts.datapath_log != crate::datapath_log::DatapathLog::Off {
@@ -496,6 +500,15 @@ impl State {
         let result = config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|file| {
+                let made = self.reconciler.maps().limits.table_size;
+                let wanted = file.table_size.unwrap_or(lb_common::MAGLEV_M);
+                if wanted != made {
+                    anyhow::bail!(
+                        "maglev.table_size {wanted} differs from the {made} the maps were made \
+                         with: it sizes the ring map, so it changes only when lbd starts on new \
+                         maps (stop lbd, `lbd --cleanup`, start it)"
+                    );
+                }
                 self.config_services = file.services;
                 self.etcd_backends = file.etcd_backends;
                 self.etcd_sets.send_if_modified(|sets| {

@@ -16,7 +16,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     maps, progs, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey, ServiceValue,
-    TrafficStats, MAGLEV_M, RINGS_PER_SERVICE,
+    TrafficStats, MAGLEV_M, RINGS_PER_SERVICE, RING_IDS_PER_ENTRY,
 };
 
 /// The datapath object, built by build.rs from the lb-ebpf crate.
@@ -28,6 +28,9 @@ pub struct Limits {
     pub max_services: u32,
     pub max_backends: u32,
     pub max_flows: u32,
+    /// The Maglev table size of the services that set none, and the
+    /// largest any may set: each table's room in RINGS.
+    pub table_size: u32,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             max_services: lb_common::DEFAULT_MAX_SERVICES,
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
             max_flows: lb_common::DEFAULT_MAX_FLOWS,
+            table_size: MAGLEV_M,
         }
     }
 }
@@ -257,8 +261,10 @@ pub fn pinned_names() -> Vec<&'static str> {
 fn max_entries(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
     let ring_entries = limits
         .max_services
-        .checked_mul(RINGS_PER_SERVICE * MAGLEV_M)
-        .ok_or_else(|| anyhow!("too many services for the ring map"))?;
+        .checked_mul(RINGS_PER_SERVICE)
+        .and_then(|r| r.checked_mul(limits.table_size))
+        .ok_or_else(|| anyhow!("too many services for the ring map"))?
+        .div_ceil(RING_IDS_PER_ENTRY);
     let flows2 = limits
         .max_flows
         .checked_mul(2)
@@ -681,25 +687,24 @@ pub fn remove_pins(dir: &Path) {
     }
 }
 
-/// The RINGS array mapped into our memory. Writing a 4093-entry table is a
-/// copy instead of 4093 syscalls, which is what makes programming thousands
-/// of services fast.
+/// RINGS, written through a shared mapping of the part being written: a
+/// 4093-entry table is a copy instead of 4093 syscalls, which is what makes
+/// programming thousands of services fast. Only that part is mapped, and
+/// only while it is written: a mapping of the whole array would put all of
+/// it in lbd's resident memory (the kernel maps every page of it at once),
+/// hundreds of MiB at 10,000 services, though the memory is the kernel's.
 ///
-/// The kernel lays array elements out 8 bytes apart whatever their size, so
-/// each 4-byte backend id is written as the low half of a u64 slot.
+/// Elements hold RING_IDS_PER_ENTRY 4-byte backend ids each, so the array
+/// reads as one flat run of ids.
 pub struct RingMemory {
-    ptr: std::ptr::NonNull<u64>,
-    entries: usize,
-    len: usize,
+    map: MapData,
+    /// Backend ids the array holds.
+    ids: usize,
+    page: usize,
 }
-
-// SAFETY: the mapping is plain shared memory; the reconciler is its only
-// writer and owns this value.
-unsafe impl Send for RingMemory {}
 
 impl RingMemory {
     fn map(ebpf: &mut Ebpf) -> Result<RingMemory> {
-        use std::os::fd::AsRawFd;
         let map = ebpf
             .take_map(maps::RINGS)
             .ok_or_else(|| anyhow!("map {} missing from the object", maps::RINGS))?;
@@ -707,70 +712,72 @@ impl RingMemory {
             return Err(anyhow!("map {} is not an array", maps::RINGS));
         };
         let info = data.info()?;
-        let entries = info.max_entries() as usize;
-        if info.value_size() != 4 {
+        let per = RING_IDS_PER_ENTRY as usize;
+        if info.value_size() as usize != 4 * per {
             return Err(anyhow!(
-                "{} holds {}-byte values, expected 4",
+                "{} holds {}-byte values, expected {} (maps pinned by an older build? run \
+                 `lbd --cleanup`)",
                 maps::RINGS,
-                info.value_size()
+                info.value_size(),
+                4 * per
             ));
         }
-        let fd = info.fd()?;
         let page =
             nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?.unwrap_or(4096) as usize;
-        let len = (entries * 8).div_ceil(page) * page;
-        // SAFETY: a shared mapping of an mmapable BPF array of `entries`
-        // 8-byte slots, rounded up to whole pages as the kernel requires.
+        Ok(RingMemory {
+            ids: info.max_entries() as usize * per,
+            map: data,
+            page,
+        })
+    }
+
+    /// Maps the pages holding ids [start, start + len) and gives `f` those ids.
+    fn with_ids<T>(&self, start: usize, len: usize, f: impl FnOnce(&mut [u32]) -> T) -> Result<T> {
+        use std::os::fd::AsRawFd;
+        let end = start
+            .checked_add(len)
+            .filter(|e| *e <= self.ids)
+            .ok_or_else(|| anyhow!("ring access past the end of {}", maps::RINGS))?;
+        let first = start * 4 / self.page * self.page;
+        let mapped = (end * 4).div_ceil(self.page) * self.page - first;
+        // SAFETY: a shared mapping of whole pages of an mmapable BPF array,
+        // all within it (`end` is checked against its size, which the
+        // kernel rounds up to whole pages).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                mapped,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                fd.as_fd().as_raw_fd(),
-                0,
+                self.map.fd().as_fd().as_raw_fd(),
+                first as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(anyhow!(
-                "mapping {}: {} (maps pinned by an older build? run `lbd --cleanup`)",
+                "mapping {}: {}",
                 maps::RINGS,
                 std::io::Error::last_os_error()
             ));
         }
-        Ok(RingMemory {
-            ptr: std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?,
-            entries,
-            len,
-        })
+        // SAFETY: ids [start, end) lie within the mapping, which stays
+        // until the munmap below; u32s are 4-aligned in page-aligned memory.
+        let ids = unsafe {
+            std::slice::from_raw_parts_mut(ptr.cast::<u8>().add(start * 4 - first).cast(), len)
+        };
+        let out = f(ids);
+        // SAFETY: unmapping exactly what was mapped above; `ids` is gone.
+        unsafe { libc::munmap(ptr, mapped) };
+        Ok(out)
     }
 
-    /// Writes `values` starting at entry `start`.
+    /// Writes `values` starting at id `start`.
     pub fn write(&mut self, start: usize, values: &[u32]) -> Result<()> {
-        let end = start
-            .checked_add(values.len())
-            .filter(|e| *e <= self.entries)
-            .ok_or_else(|| anyhow!("ring write past the end of {}", maps::RINGS))?;
-        // SAFETY: [start, end) is within the mapping, which we own.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), end - start) };
-        for (slot, id) in dst.iter_mut().zip(values) {
-            // Little-endian target: the id lands in the slot's first 4 bytes.
-            *slot = u64::from(*id);
-        }
-        Ok(())
+        self.with_ids(start, values.len(), |ids| ids.copy_from_slice(values))
     }
 
-    pub fn read(&self, index: usize) -> Option<u32> {
-        // SAFETY: bounds checked; volatile because the kernel side shares it.
-        (index < self.entries)
-            .then(|| unsafe { self.ptr.as_ptr().add(index).read_volatile() as u32 })
-    }
-}
-
-impl Drop for RingMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    /// The `len` ids from id `start`.
+    pub fn read(&self, start: usize, len: usize) -> Result<Vec<u32>> {
+        self.with_ids(start, len, |ids| ids.to_vec())
     }
 }

@@ -25,6 +25,7 @@ pub enum MapKind {
 pub enum Write {
     Service {
         port: u16,
+        /// The ring (slot * RINGS_PER_SERVICE + generation) it points at.
         ring: u32,
         count: u32,
     },
@@ -68,6 +69,8 @@ pub struct Content {
 #[derive(Default)]
 pub struct FakeMaps {
     pub max_services: u32,
+    /// Each table's room, as `Limits::table_size`.
+    pub table_size: u32,
     pub max_backends: u32,
     services: BTreeMap<([u8; 16], u16, u8), ServiceValue>,
     backends: BTreeMap<u32, Backend>,
@@ -94,6 +97,7 @@ impl FakeMaps {
         FakeMaps {
             max_services,
             max_backends,
+            table_size: MAGLEV_M,
             rings: vec![0; (max_services * RINGS_PER_SERVICE * MAGLEV_M) as usize],
             ..Default::default()
         }
@@ -112,9 +116,10 @@ impl FakeMaps {
         Ok(())
     }
 
-    pub fn ring(&self, ring: u32) -> &[u32] {
-        let start = (ring * MAGLEV_M) as usize;
-        &self.rings[start..start + MAGLEV_M as usize]
+    /// The table a service entry points at.
+    pub fn table(&self, value: &ServiceValue) -> &[u32] {
+        let start = value.ring as usize;
+        &self.rings[start..start + value.ring_size as usize]
     }
 
     pub fn content(&self) -> Content {
@@ -126,7 +131,7 @@ impl FakeMaps {
             live_rings: self
                 .services
                 .iter()
-                .map(|e| (by_port(e), self.ring(e.1.ring).to_vec()))
+                .map(|e| (by_port(e), self.table(e.1).to_vec()))
                 .collect(),
         }
     }
@@ -153,7 +158,7 @@ impl FakeMaps {
     }
 
     pub fn preload_ring(&mut self, ring: u32, ids: &[u32]) {
-        let start = (ring * MAGLEV_M) as usize;
+        let start = (ring * self.table_size) as usize;
         self.rings[start..start + ids.len()].copy_from_slice(ids);
     }
 }
@@ -161,6 +166,10 @@ impl FakeMaps {
 impl MapSet for FakeMaps {
     fn max_services(&self) -> u32 {
         self.max_services
+    }
+
+    fn table_size(&self) -> u32 {
+        self.table_size
     }
 
     fn service_insert(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
@@ -172,7 +181,7 @@ impl MapSet for FakeMaps {
         self.services.insert(k, *value);
         self.log.push(Write::Service {
             port: k.1,
-            ring: value.ring,
+            ring: value.ring / self.table_size,
             count: value.backend_count,
         });
         Ok(())
@@ -242,7 +251,7 @@ impl MapSet for FakeMaps {
         }
         self.rings[start..end].copy_from_slice(ids);
         self.log.push(Write::Ring {
-            ring: (start / MAGLEV_M as usize) as u32,
+            ring: (start / self.table_size as usize) as u32,
         });
         Ok(())
     }

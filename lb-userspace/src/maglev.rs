@@ -147,6 +147,26 @@ pub fn build_table(backends: &[(u64, u32)], m: u32) -> Vec<u32> {
     table
 }
 
+/// How evenly a table of `m` entries spreads `n` backends of equal weight
+/// (distinct addresses, as a service's containers have): the largest
+/// backend's share of the entries over the mean share, and over the
+/// smallest share. 1.0 is perfect.
+pub fn imbalance(n: u32, m: u32) -> (f64, f64) {
+    let list: Vec<(u64, u32)> = (0..n)
+        .map(|i| {
+            let [_, a, b, c] = i.to_be_bytes();
+            (backend_key(IpAddr::from([10, a, b, c]), 8080), 1)
+        })
+        .collect();
+    let mut counts = vec![0u32; n as usize];
+    for i in build_table(&list, m) {
+        counts[i as usize] += 1;
+    }
+    let max = f64::from(counts.iter().copied().max().unwrap_or(0));
+    let min = f64::from(counts.iter().copied().min().unwrap_or(0));
+    (max * f64::from(n) / f64::from(m), max / min)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +352,30 @@ mod tests {
 
     const PINNED_KEY: u64 = 0x01d7_d2ea_56ae_441e;
     const PINNED_TABLE: [u32; 13] = [0, 0, 2, 1, 0, 0, 1, 2, 2, 1, 2, 1, 0];
+
+    /// The figures README.md quotes; `cargo test --release -p lb-userspace
+    /// imbalance -- --nocapture` prints them.
+    #[test]
+    fn imbalance_at_100_and_1000_backends() {
+        for m in [1021, MAGLEV_M, 16381, 65537] {
+            for n in [100, 1000] {
+                let (over_mean, over_min) = imbalance(n, m);
+                println!(
+                    "m {m:>6}, {n:>5} backends: max/mean {over_mean:.3}, max/min {over_min:.3}"
+                );
+                // Equal weights fill round by round: shares differ by one
+                // entry at most, so the bound is ceil(m/n) over its floor.
+                let (lo, hi) = (m / n, m.div_ceil(n));
+                assert!(over_min <= f64::from(hi) / f64::from(lo) + 1e-9);
+                assert!(over_mean <= f64::from(hi) * f64::from(n) / f64::from(m) + 1e-9);
+            }
+        }
+        // The default keeps 100 backends within 2.5 % of the mean; 1,000
+        // backends need a larger table for that.
+        assert!(imbalance(100, MAGLEV_M).0 < 1.025);
+        assert!(imbalance(1000, MAGLEV_M).0 > 1.2);
+        assert!(imbalance(1000, 65537).0 < 1.02);
+    }
 
     #[test]
     fn non_prime_sizes_fill_completely() {

@@ -14,6 +14,9 @@ use crate::model::Member;
 pub trait MapSet {
     /// Capacity of SERVICES (and so the number of slots).
     fn max_services(&self) -> u32;
+    /// Each Maglev table's room in RINGS, in backend ids: the largest table
+    /// a service may have, and the size of those that set none.
+    fn table_size(&self) -> u32;
 
     fn service_insert(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
     /// Removing an absent entry succeeds.
@@ -31,7 +34,7 @@ pub trait MapSet {
     /// Resets a service slot's counters to zero.
     fn service_stats_zero(&mut self, slot: u32) -> Result<()>;
 
-    /// Writes `ids` into RINGS starting at entry `start`.
+    /// Writes `ids` into RINGS starting at id `start`.
     fn ring_write(&mut self, start: usize, ids: &[u32]) -> Result<()>;
 
     /// Everything in SERVICES, for adoption at start-up.
@@ -77,6 +80,10 @@ fn zeroes() -> Result<PerCpuValues<TrafficStats>> {
 impl MapSet for Maps {
     fn max_services(&self) -> u32 {
         self.limits.max_services
+    }
+
+    fn table_size(&self) -> u32 {
+        self.limits.table_size
     }
 
     fn service_insert(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {

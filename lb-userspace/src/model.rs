@@ -78,6 +78,10 @@ pub struct ServiceSpec {
     /// (and the backend can take flows). 0: off.
     #[serde(default)]
     pub affinity_secs: u32,
+    /// The size of the service's Maglev table (a prime, see
+    /// `config::table_size`); None: the global size.
+    #[serde(default)]
+    pub table_size: Option<u32>,
     /// Active health checking of the backends, if configured.
     #[serde(default)]
     pub health: Option<HealthCheck>,

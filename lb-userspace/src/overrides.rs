@@ -121,6 +121,7 @@ mod tests {
                 .collect(),
             snat: None,
             affinity_secs: 0,
+            table_size: None,
             network: None,
             local_frontend: false,
             health: None,

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{anyhow, bail, Context as _, Result};
 use lb_common::{
     Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
-    FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, MAGLEV_M, RINGS_PER_SERVICE,
+    FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, RINGS_PER_SERVICE,
 };
 
 use crate::datapath::Maps;
@@ -152,13 +152,20 @@ impl<M: MapSet> Reconciler<M> {
         let backends = maps.backends();
         let max_known = backends.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let mut services = BTreeMap::new();
+        // By slot, so that adopting 10,000 services does not walk every
+        // backend for each.
+        let mut by_slot: StdHashMap<u32, Vec<&(u32, Backend)>> = StdHashMap::new();
+        for entry in &backends {
+            by_slot.entry(entry.1.service_slot).or_default().push(entry);
+        }
         for (key, value) in maps.services() {
             let Some(frontend) = frontend_of(&key) else {
                 continue;
             };
-            let mut ids: Vec<(u32, BackendSpec, u8)> = backends
-                .iter()
-                .filter(|(_, b)| b.service_slot == value.slot)
+            let mut ids: Vec<(u32, BackendSpec, u8)> = by_slot
+                .get(&value.slot)
+                .into_iter()
+                .flatten()
                 .map(|(id, b)| {
                     let spec = BackendSpec {
                         addr: addr_of(&b.addr),
@@ -176,6 +183,7 @@ impl<M: MapSet> Reconciler<M> {
                 snat: (value.flags & FLAG_FULLNAT != 0).then(|| addr_of(&value.snat_addr)),
                 health: None,
                 affinity_secs: 0,
+                table_size: None,
                 network: (value.flags & FLAG_SOCKET != 0).then_some(value.network),
                 local_frontend: value.flags & FLAG_LOCAL_VIP != 0,
                 source: "adopted".into(),
@@ -185,7 +193,7 @@ impl<M: MapSet> Reconciler<M> {
                 Applied {
                     spec,
                     slot: value.slot,
-                    generation: value.ring % RINGS_PER_SERVICE,
+                    generation: value.ring / maps.table_size() % RINGS_PER_SERVICE,
                     backend_ids: ids.iter().map(|(id, _, _)| *id).collect(),
                     backend_states: ids.iter().map(|(_, _, st)| *st).collect(),
                     entry: value,
@@ -193,7 +201,8 @@ impl<M: MapSet> Reconciler<M> {
                 },
             );
         }
-        let used: Vec<u32> = services.values().map(|a: &Applied| a.slot).collect();
+        // A set: a restart over 10,000 services looks up every slot and backend.
+        let used: HashSet<u32> = services.values().map(|a: &Applied| a.slot).collect();
         let next_slot = used.iter().max().map_or(0, |m| m + 1);
         let free_slots = (0..next_slot).filter(|s| !used.contains(s)).rev().collect();
         let mut reconciler = Reconciler {
@@ -623,7 +632,16 @@ impl<M: MapSet> Reconciler<M> {
         } else {
             (applied.generation + 1) % RINGS_PER_SERVICE
         };
-        let ring = applied.slot * RINGS_PER_SERVICE + generation;
+        let stride = self.maps.table_size();
+        let size = applied.spec.table_size.unwrap_or(stride);
+        if size > stride {
+            bail!(
+                "its Maglev table size {size} is larger than the maps' {stride} (the global \
+                 maglev.table_size when the maps were made; a larger one takes effect when lbd \
+                 starts after `lbd --cleanup`)"
+            );
+        }
+        let ring = (applied.slot * RINGS_PER_SERVICE + generation) * stride;
         let active: Vec<(u64, u32, u32)> = applied
             .spec
             .backends
@@ -633,10 +651,10 @@ impl<M: MapSet> Reconciler<M> {
             .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
             .collect();
         let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
-        let table = maglev::build_table(&keys, MAGLEV_M);
+        let table = maglev::build_table(&keys, size);
         if !table.is_empty() {
             let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
-            self.maps.ring_write((ring * MAGLEV_M) as usize, &ids)?;
+            self.maps.ring_write(ring as usize, &ids)?;
         }
         let value = ServiceValue {
             slot: applied.slot,
@@ -662,7 +680,7 @@ impl<M: MapSet> Reconciler<M> {
             snat_addr: applied.spec.snat.map(addr16).unwrap_or_default(),
             affinity_ns: u64::from(applied.spec.affinity_secs) * 1_000_000_000,
             network: applied.spec.network.unwrap_or(0),
-            _pad: 0,
+            ring_size: size,
         };
         self.maps
             .service_insert(&service_key(&applied.spec.frontend), &value)

@@ -30,6 +30,7 @@ fn spec(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceSpec {
         snat: None,
         health: None,
         affinity_secs: 0,
+        table_size: None,
         network: None,
         local_frontend: false,
         source: format!("config:{name}.toml"),
@@ -103,7 +104,7 @@ fn ids_of(r: &Reconciler<FakeMaps>, port: u16) -> Vec<u32> {
 
 fn ring_ids(r: &Reconciler<FakeMaps>, port: u16) -> BTreeSet<u32> {
     let entry = r.maps().service(port).unwrap();
-    r.maps().ring(entry.ring).iter().copied().collect()
+    r.maps().table(&entry).iter().copied().collect()
 }
 
 #[test]
@@ -139,7 +140,7 @@ fn add_writes_counters_backends_ring_then_the_service_entry() {
             },
         ]
     );
-    let ring = r.maps().ring(0);
+    let ring = r.maps().table(&r.maps().service(80).unwrap());
     assert_eq!(ring.len(), MAGLEV_M as usize);
     for id in 1..=3 {
         let share = ring.iter().filter(|x| **x == id).count();
@@ -204,6 +205,7 @@ fn update_reuses_ids_and_writes_a_drained_backend_after_the_ring_flip() {
     r.apply(&state(&[spec("web", 80, &[(1, 1), (4, 1)])]))
         .unwrap();
     assert_eq!(r.maps().service(80).unwrap().ring, 0);
+    assert_eq!(r.maps().service(80).unwrap().ring_size, MAGLEV_M);
     assert!(r.maps().backend(2).is_none());
 }
 
@@ -451,8 +453,9 @@ fn adoption_keeps_slots_and_ids_and_drops_leftovers() {
         &service_key(&web.frontend),
         ServiceValue {
             slot: 2,
-            ring: 2 * RINGS_PER_SERVICE + 1,
+            ring: (2 * RINGS_PER_SERVICE + 1) * MAGLEV_M,
             backend_count: 1,
+            ring_size: MAGLEV_M,
             ..Default::default()
         },
     );
@@ -479,7 +482,10 @@ fn adoption_keeps_slots_and_ids_and_drops_leftovers() {
     r.apply(&state(&[named])).unwrap();
     assert_eq!(ids_of(&r, 80), vec![7, 9]);
     let entry = r.maps().service(80).unwrap();
-    assert_eq!((entry.slot, entry.ring), (2, 2 * RINGS_PER_SERVICE));
+    assert_eq!(
+        (entry.slot, entry.ring),
+        (2, 2 * RINGS_PER_SERVICE * MAGLEV_M)
+    );
     assert_eq!(ring_ids(&r, 80), BTreeSet::from([7, 9]));
     // New services take the free slots before new ones.
     r.apply(&state(&[

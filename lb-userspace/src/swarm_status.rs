@@ -202,6 +202,7 @@ mod tests {
                 .collect(),
             snat: None,
             affinity_secs: 0,
+            table_size: None,
             health: None,
             source: SOURCE.into(),
             network: None,

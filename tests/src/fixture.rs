@@ -72,6 +72,7 @@ pub fn service(name: &str, frontend: &str, proto: Proto, backends: &[&str]) -> S
         snat: None,
         health: None,
         affinity_secs: 0,
+        table_size: None,
         network: None,
         local_frontend: false,
         source: "test".into(),
@@ -107,6 +108,7 @@ pub fn desired() -> DesiredState {
             },
             ServiceSpec {
                 affinity_secs: 300,
+                table_size: None,
                 network: None,
                 local_frontend: false,
                 ..service(
@@ -352,6 +354,7 @@ impl Fixture {
             max_services: 16,
             max_backends: 64,
             max_flows: 1024,
+            ..Default::default()
         };
         let (datapath, maps) =
             Datapath::load_with_log(None, limits, log).expect("load the datapath");

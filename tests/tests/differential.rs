@@ -138,6 +138,7 @@ impl Session {
             max_services: 16,
             max_backends: 1024,
             max_flows: 1 << 16,
+            ..Default::default()
         });
         let mut rng = Rng::new(seed);
         let control = control::Control::new();

@@ -141,6 +141,8 @@ async fn main() -> Result<()> {
             max_services: args.max_services,
             max_backends: args.max_backends,
             max_flows: args.max_flows,
+            // The config file's `[maglev] table_size`, once it is read.
+            table_size: lb_common::MAGLEV_M,
         },
     })
     .await

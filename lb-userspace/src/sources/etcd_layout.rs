@@ -6,6 +6,7 @@
 //! <prefix>/services/<name>/frontend        10.73.0.10:80/tcp
 //! <prefix>/services/<name>/backends/<id>   10.72.1.2:8080  or  10.72.1.2:8080 weight=3
 //! <prefix>/services/<name>/affinity_secs   600
+//! <prefix>/services/<name>/maglev_table_size   65537
 //! <prefix>/services/<name>/health          tcp | http   (and health.path, health.status, ...)
 //! ```
 //!
@@ -82,7 +83,7 @@ pub fn parse(
         let keys = by_name.entry(name).or_default();
         match field {
             "frontend" => keys.frontend = Some(value),
-            "affinity_secs" => {
+            "affinity_secs" | "maglev_table_size" => {
                 keys.settings.insert(field, value);
             }
             f if f == "health" || f.starts_with("health.") => {
@@ -98,7 +99,7 @@ pub fn parse(
                     }
                 }
                 _ => parsed.rejected.push(format!(
-                    "{key}: unknown key (expected frontend, backends/<id>, affinity_secs or health*)"
+                    "{key}: unknown key (expected frontend, backends/<id>, affinity_secs, maglev_table_size or health*)"
                 )),
             },
         }
@@ -166,6 +167,7 @@ pub fn parse(
             snat: None,
             health: settings.health,
             affinity_secs: settings.affinity_secs,
+            table_size: settings.table_size,
             network: None,
             local_frontend: false,
             source: SOURCE.to_string(),

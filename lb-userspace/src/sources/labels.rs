@@ -12,6 +12,8 @@
 //!   `lb.health.interval_ms`, `lb.health.timeout_ms`, `lb.health.rise`,
 //!   `lb.health.fall`, `lb.health.on_down` (`keep` or `reset`)
 //! - `lb.affinity_secs` (optional): session affinity
+//! - `lb.maglev_table_size` (optional): the service's Maglev table size, a
+//!   prime (see `config::table_size`)
 //!
 //! A service's settings (name, checks, affinity) are those of its oldest
 //! container.
@@ -45,6 +47,7 @@ pub const SOURCE: &str = "docker:labels";
 pub struct Settings {
     pub health: Option<HealthCheck>,
     pub affinity_secs: u32,
+    pub table_size: Option<u32>,
 }
 
 pub fn settings(get: &dyn Fn(&str) -> Option<String>, shown: &str) -> Result<Settings, String> {
@@ -54,9 +57,19 @@ pub fn settings(get: &dyn Fn(&str) -> Option<String>, shown: &str) -> Result<Set
             format!("{shown}affinity_secs must be a number of seconds from 0 to 86400")
         })?,
     };
+    let table_size = match get("maglev_table_size") {
+        None => None,
+        Some(t) => Some(
+            t.parse()
+                .map_err(|_| format!("{t:?} is not a number"))
+                .and_then(crate::config::table_size)
+                .map_err(|e| format!("{shown}maglev_table_size: {e}"))?,
+        ),
+    };
     Ok(Settings {
         health: health(get, shown)?,
         affinity_secs,
+        table_size,
     })
 }
 
@@ -134,6 +147,7 @@ struct Member {
     service: String,
     health: Option<HealthCheck>,
     affinity_secs: u32,
+    table_size: Option<u32>,
     frontend: Frontend,
     backend: BackendSpec,
     created: i64,
@@ -196,6 +210,7 @@ pub fn services(
                 snat: None,
                 health: m.health.clone(),
                 affinity_secs: m.affinity_secs,
+                table_size: m.table_size,
                 network: None,
                 local_frontend: false,
                 source: SOURCE.to_string(),
@@ -273,6 +288,7 @@ fn member(
     let Settings {
         health,
         affinity_secs,
+        table_size,
     } = settings(&|name| labels.get(&format!("lb.{name}")).cloned(), "lb.")?;
     let addr = address(
         c,
@@ -285,6 +301,7 @@ fn member(
         backend: BackendSpec { addr, port, weight },
         health,
         affinity_secs,
+        table_size,
         created: c.created.unwrap_or(0),
         container: name(c),
     }))
@@ -378,7 +395,11 @@ pub fn registrations(
         };
         let settings = labels
             .iter()
-            .filter(|(k, _)| k.starts_with("lb.health") || *k == "lb.affinity_secs")
+            .filter(|(k, _)| {
+                k.starts_with("lb.health")
+                    || *k == "lb.affinity_secs"
+                    || *k == "lb.maglev_table_size"
+            })
             .map(|(k, v)| (k["lb.".len()..].to_string(), v.clone()))
             .collect();
         out.push(Registration {
@@ -645,6 +666,20 @@ mod tests {
         assert_eq!(services[0].backends.len(), 1);
         assert_eq!(rejected.len(), 1);
         assert_eq!(rejected[0].container, "intruder");
+    }
+
+    #[test]
+    fn maglev_table_size_label_is_checked_as_in_the_file() {
+        let with = |v: &'static str| move |k: &str| (k == "maglev_table_size").then(|| v.into());
+        assert_eq!(settings(&with("251"), "lb.").unwrap().table_size, Some(251));
+        assert_eq!(settings(&|_| None, "lb.").unwrap().table_size, None);
+        let e = settings(&with("250"), "lb.").err().unwrap();
+        assert!(
+            e.starts_with("lb.maglev_table_size: 250 is not a prime"),
+            "{e}"
+        );
+        let e = settings(&with("big"), "lb.").err().unwrap();
+        assert_eq!(e, "lb.maglev_table_size: \"big\" is not a number");
     }
 
     #[test]

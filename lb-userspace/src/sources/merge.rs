@@ -57,6 +57,7 @@ mod tests {
             snat: None,
             health: None,
             affinity_secs: 0,
+            table_size: None,
             network: None,
             local_frontend: false,
             source: source.into(),

@@ -146,6 +146,7 @@ pub(crate) fn services(net: &NetworkInspect, vni: u32) -> Vec<ServiceSpec> {
                 snat: None,
                 health: None,
                 affinity_secs: 0,
+                table_size: None,
                 network: Some(vni),
                 local_frontend: false,
                 source: SOURCE.into(),

@@ -283,6 +283,7 @@ pub(crate) fn services(
                     snat,
                     health: None,
                     affinity_secs: 0,
+                    table_size: None,
                     network: None,
                     // Node addresses, and the sandbox's own address.
                     local_frontend: true,

@@ -261,7 +261,7 @@ fn new_flow(
         })
         .map(|a| a.backend_id);
     let chosen = sticky.or_else(|| {
-        let id = state.ring_entry(svc.ring, maglev_slot(hash));
+        let id = maglev_slot(hash, svc.ring_size).map_or(0, |s| state.ring_entry(svc.ring, s));
         backend_status(state, id, svc.slot).1.then_some(id)
     });
     let Some(backend_id) = chosen else {

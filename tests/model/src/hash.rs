@@ -2,7 +2,7 @@
 //! tuple, without murmur3's length step. It picks the Maglev slot and the
 //! full NAT source port, so the model must reproduce it bit for bit.
 
-use lb_common::{FlowKey, MAGLEV_M};
+use lb_common::FlowKey;
 
 const SEED: u32 = 0x9747_b28c;
 
@@ -42,9 +42,10 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
-/// The Maglev slot of a flow hash.
-pub fn maglev_slot(hash: u32) -> u32 {
-    hash % MAGLEV_M
+/// The Maglev slot of a flow hash in a table of `size` entries; None for
+/// an empty table.
+pub fn maglev_slot(hash: u32, size: u32) -> Option<u32> {
+    hash.checked_rem(size)
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ fn add_service(
             snat_addr: snat.map(addr).unwrap_or_default(),
             affinity_ns: if slot % 2 == 1 { 3_000_000_000 } else { 0 },
             network: 0,
-            _pad: 0,
+            ring_size: MAGLEV_M,
         },
     );
 }

@@ -89,7 +89,7 @@ fn state(fullnat: bool) -> ModelState {
                 snat_addr: if fullnat { v4_mapped(SNAT) } else { [0; 16] },
                 affinity_ns: 0,
                 network: 0,
-                _pad: 0,
+                ring_size: MAGLEV_M,
             },
         );
         s.backends.insert(

@@ -37,6 +37,7 @@ fn service(
         snat: snat.map(|s| s.parse::<IpAddr>().unwrap()),
         health: None,
         affinity_secs,
+        table_size: None,
         network: None,
         local_frontend: false,
         source: "differential".into(),

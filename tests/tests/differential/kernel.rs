@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap};
 use lb_common::{
     global, maps, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, ServiceKey,
-    ServiceValue, TrafficStats, MAGLEV_M,
+    ServiceValue, TrafficStats,
 };
 use lb_model::{ModelState, Table};
 use lb_userspace::datapath::{Datapath, Limits};
@@ -182,14 +182,17 @@ impl Kernel {
         model.services = self.services.iter().filter_map(|r| r.ok()).collect();
         model.backends = self.backends.iter().filter_map(|r| r.ok()).collect();
         model.rings.clear();
-        let rings: Vec<u32> = model.services.values().map(|v| v.ring).collect();
+        let rings: Vec<(u32, u32)> = model
+            .services
+            .values()
+            .map(|v| (v.ring, v.ring_size))
+            .collect();
         let memory = &self.reconciler.maps().rings;
-        for ring in rings {
-            let start = (ring * MAGLEV_M) as usize;
-            let ids = (0..MAGLEV_M as usize)
-                .map(|i| memory.read(start + i).unwrap_or(0))
-                .collect();
-            model.set_ring(ring, ids);
+        for (start, size) in rings {
+            let ids = memory
+                .read(start as usize, size as usize)
+                .unwrap_or_else(|_| vec![0; size as usize]);
+            model.set_ring(start, ids);
         }
     }
 }
