@@ -2,16 +2,13 @@
 //! and how much memory lbd holds while serving them.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use lb_tests::lbd::lbctl;
+use anyhow::{bail, Context as _, Result};
+use lb_tests::lbd::Lbd;
 use lb_tests::netns::{unique_name, Netns};
-use lb_tests::process::ChildGuard;
-use lb_tests::topology::target_bin;
-use lb_userspace::datapath::{remove_pins, Datapath};
+use lb_userspace::datapath::Datapath;
 use lb_userspace::model::DesiredState;
 use lb_userspace::reconciler::Reconciler;
 
@@ -60,6 +57,27 @@ struct Footprint {
     ready: Duration,
     rss_kib: u64,
     peak_kib: u64,
+    /// What the kernel charges for lbd's maps (their `memlock`).
+    maps_kib: u64,
+}
+
+/// The kernel memory of the maps pinned in `pin_dir`, from each map's
+/// fdinfo.
+fn maps_kib(pin_dir: &Path) -> Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut bytes = 0;
+    for name in lb_userspace::datapath::MAP_NAMES {
+        let map = aya::maps::MapData::from_pin(pin_dir.join(name))
+            .with_context(|| format!("opening the pinned map {name}"))?;
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        bytes += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .with_context(|| format!("no memlock in the fdinfo of {name}"))?;
+    }
+    Ok(bytes / 1024)
 }
 
 fn lbd_config(desired: &DesiredState) -> String {
@@ -81,63 +99,32 @@ fn lbd_config(desired: &DesiredState) -> String {
     s
 }
 
-/// Files and pins of one lbd run, removed on drop.
-struct Scratch {
-    dir: PathBuf,
-    pin_dir: PathBuf,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        remove_pins(&self.pin_dir);
-        lb_tests::lbd::remove_run_files(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
+/// Starts lbd with the one test launcher (it removes lbd's pins, files and
+/// routes however this ends) and waits until it lists every service.
 fn footprint(services: u32, backends: u32, timeout: Duration) -> Result<Footprint> {
     let ns = Netns::new(&unique_name("bcp"))?;
-    let name = unique_name("bcp-lbd");
-    let scratch = Scratch {
-        dir: std::env::temp_dir().join(&name),
-        pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-    };
-    std::fs::create_dir_all(&scratch.dir)?;
-    let config = scratch.dir.join("lbd.toml");
-    let socket = scratch.dir.join("lbd.sock");
-    std::fs::write(&config, lbd_config(&state(services, backends)))?;
-    let log = std::fs::File::create(scratch.dir.join("lbd.log"))?;
-    let mut cmd = ns.command(target_bin("lbd"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--pin-dir")
-        .arg(&scratch.pin_dir)
-        .args(["--max-services", &services.max(16).to_string()])
-        .args([
-            "--max-backends",
-            &(services * backends).max(1024).to_string(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    let max_services = services.max(16).to_string();
+    let max_backends = (services * backends).max(1024).to_string();
+    let args = [
+        "--max-services",
+        max_services.as_str(),
+        "--max-backends",
+        max_backends.as_str(),
+    ];
+    let config = lbd_config(&state(services, backends));
     let started = Instant::now();
-    let mut lbd = ChildGuard::spawn(&mut cmd)?;
+    let mut lbd = Lbd::start_within(&ns, "bcp-lbd", &config, &[], &args, &[], timeout)?;
     let deadline = started + timeout;
     let ready = loop {
-        let served = lbctl(&socket, &["status", "--json"])
+        let served = lbd
+            .status()
             .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
             .and_then(|v| v["services"].as_array().map(|a| a.len()));
         if served == Some(services as usize) {
             break started.elapsed();
         }
-        if let Some(status) = lbd.try_wait() {
-            let log = std::fs::read_to_string(scratch.dir.join("lbd.log")).unwrap_or_default();
-            bail!("lbd exited ({status}): {log}");
+        if !lbd.is_running() {
+            bail!("lbd exited: {}", lbd.log());
         }
         if Instant::now() > deadline {
             bail!(
@@ -146,17 +133,48 @@ fn footprint(services: u32, backends: u32, timeout: Duration) -> Result<Footprin
             );
         }
         // A status of many services is large; polling harder would slow lbd.
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
     };
-    let (rss_kib, peak_kib) = memory_kib(lbd.pid())?;
-    lbd.terminate();
-    drop(scratch);
+    let (rss_kib, peak_kib) = memory_kib(lbd.pid().context("lbd is not running")?)?;
+    let maps_kib = maps_kib(&lbd.pin_dir)?;
+    lbd.stop();
     Ok(Footprint {
         services,
         ready,
         rss_kib,
         peak_kib,
+        maps_kib,
     })
+}
+
+fn maglev_table() -> Table {
+    use lb_userspace::maglev::imbalance;
+    let mut t = Table::new(&[
+        "table size",
+        "100 backends: max/mean, max/min",
+        "1,000 backends: max/mean, max/min",
+        "ring memory per service slot",
+    ]);
+    for m in [1021, lb_common::MAGLEV_M, 16381, 65537] {
+        let cell = |n| {
+            let (mean, min) = imbalance(n, m);
+            format!("{mean:.3}, {min:.3}")
+        };
+        t.row(vec![
+            if m == lb_common::MAGLEV_M {
+                format!("{m} (default)")
+            } else {
+                m.to_string()
+            },
+            cell(100),
+            cell(1000),
+            format!(
+                "{:.0} KiB",
+                f64::from(lb_common::RINGS_PER_SERVICE * m * 4) / 1024.0
+            ),
+        ]);
+    }
+    t
 }
 
 pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Goal>) {
@@ -175,7 +193,10 @@ pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Go
          many services; *ready* is the time from its start until `lbctl status` lists them \
          all (reading and checking the file, creating the maps, programming, answering), \
          then its resident memory (VmRSS) and its peak (VmHWM). The maps themselves are \
-         kernel memory and are not in these figures. Ratios are to the smaller scale."
+         kernel memory, not in these figures (lbd maps only the part of the ring map it \
+         is writing, while it writes): *maps (kernel)* is what the kernel charges for \
+         them (`memlock` in their fdinfo), most of it the ring map, sized by \
+         `--max-services` and the Maglev table size. Ratios are to the smaller scale."
     ));
 
     let mut prog = Table::new(&[
@@ -215,7 +236,14 @@ pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Go
         section.tables.push(prog);
     }
 
-    let mut mem = Table::new(&["lbd serving", "ready after", "VmRSS", "VmHWM", "RSS ratio"]);
+    let mut mem = Table::new(&[
+        "lbd serving",
+        "ready after",
+        "VmRSS",
+        "VmHWM",
+        "RSS ratio",
+        "maps (kernel)",
+    ]);
     let mut prints = Vec::new();
     for s in [1, small, big] {
         eprintln!("lb-bench: control: lbd with {s} services");
@@ -234,13 +262,29 @@ pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Go
             format!("{:.1} MiB", f.rss_kib as f64 / 1024.0),
             format!("{:.1} MiB", f.peak_kib as f64 / 1024.0),
             base.map_or("–".into(), |b| format!("{:.1}x", f.rss_kib as f64 / b)),
+            format!("{:.1} MiB", f.maps_kib as f64 / 1024.0),
         ]);
     }
     if !prints.is_empty() {
         section.tables.push(mem);
     }
-    let cycles = if config.quick { 5 } else { 25 };
     let mut goals = Vec::new();
+    if let Some(f) = prints.iter().find(|f| f.services == big) {
+        goals.push(Goal {
+            goal: format!("lbd with {} ready in under 3 s", scale_name(big, b)),
+            measured: format!("{:.2} s", f.ready.as_secs_f64()),
+            met: Some(f.ready < Duration::from_secs(3)),
+        });
+    }
+    section.tables.push(maglev_table());
+    section.text.push(
+        "*Maglev table*: how evenly a table spreads backends of equal weight (the busiest \
+         backend's share of the entries over the mean share, and over the smallest), and \
+         the ring memory each service slot costs (two tables of 4-byte ids), by table size \
+         (`[maglev] table_size`, default 4093). Computed, not timed."
+            .into(),
+    );
+    let cycles = if config.quick { 5 } else { 25 };
     let mut t = Table::new(&["change", "changes", "p50", "p99", "max"]);
     eprintln!("lb-bench: control: docker event to datapath, {cycles} containers");
     let docker = crate::docker::event_to_datapath(cycles);

@@ -23,6 +23,9 @@ pub struct Lbd {
     extra_args: Vec<String>,
     /// Environment variables set on every start.
     pub env: Vec<(String, String)>,
+    /// How long a start may take until lbd answers with its interfaces
+    /// attached.
+    pub start_timeout: Duration,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
@@ -56,6 +59,29 @@ impl Lbd {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Lbd> {
+        Self::start_within(
+            ns,
+            tag,
+            config,
+            interfaces,
+            extra_args,
+            env,
+            Duration::from_secs(15),
+        )
+    }
+
+    /// [`Self::start_with_env`], waiting up to `start_timeout` for lbd to
+    /// answer (a start with tens of thousands of services takes longer
+    /// than the usual bound).
+    pub fn start_within(
+        ns: &Netns,
+        tag: &str,
+        config: &str,
+        interfaces: &[&str],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        start_timeout: Duration,
+    ) -> Result<Lbd> {
         let name = unique_name(tag);
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
@@ -67,6 +93,7 @@ impl Lbd {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            start_timeout,
             config: dir.join("lbd.toml"),
             socket: dir.join("lbd.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
@@ -109,7 +136,7 @@ impl Lbd {
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let wanted: Vec<String> = interfaces.iter().map(|s| s.to_string()).collect();
         let mut exited = None;
-        let ready = wait_until(Duration::from_secs(15), "lbd to attach", || {
+        let ready = wait_until(lbd.start_timeout, "lbd to attach", || {
             // An lbd that refused its arguments would otherwise cost the
             // whole wait.
             exited = child.try_wait();
