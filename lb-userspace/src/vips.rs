@@ -180,7 +180,8 @@ impl Vips {
         let present = self.routes().await?;
         let new: Vec<IpAddr> = wanted
             .iter()
-            .filter(|a| !node.contains(a) && !(self.ours.contains(a) && present.contains(a)))
+            // Neither the node's own nor already ours and in place.
+            .filter(|a| !(node.contains(a) || (self.ours.contains(a) && present.contains(a))))
             .copied()
             .collect();
         let stale: Vec<IpAddr> = self.ours.difference(wanted).copied().collect();

@@ -13,6 +13,9 @@ use crate::netns::{unique_name, Netns};
 use crate::process::{wait_until, ChildGuard};
 use crate::topology::target_bin;
 
+/// How long a start may usually take until lbd answers.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct Lbd {
     process: Option<ChildGuard>,
     /// The network namespace lbd runs in, where `lbd --cleanup` must run
@@ -47,32 +50,12 @@ impl Lbd {
         interfaces: &[&str],
         extra_args: &[&str],
     ) -> Result<Lbd> {
-        Self::start_with_env(ns, tag, config, interfaces, extra_args, &[])
+        Self::start_within(ns, tag, config, interfaces, extra_args, &[], START_TIMEOUT)
     }
 
-    /// [`Self::start_with`] with environment variables for lbd.
-    pub fn start_with_env(
-        ns: &Netns,
-        tag: &str,
-        config: &str,
-        interfaces: &[&str],
-        extra_args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Lbd> {
-        Self::start_within(
-            ns,
-            tag,
-            config,
-            interfaces,
-            extra_args,
-            env,
-            Duration::from_secs(15),
-        )
-    }
-
-    /// [`Self::start_with_env`], waiting up to `start_timeout` for lbd to
-    /// answer (a start with tens of thousands of services takes longer
-    /// than the usual bound).
+    /// [`Self::start_with`] with environment variables for lbd, waiting up
+    /// to `start_timeout` for it to answer (START_TIMEOUT usually; a start
+    /// with tens of thousands of services takes longer).
     pub fn start_within(
         ns: &Netns,
         tag: &str,

@@ -130,13 +130,14 @@ fn lbd_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     let topo = Topology::new("notify").expect("topology");
     let notify = NotifySocket::new("lbd-notify");
     let path = notify.path.to_str().unwrap().to_string();
-    let mut lbd = Lbd::start_with_env(
+    let mut lbd = Lbd::start_within(
         &topo.lb,
         "notify",
         CONFIG,
         &["lbc0"],
         &["--log-level", "warn"],
         &[("NOTIFY_SOCKET", &path)],
+        lb_tests::lbd::START_TIMEOUT,
     )
     .expect("lbd");
     let ready = notify.expect("READY=1");
