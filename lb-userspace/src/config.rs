@@ -48,6 +48,8 @@ pub struct FileConfig {
     /// `[maglev] table_size`: the Maglev table size of services that set
     /// none, and the largest any may set (it sizes the ring map).
     pub table_size: Option<u32>,
+    /// The `[http]` section: lbrouter's routes.
+    pub http: crate::router::config::HttpConfig,
 }
 
 /// The longest timeout accepted: a week.
@@ -65,7 +67,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: &Path, line: Option<usize>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(path: &Path, line: Option<usize>, reason: impl Into<String>) -> Self {
         ConfigError {
             path: path.to_path_buf(),
             line,
@@ -107,6 +109,8 @@ struct RawConfig {
     conntrack: Option<RawConntrack>,
     labels: Option<RawLabels>,
     maglev: Option<RawMaglev>,
+    /// lbrouter's routes (router/config.rs); lbd only checks them.
+    http: Option<crate::router::config::RawHttp>,
 }
 
 #[derive(Deserialize)]
@@ -169,7 +173,7 @@ struct RawHealth {
     on_down: Option<Spanned<String>>,
 }
 
-enum RawBackend {
+pub(crate) enum RawBackend {
     Short(String),
     Table {
         addr: Spanned<String>,
@@ -217,10 +221,10 @@ impl<'de> Deserialize<'de> for RawBackend {
 /// Where the lines of a text start, to tell the line of a byte offset
 /// without counting from the start each time: a file of 10,000 services has
 /// hundreds of thousands of spans, and counting took minutes.
-struct Lines(Vec<usize>);
+pub(crate) struct Lines(Vec<usize>);
 
 impl Lines {
-    fn new(text: &str) -> Lines {
+    pub(crate) fn new(text: &str) -> Lines {
         Lines(
             text.bytes()
                 .enumerate()
@@ -232,9 +236,89 @@ impl Lines {
 
     /// 1-based line of a byte offset (any offset, on a character boundary
     /// or not).
-    fn at(&self, offset: usize) -> usize {
+    pub(crate) fn at(&self, offset: usize) -> usize {
         self.0.partition_point(|&newline| newline < offset) + 1
     }
+}
+
+/// One checked entry of a `backends` list.
+pub(crate) struct ParsedBackend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// As written, for errors.
+    pub text: String,
+    pub span: Range<usize>,
+}
+
+/// Checks a `backends` list (of a service or an HTTP route): addresses,
+/// weights and duplicates. `owner` names the list in errors.
+pub(crate) fn parse_backends(
+    path: &Path,
+    lines: &Lines,
+    entries: Vec<Spanned<RawBackend>>,
+    owner: &str,
+) -> Result<Vec<ParsedBackend>, ConfigError> {
+    let fail = |span: Range<usize>, reason: String| {
+        ConfigError::new(path, Some(lines.at(span.start)), reason)
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    for entry in entries {
+        let entry_span = entry.span();
+        let (addr_text, addr_span, weight) = match entry.into_inner() {
+            RawBackend::Short(addr) => (addr, entry_span, None),
+            RawBackend::Table { addr, weight } => {
+                let span = addr.span();
+                (addr.into_inner(), span, weight)
+            }
+        };
+        let (addr, port) = parse_socket(&addr_text).map_err(|reason| {
+            fail(
+                addr_span.clone(),
+                format!("backend {addr_text:?}: {reason}"),
+            )
+        })?;
+        let weight = match weight {
+            None => 1,
+            Some(w) => {
+                let value = *w.get_ref();
+                u32::try_from(value)
+                    .ok()
+                    .filter(|&v| v <= MAX_WEIGHT)
+                    .ok_or_else(|| {
+                        fail(
+                            w.span(),
+                            format!(
+                                "backend {addr_text:?}: weight {value} is out of range (0 to {MAX_WEIGHT})"
+                            ),
+                        )
+                    })?
+            }
+        };
+        let socket = SocketAddr::new(addr, port);
+        let line = lines.at(addr_span.start);
+        if let Some(first) = seen.insert(socket, line) {
+            return Err(ConfigError::new(
+                path,
+                Some(line),
+                format!("backend {socket} is listed twice in {owner} (first on line {first})"),
+            ));
+        }
+        out.push(ParsedBackend {
+            addr: socket,
+            weight,
+            text: addr_text,
+            span: addr_span,
+        });
+    }
+    Ok(out)
+}
+
+/// Modification time and size: either changing means the file changed.
+/// Both lbd and lbrouter poll it to reload the file.
+pub fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// Reads and parses the config file at `path`.
@@ -331,62 +415,26 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             etcd_backends.insert(name.clone(), text.clone());
         }
         let mut backends: Vec<BackendSpec> = Vec::with_capacity(svc.backends.len());
-        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
-        for entry in svc.backends {
-            let entry_span = entry.span();
-            let (addr_text, addr_span, weight) = match entry.into_inner() {
-                RawBackend::Short(addr) => (addr, entry_span, None),
-                RawBackend::Table { addr, weight } => {
-                    let span = addr.span();
-                    (addr.into_inner(), span, weight)
-                }
-            };
-            let (addr, port) = parse_socket(&addr_text).map_err(|reason| {
-                fail(
-                    addr_span.clone(),
-                    format!("backend {addr_text:?}: {reason}"),
-                )
-            })?;
-            let weight = match weight {
-                None => 1,
-                Some(w) => {
-                    let value = *w.get_ref();
-                    u32::try_from(value)
-                        .ok()
-                        .filter(|&v| v <= MAX_WEIGHT)
-                        .ok_or_else(|| {
-                            fail(
-                                w.span(),
-                                format!(
-                                    "backend {addr_text:?}: weight {value} is out of range (0 to {MAX_WEIGHT})"
-                                ),
-                            )
-                        })?
-                }
-            };
-            if addr.is_ipv4() != frontend.addr.is_ipv4() {
-                let (b, f) = if addr.is_ipv4() {
+        for b in parse_backends(path, &lines, svc.backends, &format!("service {name:?}"))? {
+            if b.addr.is_ipv4() != frontend.addr.is_ipv4() {
+                let (fam_b, fam_f) = if b.addr.is_ipv4() {
                     ("IPv4", "IPv6")
                 } else {
                     ("IPv6", "IPv4")
                 };
                 return Err(fail(
-                    addr_span,
+                    b.span,
                     format!(
-                        "backend {addr_text:?}: {b} backend behind {f} frontend {frontend} is not supported (address families must match)"
+                        "backend {:?}: {fam_b} backend behind {fam_f} frontend {frontend} is not supported (address families must match)",
+                        b.text
                     ),
                 ));
             }
-            let socket = SocketAddr::new(addr, port);
-            let line = lines.at(addr_span.start);
-            if let Some(first) = seen.insert(socket, line) {
-                return Err(ConfigError::new(
-                    path,
-                    Some(line),
-                    format!("backend {socket} is listed twice in service {name:?} (first on line {first})"),
-                ));
-            }
-            backends.push(BackendSpec { addr, port, weight });
+            backends.push(BackendSpec {
+                addr: b.addr.ip(),
+                port: b.addr.port(),
+                weight: b.weight,
+            });
         }
 
         let snat = match svc.snat {
@@ -471,12 +519,17 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             labels.frontend_ranges.push(range);
         }
     }
+    let http = match raw.http {
+        Some(h) => crate::router::config::parse(path, &lines, h)?,
+        None => Default::default(),
+    };
     Ok(FileConfig {
         services,
         conntrack,
         labels,
         etcd_backends,
         table_size,
+        http,
     })
 }
 

@@ -315,7 +315,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(CONFIG_POLL);
-    let mut config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
+    let mut config_stamp = opts.config.as_ref().and_then(|p| crate::config::stamp(p));
     let started = std::time::Instant::now();
     let mut ready = false;
 
@@ -336,7 +336,7 @@ pub async fn run(opts: Options) -> Result<()> {
             Some((request, reply)) = calls_rx.recv() => {
                 if matches!(request, Request::Reload) {
                     // Read now: the poll need not read it again.
-                    config_stamp = opts.config.as_ref().and_then(|p| stamp(p));
+                    config_stamp = opts.config.as_ref().and_then(|p| crate::config::stamp(p));
                 }
                 let _ = reply.send(state.answer(request, &opts));
             }
@@ -347,7 +347,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = poll.tick() => {
                 if let Some(path) = &opts.config {
-                    let now = stamp(path);
+                    let now = crate::config::stamp(path);
                     if now != config_stamp {
                         config_stamp = now;
                         let _ = state.reload(&opts);
@@ -404,12 +404,6 @@ async fn sync_vips(vips: &mut Option<Vips>, wanted: &BTreeSet<IpAddr>) {
 /// The etcd prefixes the config file's services take backends from.
 fn sets_of(etcd_backends: &BTreeMap<String, String>) -> BTreeSet<String> {
     etcd_backends.values().cloned().collect()
-}
-
-/// Modification time and size: either changing means the file changed.
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl State {

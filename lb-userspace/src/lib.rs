@@ -1,5 +1,6 @@
 //! lbd's building blocks: sources of desired state (config), the reconciler
-//! that writes the datapath's maps, and the daemon that ties them together.
+//! that writes the datapath's maps, and the daemon that ties them together;
+//! and lbrouter's (router/), which shares only the sources of desired state.
 
 pub mod census;
 pub mod cgroup;
@@ -27,6 +28,7 @@ pub mod overrides;
 pub mod pins;
 pub mod reconciler;
 pub mod reload;
+pub mod router;
 pub mod sources;
 pub mod status;
 pub mod supervisor;

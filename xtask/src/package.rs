@@ -1,4 +1,4 @@
-//! `cargo xtask package`: a Debian package of lbd and lbctl, made with
+//! `cargo xtask package`: a Debian package of lbd, lbctl and lbrouter, made with
 //! dpkg-deb from the release build (`target/package/lb_<version>_<arch>.deb`):
 //! the binaries, their man pages and completions, the systemd unit, and
 //! configuration files that serve nothing until edited. The service is
@@ -16,6 +16,7 @@ use crate::cargo::{self, output};
 const FILES: &[(&str, &str, u32)] = &[
     ("target/release/lbd", "usr/sbin/lbd", 0o755),
     ("target/release/lbctl", "usr/bin/lbctl", 0o755),
+    ("target/release/lbrouter", "usr/sbin/lbrouter", 0o755),
     ("dist/lbd.service", "lib/systemd/system/lbd.service", 0o644),
     ("dist/lbd.toml", "etc/lbd/lbd.toml", 0o644),
     ("dist/default", "etc/default/lbd", 0o644),

@@ -3,3 +3,4 @@
 
 pub mod lbctl;
 pub mod lbd;
+pub mod lbrouter;

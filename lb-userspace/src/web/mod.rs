@@ -6,6 +6,8 @@
 
 mod metrics;
 
+pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

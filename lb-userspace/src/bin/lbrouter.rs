@@ -1,0 +1,42 @@
+//! lbrouter: the HTTP router beside lbd (see the README).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use lb_api::cli::lbrouter::Args;
+use lb_userspace::router::{self, proxy::ProxyOptions, Options};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    lb_userspace::logging::init(&args.log_level, log::LevelFilter::Off);
+    if let Some(path) = &args.check_config {
+        return match lb_userspace::config::load(path) {
+            Ok(file) => {
+                println!("{}: ok ({} routes)", path.display(), file.http.routes.len());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+    }
+    let ms = Duration::from_millis;
+    router::run(Options {
+        config: args.config,
+        listen: args.listen,
+        metrics: args.metrics,
+        max_connections: args.max_connections as usize,
+        max_header_bytes: args.max_header_bytes as usize,
+        header_read_timeout: ms(args.header_read_timeout_ms),
+        proxy: ProxyOptions {
+            connect_timeout: ms(args.connect_timeout_ms),
+            request_timeout: ms(args.request_timeout_ms),
+            backend_idle_timeout: ms(args.backend_idle_timeout_ms),
+            access_log: args.access_log,
+        },
+    })
+    .await
+}

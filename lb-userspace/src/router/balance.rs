@@ -1,0 +1,208 @@
+//! Choosing a route's backend: power of two choices over the backends'
+//! requests in flight, each choice drawn in proportion to the weights.
+//!
+//! Two draws by weight, then the one with fewer requests in flight per
+//! unit of weight: with an idle pool this is plain weighted random, under
+//! load it steers away from a slow backend without the herd effect of
+//! always taking the least loaded one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use super::table::Route;
+
+/// How long a backend that refused a connection is left out.
+pub const QUARANTINE: Duration = Duration::from_secs(2);
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// For the metrics' labels.
+    pub label: String,
+    in_flight: AtomicU64,
+    /// Milliseconds since `epoch()` until which the backend is skipped.
+    quarantined_until: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Backend {
+    fn new(addr: SocketAddr) -> Backend {
+        Backend {
+            addr,
+            label: addr.to_string(),
+            in_flight: AtomicU64::new(0),
+            quarantined_until: AtomicU64::new(0),
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// After a failed connect: no new requests for a while.
+    pub fn quarantine(&self) {
+        let until = now_ms() + QUARANTINE.as_millis() as u64;
+        self.quarantined_until.store(until, Ordering::Relaxed);
+    }
+
+    fn available(&self, now: u64) -> bool {
+        self.quarantined_until.load(Ordering::Relaxed) <= now
+    }
+}
+
+/// Counts a request against its backend until dropped (when the response
+/// body is done or abandoned).
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn new(backend: Arc<Backend>) -> InFlight {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(backend)
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every backend of the current tables by address, so that a reload keeps
+/// their counts and quarantine.
+#[derive(Default)]
+pub struct Backends(HashMap<SocketAddr, Weak<Backend>>);
+
+impl Backends {
+    pub fn get(&mut self, addr: SocketAddr) -> Arc<Backend> {
+        if let Some(b) = self.0.get(&addr).and_then(Weak::upgrade) {
+            return b;
+        }
+        let b = Arc::new(Backend::new(addr));
+        self.0.insert(addr, Arc::downgrade(&b));
+        self.0.retain(|_, w| w.strong_count() > 0);
+        b
+    }
+}
+
+/// A backend of `route` for a new request, other than `exclude`; `None`
+/// when none can take it (all drained or quarantined).
+pub fn pick(route: &Route, exclude: Option<SocketAddr>) -> Option<Arc<Backend>> {
+    pick_with(route, exclude, &mut || fastrand::u64(..))
+}
+
+fn pick_with(
+    route: &Route,
+    exclude: Option<SocketAddr>,
+    random: &mut dyn FnMut() -> u64,
+) -> Option<Arc<Backend>> {
+    let now = now_ms();
+    let usable =
+        |(b, w): &&(Arc<Backend>, u32)| *w > 0 && b.available(now) && Some(b.addr) != exclude;
+    let total: u64 = route
+        .backends
+        .iter()
+        .filter(usable)
+        .map(|(_, w)| u64::from(*w))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut draw = || {
+        let mut point = random() % total;
+        for entry in route.backends.iter().filter(usable) {
+            let w = u64::from(entry.1);
+            if point < w {
+                return entry;
+            }
+            point -= w;
+        }
+        unreachable!("the point is below the total weight")
+    };
+    let (a, wa) = draw();
+    let (b, wb) = draw();
+    // a/wa <= b/wb without division.
+    let a_lighter =
+        u128::from(a.in_flight()) * u128::from(*wb) <= u128::from(b.in_flight()) * u128::from(*wa);
+    Some(if a_lighter { a.clone() } else { b.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(weights: &[u32]) -> Route {
+        let mut backends = Backends::default();
+        Route {
+            name: "r".into(),
+            prefix: "/".into(),
+            strip_prefix: false,
+            max_body_bytes: None,
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 80));
+                    (backends.get(addr), *w)
+                })
+                .collect(),
+        }
+    }
+
+    fn share(r: &Route, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; r.backends.len()];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..n {
+            let b = pick_with(r, None, &mut || rng.u64(..)).unwrap();
+            counts[r
+                .backends
+                .iter()
+                .position(|(x, _)| x.addr == b.addr)
+                .unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn idle_backends_share_by_weight() {
+        let counts = share(&route(&[1, 3, 0]), 8000);
+        assert_eq!(counts[2], 0, "weight 0 takes nothing");
+        assert!((1700..2300).contains(&counts[0]), "{counts:?}");
+        assert!((5700..6300).contains(&counts[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn busy_backend_is_avoided() {
+        let r = route(&[1, 1]);
+        let _busy: Vec<InFlight> = (0..10)
+            .map(|_| InFlight::new(r.backends[0].0.clone()))
+            .collect();
+        let counts = share(&r, 1000);
+        // Only when both draws land on the busy one (a quarter of the time).
+        assert!(counts[0] < 350, "{counts:?}");
+    }
+
+    #[test]
+    fn quarantined_and_excluded_backends_are_skipped() {
+        let r = route(&[1, 1]);
+        r.backends[0].0.quarantine();
+        for _ in 0..50 {
+            assert_eq!(pick(&r, None).unwrap().addr, r.backends[1].0.addr);
+        }
+        assert!(pick(&r, Some(r.backends[1].0.addr)).is_none());
+        assert!(pick(&route(&[0, 0]), None).is_none());
+    }
+}

@@ -1,0 +1,333 @@
+//! The `[http]` section of the config file: lbrouter's routes.
+//!
+//! ```toml
+//! [http]
+//! max_body_bytes = 10485760          # optional default for every route
+//!
+//! [[http.route]]
+//! name = "api"
+//! host = "*.example.com"             # optional: exact or *.suffix; none = any host
+//! path = "/api"                      # prefix, on segment boundaries; default "/"
+//! strip_prefix = true                # /api/users reaches the backend as /users
+//! max_body_bytes = 1048576           # 413 past this many request body bytes
+//! backends = ["10.0.0.5:8080", { addr = "10.0.0.6:8080", weight = 2 }]
+//! ```
+//!
+//! Parsed and checked by the same parser as the rest of the file
+//! (`config::parse`), so lbd and lbrouter agree on what a valid file is.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{parse_backends, ConfigError, Lines, RawBackend};
+
+/// Upper bound of `max_body_bytes`: 1 TiB.
+const MAX_BODY_LIMIT: i64 = 1 << 40;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Unique; names the route in metrics and the access log.
+    pub name: String,
+    pub host: HostMatch,
+    /// Starts with `/`; no trailing `/` except for the root itself.
+    pub path: String,
+    pub strip_prefix: bool,
+    /// Request body bytes allowed; `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+    pub backends: Vec<HttpBackend>,
+    /// Where the route is defined, for messages.
+    pub line: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostMatch {
+    Any,
+    /// Lower case, without a trailing dot.
+    Exact(String),
+    /// `*.example.com` kept as `.example.com`: any name ending in it.
+    Suffix(String),
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Any => f.write_str("any host"),
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpBackend {
+    pub addr: SocketAddr,
+    /// 0 drains the backend: it gets no new requests.
+    pub weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHttp {
+    max_body_bytes: Option<Spanned<i64>>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    host: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    strip_prefix: bool,
+    max_body_bytes: Option<Spanned<i64>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConfig, ConfigError> {
+    let fail = |span: std::ops::Range<usize>, reason: String| {
+        ConfigError::new(path, Some(lines.at(span.start)), reason)
+    };
+    let body_limit = |v: &Spanned<i64>| {
+        u64::try_from(*v.get_ref())
+            .ok()
+            .filter(|n| *n as i64 <= MAX_BODY_LIMIT)
+            .ok_or_else(|| {
+                fail(
+                    v.span(),
+                    format!(
+                        "max_body_bytes {} is out of range (0 to {MAX_BODY_LIMIT})",
+                        v.get_ref()
+                    ),
+                )
+            })
+    };
+    let default_limit = raw.max_body_bytes.as_ref().map(body_limit).transpose()?;
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut places: HashMap<(HostMatch, String), usize> = HashMap::new();
+    let mut routes = Vec::with_capacity(raw.route.len());
+    for r in raw.route {
+        let line = lines.at(r.name.span().start);
+        let name = r.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(fail(
+                r.name.span(),
+                format!("route name {name:?}: use letters, digits, '-', '_' and '.'"),
+            ));
+        }
+        if let Some(first) = names.insert(name.clone(), line) {
+            return Err(fail(
+                r.name.span(),
+                format!("duplicate route name {name:?} (first defined on line {first})"),
+            ));
+        }
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => parse_host(h.get_ref())
+                .map_err(|reason| fail(h.span(), format!("host {:?}: {reason}", h.get_ref())))?,
+        };
+        let prefix = match &r.path {
+            None => "/".to_string(),
+            Some(p) => normalize_prefix(p.get_ref())
+                .map_err(|reason| fail(p.span(), format!("path {:?}: {reason}", p.get_ref())))?,
+        };
+        if let Some(first) = places.insert((host.clone(), prefix.clone()), line) {
+            return Err(fail(
+                r.name.span(),
+                format!(
+                    "route {name:?}: {host} with path {prefix} is already routed (line {first})"
+                ),
+            ));
+        }
+        if r.backends.is_empty() {
+            return Err(fail(
+                r.name.span(),
+                format!("route {name:?} has no backends"),
+            ));
+        }
+        let backends = parse_backends(path, lines, r.backends, &format!("route {name:?}"))?
+            .into_iter()
+            .map(|b| HttpBackend {
+                addr: b.addr,
+                weight: b.weight,
+            })
+            .collect();
+        let max_body_bytes = match &r.max_body_bytes {
+            Some(v) => Some(body_limit(v)?),
+            None => default_limit,
+        };
+        routes.push(RouteSpec {
+            name,
+            host,
+            path: prefix,
+            strip_prefix: r.strip_prefix,
+            max_body_bytes,
+            backends,
+            line,
+        });
+    }
+    Ok(HttpConfig { routes })
+}
+
+/// `example.com` or `*.example.com`, lower-cased.
+fn parse_host(s: &str) -> Result<HostMatch, String> {
+    let lower = s.trim_end_matches('.').to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(
+            "expected a host name such as \"example.com\" or \"*.example.com\" (no port)".into(),
+        );
+    }
+    Ok(if wild {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_string())
+    })
+}
+
+/// A path prefix without its trailing `/`, so that "/api" and "/api/" are
+/// the same route.
+fn normalize_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err("must start with /".into());
+    }
+    if s.contains(['?', '#']) || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a path prefix has no query, fragment or spaces".into());
+    }
+    let trimmed = s.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/etc/lbd/lbd.toml";
+
+    fn ok(text: &str) -> HttpConfig {
+        crate::config::parse(Path::new(PATH), text)
+            .unwrap_or_else(|e| panic!("unexpected error: {e}"))
+            .http
+    }
+
+    #[track_caller]
+    fn err(text: &str, line: usize, needle: &str) {
+        let e = crate::config::parse(Path::new(PATH), text).expect_err("should be rejected");
+        assert_eq!(e.line(), Some(line), "wrong line for: {e}");
+        assert!(
+            e.reason().contains(needle),
+            "{e} does not mention {needle:?}"
+        );
+    }
+
+    #[test]
+    fn routes_are_parsed_with_defaults() {
+        let http = ok(r#"
+[http]
+max_body_bytes = 1000
+
+[[http.route]]
+name = "api"
+host = "API.Example.com."
+path = "/api/"
+strip_prefix = true
+backends = ["10.0.0.1:80", { addr = "10.0.0.2:80", weight = 3 }]
+
+[[http.route]]
+name = "web"
+host = "*.example.com"
+max_body_bytes = 0
+backends = ["[fd00::1]:8080"]
+"#);
+        assert_eq!(http.routes.len(), 2);
+        let api = &http.routes[0];
+        assert_eq!(api.host, HostMatch::Exact("api.example.com".into()));
+        assert_eq!(api.path, "/api");
+        assert!(api.strip_prefix);
+        assert_eq!(api.max_body_bytes, Some(1000));
+        assert_eq!(api.backends[1].weight, 3);
+        assert_eq!(api.line, 6);
+        let web = &http.routes[1];
+        assert_eq!(web.host, HostMatch::Suffix(".example.com".into()));
+        assert_eq!(web.path, "/");
+        assert_eq!(web.max_body_bytes, Some(0));
+        assert!(ok("").routes.is_empty());
+    }
+
+    #[test]
+    fn mistakes_name_their_line() {
+        let route = |body: &str| format!("[[http.route]]\nname = \"r\"\n{body}\n");
+        err(
+            &route("backends = [\"10.0.0.1:80\"]\npath = \"api\""),
+            4,
+            "must start with /",
+        );
+        err(
+            &route("host = \"a b\"\nbackends = [\"10.0.0.1:80\"]"),
+            3,
+            "host name",
+        );
+        err(
+            &route("host = \"a.com:80\"\nbackends = [\"10.0.0.1:80\"]"),
+            3,
+            "no port",
+        );
+        err(&route(""), 2, "has no backends");
+        err(&route("backends = [\"10.0.0.1\"]"), 3, "missing port");
+        err(
+            &route("backends = [{ addr = \"10.0.0.1:1\", weight = -1 }]"),
+            3,
+            "out of range",
+        );
+        err(
+            &route("backends = [\"10.0.0.1:1\", \"10.0.0.1:1\"]"),
+            3,
+            "listed twice in route",
+        );
+        err(&route("bogus = 1"), 3, "unknown field");
+        err(
+            &route("max_body_bytes = -5\nbackends = [\"10.0.0.1:1\"]"),
+            3,
+            "max_body_bytes",
+        );
+        err(
+            "[[http.route]]\nname = \"a/b\"\nbackends = [\"10.0.0.1:1\"]",
+            2,
+            "route name",
+        );
+        let two = "[[http.route]]\nname = \"a\"\npath = \"/x\"\nbackends = [\"10.0.0.1:1\"]\n\
+                   [[http.route]]\nname = \"b\"\npath = \"/x/\"\nbackends = [\"10.0.0.1:1\"]\n";
+        err(two, 6, "already routed (line 2)");
+        let dup = "[[http.route]]\nname = \"a\"\nbackends = [\"10.0.0.1:1\"]\n\
+                   [[http.route]]\nname = \"a\"\npath = \"/y\"\nbackends = [\"10.0.0.1:1\"]\n";
+        err(dup, 5, "duplicate route name");
+    }
+}

@@ -1,0 +1,137 @@
+//! lbrouter's Prometheus metrics, per route and backend.
+//!
+//! Unlike lbd's (rebuilt from the datapath's counters at each scrape),
+//! these counters live here: the proxy is where requests are seen.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Route names are checked by the config parser (letters, digits, `-_.`)
+/// and backends are socket addresses, so no label value needs escaping.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub backend: String,
+    /// "2xx", "4xx", ...
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+/// The route label of requests no route took.
+pub const NO_ROUTE: &str = "";
+/// The backend label of answers the router gave itself.
+pub const NO_BACKEND: &str = "";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<BackendLabels, Histogram>,
+    pub request_bytes: Family<BackendLabels, Counter>,
+    pub response_bytes: Family<BackendLabels, Counter>,
+    pub in_flight: Family<BackendLabels, Gauge>,
+    pub retries: Family<BackendLabels, Counter>,
+    pub connections: Gauge,
+    pub reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lbrouter");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, backend and status class (empty route: no route matched; \
+             empty backend: answered by the router)",
+            requests.clone(),
+        );
+        let latency = Family::<BackendLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "response_header_seconds",
+            "Time from a request's arrival to its backend's response headers",
+            latency.clone(),
+        );
+        let request_bytes = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "request_body_bytes",
+            "Request body bytes sent to backends",
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "response_body_bytes",
+            "Response body bytes sent to clients",
+            response_bytes.clone(),
+        );
+        let in_flight = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_in_flight",
+            "Requests sent to the backend whose response is not done",
+            in_flight.clone(),
+        );
+        let retries = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests sent again to another backend after this one failed",
+            retries.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (ok, rejected)",
+            reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            request_bytes,
+            response_bytes,
+            in_flight,
+            retries,
+            connections,
+            reloads,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+pub fn labels(route: &str, backend: &str) -> BackendLabels {
+    BackendLabels {
+        route: route.to_string(),
+        backend: backend.to_string(),
+    }
+}
+
+pub fn status_class(status: u16) -> String {
+    format!("{}xx", status / 100)
+}

@@ -1,0 +1,539 @@
+//! Forwarding one request: route, choose a backend, send, retry once, and
+//! stream the response back.
+//!
+//! Bodies are never gathered: the client's request body is handed to the
+//! backend connection frame by frame and the backend's response body to
+//! the client the same way, so a transfer's size does not show in memory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::balance::{self, Backend, InFlight};
+use super::metrics::{self, Metrics, NO_BACKEND, NO_ROUTE};
+use super::table::{backend_path, Route, Table};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub connect_timeout: Duration,
+    /// From a request's arrival to its response headers, retries included.
+    pub request_timeout: Duration,
+    /// How long an unused connection to a backend is kept for reuse.
+    pub backend_idle_timeout: Duration,
+    pub access_log: bool,
+}
+
+pub struct Proxy {
+    table: RwLock<Arc<Table>>,
+    client: Client<HttpConnector, Body>,
+    pub metrics: Metrics,
+    opts: ProxyOptions,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+impl Proxy {
+    pub fn new(table: Table, opts: ProxyOptions) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(opts.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(opts.backend_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Proxy {
+            table: RwLock::new(Arc::new(table)),
+            client,
+            metrics: Metrics::default(),
+            opts,
+        }
+    }
+
+    /// Requests that arrive from now on use `table`; those under way keep
+    /// the one they started with.
+    pub fn swap(&self, table: Table) {
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let start = Instant::now();
+        let table = self.table();
+        let host = request_host(&req);
+        let Some(route) = table.lookup(host.as_deref(), req.uri().path()).cloned() else {
+            return self.local(&req, peer, NO_ROUTE, StatusCode::NOT_FOUND, "no route");
+        };
+        if let (Some(limit), Some(length)) = (route.max_body_bytes, req.body().size_hint().exact())
+        {
+            if length > limit {
+                return self.local(
+                    &req,
+                    peer,
+                    &route.name,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                );
+            }
+        }
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let held = Arc::new(HeldBody {
+            slot: Mutex::new(Some(body)),
+            touched: AtomicBool::new(false),
+            over_limit: AtomicBool::new(false),
+        });
+        let deadline = tokio::time::Instant::from_std(start + self.opts.request_timeout);
+        let mut failed: Option<(Arc<Backend>, StatusCode)> = None;
+        for _attempt in 0..2 {
+            let Some(backend) = balance::pick(&route, failed.as_ref().map(|(b, _)| b.addr)) else {
+                break;
+            };
+            let labels = metrics::labels(&route.name, &backend.label);
+            if let Some((previous, _)) = &failed {
+                self.metrics
+                    .retries
+                    .get_or_create(&metrics::labels(&route.name, &previous.label))
+                    .inc();
+            }
+            let body = RequestBody {
+                held: held.clone(),
+                body: None,
+                limit: route.max_body_bytes,
+                seen: 0,
+                bytes: self.metrics.request_bytes.get_or_create(&labels).clone(),
+            };
+            let out = backend_request(&head, body, &route, &backend, host.as_deref(), peer);
+            let sent = Sent::new(
+                backend.clone(),
+                self.metrics.in_flight.get_or_create(&labels).clone(),
+            );
+            match tokio::time::timeout_at(deadline, self.client.request(out)).await {
+                Err(_) => {
+                    return self.local(
+                        &head,
+                        peer,
+                        &route.name,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "backend timed out",
+                    );
+                }
+                Ok(Ok(resp)) => return self.respond(&head, peer, &route, sent, resp, start),
+                Ok(Err(e)) => {
+                    if held.over_limit.load(Ordering::Relaxed) {
+                        return self.local(
+                            &head,
+                            peer,
+                            &route.name,
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "request body too large",
+                        );
+                    }
+                    let status = if is_timeout(&e) {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    log::debug!(
+                        "{} {}: backend {}: {e:?}",
+                        route.name,
+                        head.uri(),
+                        backend.addr
+                    );
+                    let connect = e.is_connect();
+                    if connect {
+                        backend.quarantine();
+                    }
+                    // Not sent at all, or sent without a body and safe to repeat.
+                    let again = connect
+                        || (is_idempotent(head.method()) && !held.touched.load(Ordering::Relaxed));
+                    failed = Some((backend, status));
+                    if !again {
+                        break;
+                    }
+                }
+            }
+        }
+        match failed {
+            Some((_, status)) => {
+                let why = if status == StatusCode::GATEWAY_TIMEOUT {
+                    "backend timed out"
+                } else {
+                    "backend failed"
+                };
+                self.local(&head, peer, &route.name, status, why)
+            }
+            None => self.local(
+                &head,
+                peer,
+                &route.name,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend available",
+            ),
+        }
+    }
+
+    fn respond(
+        &self,
+        head: &Request<()>,
+        peer: SocketAddr,
+        route: &Route,
+        sent: Sent,
+        resp: Response<Incoming>,
+        start: Instant,
+    ) -> Response<Body> {
+        let backend = &sent.in_flight.backend().label;
+        let labels = metrics::labels(&route.name, backend);
+        let status = resp.status();
+        self.metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        self.count(head, peer, &route.name, backend, status);
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = ResponseBody {
+            inner: body,
+            bytes: self.metrics.response_bytes.get_or_create(&labels).clone(),
+            _sent: sent,
+        };
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+
+    /// An answer of the router's own, with a one-line body.
+    fn local<T>(
+        &self,
+        req: &Request<T>,
+        peer: SocketAddr,
+        route: &str,
+        status: StatusCode,
+        why: &str,
+    ) -> Response<Body> {
+        self.count(req, peer, route, NO_BACKEND, status);
+        let body = Full::new(Bytes::from(format!("{} {why}\n", status.as_u16())))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+
+    fn count<T>(
+        &self,
+        req: &Request<T>,
+        peer: SocketAddr,
+        route: &str,
+        backend: &str,
+        status: StatusCode,
+    ) {
+        self.metrics
+            .requests
+            .get_or_create(&metrics::RequestLabels {
+                route: route.to_string(),
+                backend: backend.to_string(),
+                class: metrics::status_class(status.as_u16()),
+            })
+            .inc();
+        if self.opts.access_log {
+            log::info!(
+                target: "access",
+                "{} {} {} {:?} route={} backend={} status={}",
+                peer.ip().to_canonical(),
+                req.method(),
+                req.uri(),
+                req.version(),
+                if route.is_empty() { "-" } else { route },
+                if backend.is_empty() { "-" } else { backend },
+                status.as_u16()
+            );
+        }
+    }
+}
+
+/// The request's host: the absolute URI's (HTTP/2's `:authority`), else
+/// the Host header.
+fn request_host<T>(req: &Request<T>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The request as the backend gets it: its path (maybe without the
+/// route's prefix), HTTP/1.1, no hop-by-hop headers, and where it came from.
+fn backend_request(
+    head: &Request<()>,
+    body: RequestBody,
+    route: &Route,
+    backend: &Backend,
+    host: Option<&str>,
+    peer: SocketAddr,
+) -> Request<Body> {
+    let path = backend_path(route, head.uri().path());
+    let uri = match head.uri().query() {
+        Some(q) => format!("http://{}{path}?{q}", backend.addr),
+        None => format!("http://{}{path}", backend.addr),
+    };
+    let mut headers = head.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    let client = peer.ip().to_canonical();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.to_string(),
+    };
+    let node = match client {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let mut forwarded = format!("for={node};proto=http");
+    if let Some(h) = host {
+        let quoted = h.replace('\\', "\\\\").replace('"', "\\\"");
+        forwarded.push_str(&format!(";host=\"{quoted}\""));
+        if let Ok(v) = HeaderValue::from_str(h) {
+            headers.insert("x-forwarded-host", v.clone());
+            // HTTP/2 requests carry it in :authority only.
+            headers.entry(header::HOST).or_insert(v);
+        }
+    }
+    if let Some(earlier) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        forwarded = format!("{earlier}, {forwarded}");
+    }
+    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    set(&mut headers, "x-forwarded-for", xff);
+    set(&mut headers, "x-forwarded-proto", "http".into());
+    set(&mut headers, "forwarded", forwarded);
+    let mut out = Request::new(body.boxed_unsync());
+    *out.method_mut() = head.method().clone();
+    *out.uri_mut() = uri
+        .parse()
+        .expect("a socket address and a request path make a URI");
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The client's request body, kept aside until a backend connection first
+/// reads it: a request whose body was never read can be sent again.
+struct HeldBody {
+    slot: Mutex<Option<Incoming>>,
+    touched: AtomicBool,
+    over_limit: AtomicBool,
+}
+
+impl HeldBody {
+    fn peek<R>(&self, f: impl FnOnce(Option<&Incoming>) -> R) -> R {
+        f(self.slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref())
+    }
+}
+
+struct RequestBody {
+    held: Arc<HeldBody>,
+    body: Option<Incoming>,
+    limit: Option<u64>,
+    seen: u64,
+    bytes: Counter,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.body.is_none() {
+            this.held.touched.store(true, Ordering::Relaxed);
+            this.body = this
+                .held
+                .slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match ready!(Pin::new(body).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            this.seen += data.len() as u64;
+            this.bytes.inc_by(data.len() as u64);
+            if this.limit.is_some_and(|limit| this.seen > limit) {
+                this.held.over_limit.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err("request body over the route's limit".into())));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            Some(b) => b.is_end_stream(),
+            None => self.held.peek(|b| b.is_none_or(|b| b.is_end_stream())),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            Some(b) => b.size_hint(),
+            None => self
+                .held
+                .peek(|b| b.map_or(SizeHint::with_exact(0), |b| b.size_hint())),
+        }
+    }
+}
+
+/// A request sent to a backend, counted until its response is done.
+struct Sent {
+    in_flight: InFlight,
+    gauge: Gauge,
+}
+
+impl Sent {
+    fn new(backend: Arc<Backend>, gauge: Gauge) -> Sent {
+        gauge.inc();
+        Sent {
+            in_flight: InFlight::new(backend),
+            gauge,
+        }
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+struct ResponseBody {
+    inner: Incoming,
+    bytes: Counter,
+    _sent: Sent,
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                this.bytes.inc_by(data.len() as u64);
+            }
+        }
+        Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_with_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+}
