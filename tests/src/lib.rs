@@ -9,5 +9,6 @@ pub mod load;
 pub mod netdev;
 pub mod netns;
 pub mod process;
+pub mod router;
 pub mod swarm;
 pub mod topology;

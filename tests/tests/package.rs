@@ -59,6 +59,7 @@ fn the_package_holds_the_daemon_the_cli_and_the_unit() {
     for path in [
         "./usr/sbin/lbd",
         "./usr/bin/lbctl",
+        "./usr/sbin/lbrouter",
         "./lib/systemd/system/lbd.service",
         "./etc/lbd/lbd.toml",
         "./etc/default/lbd",
@@ -86,6 +87,7 @@ fn the_package_holds_the_daemon_the_cli_and_the_unit() {
     let version = run(Command::new(dir.0.join("usr/bin/lbctl")).arg("--version"));
     assert!(version.starts_with("lbctl "), "{version}");
     run(Command::new(dir.0.join("usr/sbin/lbd")).arg("--version"));
+    run(Command::new(dir.0.join("usr/sbin/lbrouter")).arg("--version"));
     // The configuration it ships is valid and serves nothing.
     let check = run(Command::new(dir.0.join("usr/sbin/lbd"))
         .arg("--check-config")
