@@ -166,6 +166,9 @@ impl Router {
 impl Drop for Router {
     fn drop(&mut self) {
         self.child.terminate();
+        if std::thread::panicking() {
+            eprintln!("lbrouter's log:\n{}", self.log());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -65,6 +65,7 @@ fn the_package_holds_the_daemon_the_cli_and_the_unit() {
         "./etc/default/lbd",
         "./usr/share/man/man8/lbd.8.gz",
         "./usr/share/man/man8/lbctl.8.gz",
+        "./usr/share/man/man8/lbrouter.8.gz",
         "./usr/share/bash-completion/completions/lbctl",
     ] {
         assert!(

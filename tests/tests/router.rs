@@ -5,6 +5,7 @@
 //!
 //! Every load loop is bounded in requests and in time.
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
@@ -488,4 +489,59 @@ fn reload_under_load_loses_nothing_and_bad_config_keeps_the_last_good() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&expected));
+}
+
+#[test]
+fn websocket_upgrade_is_tunnelled() {
+    let (topo, _servers) = setup("rt-ws", 1);
+    let config = route("ws", None, "/", false, &addrs(&topo, &[0]));
+    let router = Router::start(&topo.lb, &config, &[]).expect("lbrouter");
+    let in_flight = |r: &Router| {
+        r.metric(&topo.lb, "lbrouter_backend_in_flight", &["route=\"ws\""])
+            .unwrap()
+    };
+    let socket = topo.client.run(|| {
+        let mut s = std::net::TcpStream::connect(router_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: keep-alive, Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        // The head, byte by byte so that nothing after it is taken.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        assert!(head.contains("connection: upgrade"), "{head}");
+        assert!(head.contains("x-key: dghlihnhbxbszsbub25jzq=="), "{head}");
+        // A masked text frame, then plain bytes: the tunnel carries either.
+        for message in [
+            &b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"[..],
+            b"second message",
+        ] {
+            s.write_all(message).unwrap();
+            let mut back = vec![0u8; message.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, message);
+        }
+        s
+    });
+    assert_eq!(
+        in_flight(&router),
+        1.0,
+        "an open tunnel counts as in flight"
+    );
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+    drop(socket);
+    wait_until(Duration::from_secs(5), "the tunnel to close", || {
+        in_flight(&router) == 0.0
+    })
+    .unwrap();
 }

@@ -1,4 +1,4 @@
-//! Man pages and shell completions for lbd and lbctl, generated from their
+//! Man pages and shell completions for lbd, lbctl and lbrouter, generated from their
 //! clap definitions (lb-api::cli), so they cannot drift from the binaries.
 
 use std::path::Path;
@@ -7,13 +7,14 @@ use anyhow::{Context as _, Result};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-/// Both programs are for the administrator: section 8.
+/// Every program is for the administrator: section 8.
 const SECTION: &str = "8";
 
-pub fn commands() -> [clap::Command; 2] {
+pub fn commands() -> [clap::Command; 3] {
     [
         lb_api::cli::lbd::Args::command(),
         lb_api::cli::lbctl::Args::command(),
+        lb_api::cli::lbrouter::Args::command(),
     ]
 }
 
@@ -44,7 +45,7 @@ pub fn write_pages(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
-/// Writes bash, zsh and fish completions for both programs into `dir`.
+/// Writes bash, zsh and fish completions for every program into `dir`.
 pub fn write_completions(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut out = Vec::new();

@@ -32,6 +32,11 @@ const FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
     (
+        "target/release/completions/lbrouter.bash",
+        "usr/share/bash-completion/completions/lbrouter",
+        0o644,
+    ),
+    (
         "target/release/completions/_lbd",
         "usr/share/zsh/vendor-completions/_lbd",
         0o644,
@@ -42,6 +47,11 @@ const FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
     (
+        "target/release/completions/_lbrouter",
+        "usr/share/zsh/vendor-completions/_lbrouter",
+        0o644,
+    ),
+    (
         "target/release/completions/lbd.fish",
         "usr/share/fish/vendor_completions.d/lbd.fish",
         0o644,
@@ -49,6 +59,11 @@ const FILES: &[(&str, &str, u32)] = &[
     (
         "target/release/completions/lbctl.fish",
         "usr/share/fish/vendor_completions.d/lbctl.fish",
+        0o644,
+    ),
+    (
+        "target/release/completions/lbrouter.fish",
+        "usr/share/fish/vendor_completions.d/lbrouter.fish",
         0o644,
     ),
 ];

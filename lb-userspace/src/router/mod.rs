@@ -32,9 +32,12 @@ use tokio::sync::Semaphore;
 use self::balance::Backends;
 use self::proxy::{Proxy, ProxyOptions};
 use self::table::Table;
+use crate::web::accept_slot;
 
 /// How often the config file is checked for a change.
 const POLL: Duration = Duration::from_secs(1);
+/// Scrapes served at once.
+const METRICS_CONNECTIONS: usize = 16;
 
 pub struct Options {
     pub config: PathBuf,
@@ -113,16 +116,7 @@ async fn accept(
     permits: Arc<Semaphore>,
 ) -> Result<()> {
     loop {
-        let permit = permits.clone().acquire_owned().await?;
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of file descriptors or the like: let some close.
-                log::warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (permit, stream, peer) = accept_slot(&listener, &permits, "http").await?;
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let builder = builder.clone();
@@ -133,7 +127,7 @@ async fn accept(
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
             });
             if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
             {
                 log::debug!("connection from {peer}: {e}");
@@ -182,8 +176,9 @@ async fn reload(path: PathBuf, proxy: Arc<Proxy>, mut backends: Backends) -> Res
 }
 
 async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) -> Result<()> {
+    let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (permit, stream, _) = accept_slot(&listener, &slots, "metrics").await?;
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let service = service_fn(|req: Request<Incoming>| {
@@ -204,8 +199,10 @@ async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) -> Result<()> {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
 }

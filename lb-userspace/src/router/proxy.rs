@@ -16,10 +16,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -85,7 +86,7 @@ impl Proxy {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let start = Instant::now();
         let table = self.table();
         let host = request_host(&req);
@@ -104,6 +105,10 @@ impl Proxy {
                 );
             }
         }
+        // An HTTP/1.1 upgrade (WebSocket): once the backend agrees, both
+        // connections are joined into a tunnel.
+        let upgrade = upgrade_protocol(&req);
+        let mut client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let head = Request::from_parts(parts, ());
         let held = Arc::new(HeldBody {
@@ -131,7 +136,15 @@ impl Proxy {
                 seen: 0,
                 bytes: self.metrics.request_bytes.get_or_create(&labels).clone(),
             };
-            let out = backend_request(&head, body, &route, &backend, host.as_deref(), peer);
+            let out = backend_request(
+                &head,
+                body,
+                &route,
+                &backend,
+                host.as_deref(),
+                peer,
+                upgrade.as_ref(),
+            );
             let sent = Sent::new(
                 backend.clone(),
                 self.metrics.in_flight.get_or_create(&labels).clone(),
@@ -146,7 +159,13 @@ impl Proxy {
                         "backend timed out",
                     );
                 }
-                Ok(Ok(resp)) => return self.respond(&head, peer, &route, sent, resp, start),
+                Ok(Ok(resp)) => {
+                    self.metrics
+                        .latency
+                        .get_or_create(&labels)
+                        .observe(start.elapsed().as_secs_f64());
+                    return self.respond(&head, peer, &route, sent, resp, client_side.take());
+                }
                 Ok(Err(e)) => {
                     if held.over_limit.load(Ordering::Relaxed) {
                         return self.local(
@@ -207,17 +226,34 @@ impl Proxy {
         peer: SocketAddr,
         route: &Route,
         sent: Sent,
-        resp: Response<Incoming>,
-        start: Instant,
+        mut resp: Response<Incoming>,
+        client_side: Option<OnUpgrade>,
     ) -> Response<Body> {
         let backend = &sent.in_flight.backend().label;
         let labels = metrics::labels(&route.name, backend);
         let status = resp.status();
-        self.metrics
-            .latency
-            .get_or_create(&labels)
-            .observe(start.elapsed().as_secs_f64());
         self.count(head, peer, &route.name, backend, status);
+        if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (status, client_side) {
+            let backend_side = hyper::upgrade::on(&mut resp);
+            let protocol = resp.headers().get(header::UPGRADE).cloned();
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(p) = protocol {
+                parts.headers.insert(header::UPGRADE, p);
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            let counters = (
+                self.metrics.request_bytes.get_or_create(&labels).clone(),
+                self.metrics.response_bytes.get_or_create(&labels).clone(),
+            );
+            tokio::spawn(tunnel(client_side, backend_side, sent, counters));
+            let empty = Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            return Response::from_parts(parts, empty);
+        }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = ResponseBody {
@@ -282,6 +318,47 @@ impl Proxy {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`, with
+/// `upgrade` among its `Connection` options).
+fn upgrade_protocol<T>(req: &Request<T>) -> Option<HeaderValue> {
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|o| o.trim().eq_ignore_ascii_case("upgrade"));
+    (asks && req.version() == Version::HTTP_11)
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies both ways between the client's and the backend's upgraded
+/// connections until either side closes; the request counts as in flight
+/// on its backend until then.
+async fn tunnel(
+    client_side: OnUpgrade,
+    backend_side: OnUpgrade,
+    _sent: Sent,
+    (up, down): (Counter, Counter),
+) {
+    let (client, backend) = match tokio::try_join!(client_side, backend_side) {
+        Ok(both) => both,
+        Err(e) => {
+            log::debug!("upgrade: {e}");
+            return;
+        }
+    };
+    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((to_backend, to_client)) => {
+            up.inc_by(to_backend);
+            down.inc_by(to_client);
+        }
+        Err(e) => log::debug!("upgraded connection: {e}"),
+    }
+}
+
 /// The request's host: the absolute URI's (HTTP/2's `:authority`), else
 /// the Host header.
 fn request_host<T>(req: &Request<T>) -> Option<String> {
@@ -341,6 +418,7 @@ fn backend_request(
     backend: &Backend,
     host: Option<&str>,
     peer: SocketAddr,
+    upgrade: Option<&HeaderValue>,
 ) -> Request<Body> {
     let path = backend_path(route, head.uri().path());
     let uri = match head.uri().query() {
@@ -349,6 +427,10 @@ fn backend_request(
     };
     let mut headers = head.headers().clone();
     strip_hop_by_hop(&mut headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let client = peer.ip().to_canonical();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client}"),

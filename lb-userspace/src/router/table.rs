@@ -53,7 +53,7 @@ impl Table {
             .suffix
             .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         let by_prefix = |v: &mut Vec<Arc<Route>>| {
-            v.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+            v.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         };
         table.exact.values_mut().for_each(by_prefix);
         table.suffix.iter_mut().for_each(|(_, v)| by_prefix(v));

@@ -19,8 +19,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::control::{Call, Request, Response};
 use crate::status::Status;
@@ -65,21 +65,33 @@ pub async fn serve(addr: SocketAddr, calls: mpsc::Sender<Call>) -> Result<()> {
     serve_on(listener, calls).await
 }
 
+/// The next connection once one of `slots` is free (the others wait in the
+/// listen backlog); the permit is held for as long as the connection.
+/// lbrouter accepts the same way.
+pub async fn accept_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    what: &str,
+) -> Result<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = slots.clone().acquire_owned().await?;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return Ok((permit, stream, peer)),
+            Err(e) => {
+                // Out of file descriptors and the like: pause rather than
+                // spin, and keep serving once it passes.
+                log::warn!("{what}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Serves on a listener that is already bound.
 async fn serve_on(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = slots.clone().acquire_owned().await?;
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: pause rather than
-                // spin, and keep serving once it passes.
-                log::warn!("metrics endpoint: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (permit, stream, peer) = accept_slot(&listener, &slots, "metrics endpoint").await?;
         let calls = calls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -6,7 +6,8 @@
 //! `download=N` streams N bytes, `sleep_ms=N` waits first, `die=1` drops
 //! the connection without answering, `cut=N` sends N bytes of a body
 //! announced twice as long and drops the connection. A request body is read as it comes and
-//! answered with `received=N`.
+//! answered with `received=N`. An `Upgrade` request is agreed to, and
+//! what follows on the connection is echoed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,8 +61,11 @@ fn stream(n: u64, fail: bool) -> Body {
 async fn answer(
     name: Arc<String>,
     conn: u64,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
+    if let Some(protocol) = req.headers().get("upgrade").cloned() {
+        return Ok(echo_upgrade(&name, protocol, &mut req));
+    }
     if let Some(ms) = query(&req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -106,6 +110,34 @@ async fn answer(
     Ok(resp)
 }
 
+/// Agrees to the upgrade and echoes whatever comes on the connection
+/// after it; `x-key` returns the request's `Sec-WebSocket-Key`.
+fn echo_upgrade(
+    name: &str,
+    protocol: hyper::header::HeaderValue,
+    req: &mut Request<Incoming>,
+) -> Response<Body> {
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let empty = http_body_util::Empty::new().map_err(|never| match never {});
+    let mut resp = Response::new(empty.boxed());
+    *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert("upgrade", protocol);
+    h.insert("connection", "upgrade".parse().expect("a header value"));
+    h.insert("x-backend", name.parse().expect("a name is a header value"));
+    if let Some(k) = key {
+        h.insert("x-key", k);
+    }
+    resp
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -143,7 +175,7 @@ async fn main() {
                         }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
