@@ -45,6 +45,32 @@ fn an_invalid_configuration_names_the_line_and_fails() {
     assert!(stderr.contains("missing protocol"), "{stderr}");
 }
 
+/// lbrouter's routes live in the same file: lbd checks them with the same
+/// parser, so both daemons agree on which files are valid.
+#[test]
+fn lbd_checks_the_http_routes_too() {
+    let service = "[[service]]\nname = \"web\"\nfrontend = \"10.73.0.10:80/tcp\"\n\
+                   backends = [\"10.72.1.2:8080\"]\n";
+    let (ok, stdout, stderr) = check(
+        "http-valid",
+        &format!(
+            "{service}[[http.route]]\nname = \"api\"\nhost = \"*.example.com\"\n\
+             path = \"/api\"\nbackends = [\"10.72.1.2:8080\"]\n"
+        ),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok (1 services)"), "{stdout}");
+    let (ok, _, stderr) = check(
+        "http-invalid",
+        &format!("{service}[[http.route]]\nname = \"api\"\npath = \"api\"\nbackends = [\"10.72.1.2:8080\"]\n"),
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("lbd.toml:7: path \"api\": must start with /"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn lbd_without_any_source_says_so() {
     if std::path::Path::new("/etc/lbd/lbd.toml").exists() {

@@ -150,13 +150,16 @@ mod tests {
     fn completions_know_the_subcommands() {
         let dir = scratch("completions");
         let files = write_completions(&dir).unwrap();
-        assert_eq!(files.len(), 6);
+        // Three shells for each of lbd, lbctl and lbrouter.
+        assert_eq!(files.len(), 9);
         let bash = std::fs::read_to_string(dir.join("lbctl.bash")).unwrap();
         for word in ["conntrack", "weight", "reload", "flush", "--limit"] {
             assert!(bash.contains(word), "lbctl.bash lacks {word}");
         }
         let fish = std::fs::read_to_string(dir.join("lbd.fish")).unwrap();
         assert!(fish.contains("max-flows"), "{fish}");
+        let zsh = std::fs::read_to_string(dir.join("_lbrouter")).unwrap();
+        assert!(zsh.contains("--header-read-timeout-ms"), "{zsh}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
