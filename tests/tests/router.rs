@@ -545,3 +545,36 @@ fn websocket_upgrade_is_tunnelled() {
     })
     .unwrap();
 }
+
+#[test]
+fn connections_past_the_limit_wait_for_a_free_slot() {
+    let (topo, _servers) = setup("rt-conns", 1);
+    let config = route("all", None, "/", false, &addrs(&topo, &[0]));
+    let _router = Router::start(&topo.lb, &config, &["--max-connections", "2"]).expect("lbrouter");
+    topo.client.run(|| {
+        block_on(async {
+            // The router's own readiness probe may still hold a slot for a moment.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut a = H1::connect(router_addr()).await.unwrap();
+            assert_eq!(a.get("x", "/").await.unwrap().status, 200);
+            let mut b = H1::connect(router_addr()).await.unwrap();
+            assert_eq!(b.get("x", "/").await.unwrap().status, 200);
+            // The third connects (the listen backlog takes it) but is not served.
+            let mut c = H1::connect(router_addr()).await.unwrap();
+            let third = tokio::spawn(async move { c.get("x", "/").await });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(
+                !third.is_finished(),
+                "a third connection was served past the limit"
+            );
+            drop(a);
+            let r = tokio::time::timeout(Duration::from_secs(5), third)
+                .await
+                .expect("served once a slot is free")
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(b.get("x", "/").await.unwrap().status, 200);
+        })
+    });
+}
