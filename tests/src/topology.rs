@@ -29,6 +29,9 @@ pub const LB_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 71, 0, 1);
 pub const LB_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x71, 0, 0, 0, 0, 0, 1);
 /// The LB's interface towards the client.
 pub const LB_CLIENT_IF: &str = "lbc0";
+/// Every interface of the load-balancer node: the client's and the three
+/// backends' (`lbb<n>`, made by `Topology::new`), where lbd attaches.
+pub const LB_IFACES: [&str; 4] = [LB_CLIENT_IF, "lbb1", "lbb2", "lbb3"];
 
 const INITIAL_BACKENDS: usize = 3;
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(5);

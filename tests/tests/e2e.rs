@@ -8,7 +8,7 @@ use std::time::Duration;
 use lb_tests::echo::{tcp_request, udp_request, TcpSession};
 use lb_tests::lbd::Lbd;
 use lb_tests::process::wait_until;
-use lb_tests::topology::{echo_bin, Topology, CLIENT_V4, CLIENT_V6};
+use lb_tests::topology::{echo_bin, Topology, CLIENT_V4, CLIENT_V6, LB_IFACES};
 use serde_json::Value;
 
 const TCP_PORT: u16 = 8080;
@@ -88,14 +88,7 @@ fn setup_with(tag: &str, lbd_args: &[&str]) -> Env {
     let mut topo = Topology::new(tag).expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd = Lbd::start_with(
-        &topo.lb,
-        tag,
-        &config(3),
-        &["lbc0", "lbb1", "lbb2", "lbb3"],
-        lbd_args,
-    )
-    .expect("lbd");
+    let lbd = Lbd::start_with(&topo.lb, tag, &config(3), &LB_IFACES, lbd_args).expect("lbd");
     Env { lbd, topo }
 }
 
@@ -478,7 +471,7 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
     assert!(env.lbd.pin_dir.exists());
 
     env.lbd
-        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .spawn(&env.topo.lb, &LB_IFACES)
         .expect("lbd starts again and adopts the datapath");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -508,7 +501,7 @@ fn killing_and_restarting_lbd_under_load_loses_nothing() {
 /// lbd's netlink filters on each interface of the load balancer's
 /// namespace (`tc filter show ... ingress`), by interface.
 fn netlink_filters(env: &Env) -> BTreeMap<String, usize> {
-    ["lbc0", "lbb1", "lbb2", "lbb3"]
+    LB_IFACES
         .into_iter()
         .map(|dev| {
             let out = env
@@ -543,10 +536,8 @@ fn the_netlink_attachment_serves_survives_a_restart_and_is_cleaned_up() {
         "{}",
         lbctl(&env, &["status"])
     );
-    let one_each: BTreeMap<String, usize> = ["lbc0", "lbb1", "lbb2", "lbb3"]
-        .into_iter()
-        .map(|d| (d.to_string(), 1))
-        .collect();
+    let one_each: BTreeMap<String, usize> =
+        LB_IFACES.into_iter().map(|d| (d.to_string(), 1)).collect();
     assert_eq!(netlink_filters(&env), one_each);
     let seen = tcp_spread(&env, web(), 60);
     assert_eq!(seen.len(), 3, "not balanced over the 3 backends: {seen:?}");
@@ -563,7 +554,7 @@ fn the_netlink_attachment_serves_survives_a_restart_and_is_cleaned_up() {
         "connections moved while lbd was away"
     );
     env.lbd
-        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .spawn(&env.topo.lb, &LB_IFACES)
         .expect("lbd starts again and takes over its filters");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -675,13 +666,7 @@ fn a_failed_backend_leaves_and_returns_and_no_backend_means_a_reset() {
     let mut topo = Topology::new("health").expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd = Lbd::start(
-        &topo.lb,
-        "health",
-        &health_config(),
-        &["lbc0", "lbb1", "lbb2", "lbb3"],
-    )
-    .expect("lbd");
+    let lbd = Lbd::start(&topo.lb, "health", &health_config(), &LB_IFACES).expect("lbd");
     let mut env = Env { lbd, topo };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -886,7 +871,7 @@ fn stopping_and_starting_lbd_under_load_loses_nothing_and_keeps_drains() {
     );
 
     env.lbd
-        .spawn(&env.topo.lb, &["lbc0", "lbb1", "lbb2", "lbb3"])
+        .spawn(&env.topo.lb, &LB_IFACES)
         .expect("lbd starts again and adopts the datapath");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -999,13 +984,7 @@ fn lbctl_reload_says_what_changed_and_a_rejected_file_keeps_the_old_state() {
     let mut topo = Topology::new("lbctl-rl").expect("topology");
     topo.start_servers(&echo_bin(), TCP_PORT, UDP_PORT)
         .expect("servers");
-    let lbd = Lbd::start(
-        &topo.lb,
-        "lbctl-rl",
-        &pad(config(3)),
-        &["lbc0", "lbb1", "lbb2", "lbb3"],
-    )
-    .expect("lbd");
+    let lbd = Lbd::start(&topo.lb, "lbctl-rl", &pad(config(3)), &LB_IFACES).expect("lbd");
     let env = Env { lbd, topo };
     let path = env.lbd.config.clone();
     let rewrite = |text: String| {

@@ -49,7 +49,7 @@ use lb_tests::load::{until_stopped, Bounds, Sample, StopOnDrop};
 use lb_tests::netns::{command_in, unique_name, Netns};
 use lb_tests::process::{wait_until, ChildGuard};
 use lb_tests::swarm::{wait_docker_connected, IMAGE};
-use lb_tests::topology::Topology;
+use lb_tests::topology::{Topology, LB_IFACES};
 use serde_json::Value;
 
 const PREFIX: &str = "/lb";
@@ -61,7 +61,6 @@ const ETCD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 5);
 /// The lb namespace's end of the link to etcd.
 const LB_ETCD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 74, 0, 1);
 const LB_ETCD_IF: &str = "lbe0";
-const LB_IFS: &[&str] = &["lbc0", "lbb1", "lbb2", "lbb3"];
 const BULK_PORT: u16 = 9000;
 /// One request; lbd's maps are local, so any answer takes milliseconds.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -328,7 +327,8 @@ impl Env {
         let endpoint = self.etcd.endpoint();
         let mut args = vec!["--etcd", &endpoint];
         args.extend_from_slice(extra);
-        let lbd = Lbd::start_with(&self.topo.lb, &self.tag, config, LB_IFS, &args).expect("lbd");
+        let lbd =
+            Lbd::start_with(&self.topo.lb, &self.tag, config, &LB_IFACES, &args).expect("lbd");
         wait_etcd_connected(&lbd, true, CONVERGE);
         self.lbd = Some(lbd);
     }
@@ -743,7 +743,7 @@ fn tls_with_a_client_certificate() {
             &env.topo.lb,
             "etlsno",
             "",
-            LB_IFS,
+            &LB_IFACES,
             &[
                 "--etcd",
                 &endpoint,

@@ -19,7 +19,7 @@ use lb_tests::etcd::Etcd;
 use lb_tests::lbd::{lbctl, Lbd};
 use lb_tests::netns::{unique_name, Netns};
 use lb_tests::process::{wait_until, ChildGuard};
-use lb_tests::topology::{echo_bin, Topology};
+use lb_tests::topology::{echo_bin, Topology, LB_IFACES};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -29,7 +29,6 @@ const UDP_PORT: u16 = 5353;
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// Inside the LB's namespace, so it cannot clash with anything on the host.
 const METRICS: &str = "127.0.0.1:9107";
-const INTERFACES: [&str; 4] = ["lbc0", "lbb1", "lbb2", "lbb3"];
 /// Where Debian installs the browser.
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// A browser run that takes longer than this has hung.
@@ -91,7 +90,7 @@ fn setup(tag: &str) -> Env {
         &topo.lb,
         tag,
         &config(),
-        &INTERFACES,
+        &LB_IFACES,
         &["--metrics", METRICS, "--etcd", &endpoint],
     )
     .expect("lbd");
