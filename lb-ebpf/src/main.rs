@@ -8,6 +8,8 @@
 //! (`cargo build --workspace`) only checks that it compiles.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly on the BPF target (pkt::bounded).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod conntrack;
 mod events;

@@ -27,10 +27,42 @@ fn at(ctx: &TcContext, off: usize, len: usize) -> Option<*mut u8> {
     // `p >= end`, from which the verifier learns no range. The last byte
     // of a packet is then read through the helper, which is just as right.
     let len = if len < 2 { 2 } else { len };
-    if off > MAX_OFF || start + off + len > ctx.data_end() {
+    if off > MAX_OFF {
         return None;
     }
-    Some((start + off) as *mut u8)
+    let ptr = start + bounded(off);
+    if ptr + len > ctx.data_end() {
+        return None;
+    }
+    Some(ptr as *mut u8)
+}
+
+/// `off & MAX_OFF`, which is `off` after the check in `at`, computed where
+/// the compiler cannot drop it. The verifier bounds a pointer only by what
+/// it knows of the very register added to it; LLVM may check a copy of
+/// `off` and add another, which 6.6 and later relate to each other but 6.1
+/// does not ("invalid access to packet ... r=0"). The mask bounds the
+/// register that is added on every kernel.
+#[inline(always)]
+fn bounded(off: usize) -> usize {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut off = off;
+        // SAFETY: one ALU instruction on a register; no memory touched.
+        unsafe {
+            core::arch::asm!(
+                "{0} &= {1}",
+                inout(reg) off,
+                const MAX_OFF,
+                options(pure, nomem, nostack),
+            )
+        };
+        off
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        off & MAX_OFF
+    }
 }
 
 #[inline(always)]

@@ -38,7 +38,7 @@ enum Task {
     },
     /// Build, then run the VM suites (packet fixtures, end-to-end tests) on Debian's 6.1 kernel in qemu
     VmTest {
-        /// Only these suites (fixtures, fixtures_icmp, e2e), comma-separated
+        /// Only these suites (fixtures, fixtures_icmp, e2e), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

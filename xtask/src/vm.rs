@@ -67,16 +67,32 @@ const SUITES: &[Suite] = &[
     ),
 ];
 
-/// Runs [`SUITES`] in the VM, or those named in `only`.
+/// Runs [`SUITES`] in the VM, or those named in `only`: `SUITE` runs the
+/// suite's usual tests, `SUITE:FILTER` only those whose names hold FILTER
+/// (one test to try on the second kernel without a whole suite's wait).
 pub fn run(env: &cargo::Env, only: &[String]) -> Result<()> {
     crate::setup::ensure_packages(HOST_PACKAGES, &[], "vm-test")?;
-    if let Some(unknown) = only.iter().find(|o| !SUITES.iter().any(|(s, _)| s == o)) {
-        bail!("no VM suite {unknown:?}");
+    let mut suites: Vec<(&str, Vec<String>)> = Vec::new();
+    for o in only {
+        let (name, filter) = match o.split_once(':') {
+            Some((name, filter)) => (name, Some(filter)),
+            None => (o.as_str(), None),
+        };
+        let Some((suite, args)) = SUITES.iter().find(|(s, _)| *s == name) else {
+            bail!("no VM suite {name:?} (suites: {})", suite_names());
+        };
+        let args = match filter {
+            Some(f) => vec![f.to_string()],
+            None => args.iter().map(|a| a.to_string()).collect(),
+        };
+        suites.push((suite, args));
     }
-    let suites: Vec<_> = SUITES
-        .iter()
-        .filter(|(s, _)| only.is_empty() || only.iter().any(|o| o == s))
-        .collect();
+    if only.is_empty() {
+        suites = SUITES
+            .iter()
+            .map(|(s, args)| (*s, args.iter().map(|a| a.to_string()).collect()))
+            .collect();
+    }
     let built = build(env)?;
     let image = image()?;
     let kvm = kvm_works();
@@ -85,6 +101,14 @@ pub fn run(env: &cargo::Env, only: &[String]) -> Result<()> {
     }
     let payload = payload(&built, &suites, kvm)?;
     boot(&image, &payload, kvm)
+}
+
+fn suite_names() -> String {
+    SUITES
+        .iter()
+        .map(|(s, _)| *s)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The cached image: its directory holds `base.img`, `vmlinuz` and
@@ -142,7 +166,7 @@ fn mkfs(dir: &Path, label: &str, size_mib: u64, out: &Path) -> Result<()> {
 /// The disk of this build's files: the workspace's files the tests read,
 /// the release binaries, the test binaries of [`SUITES`] and the script
 /// that runs them, laid out as in the workspace.
-fn payload(built: &[PathBuf], suites: &[&Suite], kvm: bool) -> Result<PathBuf> {
+fn payload(built: &[PathBuf], suites: &[(&str, Vec<String>)], kvm: bool) -> Result<PathBuf> {
     let root = cargo::workspace_root();
     let vm = root.join("target/vm");
     let stage = vm.join("payload");
