@@ -194,7 +194,10 @@ pub fn run(config: &Config, out: &Output) -> Result<Report> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&md_dir)?;
-    std::fs::write(&out.markdown, report.markdown(&md_dir))
+    let kept = std::fs::read_to_string(&out.markdown)
+        .map(|old| report::kept_sections(&old))
+        .unwrap_or_default();
+    std::fs::write(&out.markdown, report.markdown(&md_dir) + &kept)
         .with_context(|| format!("writing {}", out.markdown.display()))?;
     Ok(report)
 }

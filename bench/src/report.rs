@@ -133,6 +133,36 @@ impl Report {
     }
 }
 
+/// The sections of an existing BENCHMARKS.md that other commands write
+/// (`cargo xtask vm-test --only swarm_ipvs`), each between a line
+/// `<!-- NAME: begin -->` and a line `<!-- NAME: end -->`: a new report
+/// keeps them, after its own.
+pub fn kept_sections(old: &str) -> String {
+    let mut kept = String::new();
+    let mut inside: Option<String> = None;
+    for line in old.lines() {
+        let marker = line
+            .trim()
+            .strip_prefix("<!-- ")
+            .and_then(|l| l.strip_suffix(" -->"));
+        match (&inside, marker) {
+            (None, Some(m)) if m.ends_with(": begin") => {
+                inside = Some(m.trim_end_matches(": begin").to_string());
+                kept += "\n";
+            }
+            _ => {}
+        }
+        if let Some(name) = &inside {
+            kept += line;
+            kept += "\n";
+            if marker == Some(&format!("{name}: end")) {
+                inside = None;
+            }
+        }
+    }
+    kept
+}
+
 fn relative(path: &Path, base: &Path) -> String {
     let (Ok(path), Ok(base)) = (path.canonicalize(), base.canonicalize()) else {
         return path.display().to_string();
@@ -310,5 +340,22 @@ pub fn human(v: f64) -> String {
         format!("{:.1} k", v / 1e3)
     } else {
         format!("{v:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept_sections;
+
+    #[test]
+    fn kept_sections_are_only_the_marked_ones() {
+        let old =
+            "# Benchmarks\n\nold table\n\n<!-- vm: begin -->\n## VM\n\n| a |\n<!-- vm: end -->\n\
+                   after\n<!-- other: begin -->\nx\n";
+        assert_eq!(
+            kept_sections(old),
+            "\n<!-- vm: begin -->\n## VM\n\n| a |\n<!-- vm: end -->\n\n<!-- other: begin -->\nx\n"
+        );
+        assert_eq!(kept_sections("# Benchmarks\n| a |\n"), "");
     }
 }

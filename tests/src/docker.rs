@@ -455,7 +455,9 @@ impl Dockerd {
     }
 
     /// [`Self::docker`] with a bound other than the default 60 s.
+    /// Stretched by the time scale, like every wait of the tests.
     pub fn docker_timeout(&self, args: &[&str], timeout: Duration) -> Result<String> {
+        let timeout = timeout * crate::process::time_scale();
         let what = format!("docker {}", args.join(" "));
         let out = Command::new("timeout")
             .args(["-k", "5", &timeout.as_secs().max(1).to_string()])
@@ -772,7 +774,8 @@ pub fn until_all_answer(
 
 /// Builds the test web image as `tag` on `d`: `FROM scratch` plus busybox,
 /// serving `HOSTNAME ADDR:PORT` over HTTP on port 80 (the client address as
-/// the container saw it) and the bare hostname on TCP port 7 for any line.
+/// the container saw it) and the bare hostname on TCP port 7 for any line;
+/// lb-echo on UDP 5353 and TCP 9000, lb-http on 8000 (see its Dockerfile).
 pub fn build_test_image(d: &Dockerd, tag: &str) -> Result<()> {
     let ctx = d
         .dir()
@@ -798,6 +801,7 @@ pub fn build_test_image(d: &Dockerd, tag: &str) -> Result<()> {
     std::fs::copy(BUSYBOX, ctx.join("busybox"))
         .with_context(|| format!("copying {BUSYBOX} (package busybox-static)"))?;
     copy_with_libraries(&crate::topology::echo_bin(), &ctx.join("root"))?;
+    copy_with_libraries(&crate::topology::target_bin("lb-http"), &ctx.join("root"))?;
     let ctx_str = ctx.to_string_lossy().into_owned();
     d.docker_timeout(
         &["build", "-q", "-t", tag, &ctx_str],

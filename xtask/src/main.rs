@@ -30,13 +30,16 @@ enum Task {
     Package,
     /// Write man pages (target/release/man) and bash, zsh and fish completions (target/release/completions) for lbd and lbctl; builds nothing
     Man,
-    /// Build, then run every test serially; arguments after `--` go to the test binaries
+    /// Build, then run every test serially on this kernel, then the VM suites on Debian's 6.1 kernel (as vm-test); arguments after `--` go to the test binaries
     Test {
+        /// Skip the VM suites (they take about N minutes under emulation)
+        #[arg(long)]
+        no_vm: bool,
         /// e.g. a test name filter or --nocapture
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build, then run the VM suites (packet fixtures, end-to-end tests) on Debian's 6.1 kernel in qemu
+    /// Build, then run the VM suites (packet fixtures, end-to-end, Docker and Swarm tests, the IPVS comparison) on Debian's 6.1 kernel in qemu
     VmTest {
         /// Only these suites (fixtures, fixtures_icmp, e2e), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
         #[arg(long, value_delimiter = ',')]
@@ -77,7 +80,7 @@ fn main() -> Result<()> {
             man::run(&release_dir())?;
             package::run(&cargo::workspace_root())?;
         }
-        Task::Test { args } => {
+        Task::Test { no_vm, args } => {
             let env = setup::run()?;
             build(&env)?;
             // The package tests read the package of this very build.
@@ -90,8 +93,14 @@ fn main() -> Result<()> {
                     .args(["test", "--release"])
                     .args(cargo::WORKSPACE)
                     .args(["--", "--test-threads=1"])
-                    .args(args),
+                    .args(&args),
             )?;
+            // A name filter picks tests on this kernel only: the VM runs
+            // its suites whole.
+            let filtered = args.iter().any(|a| !a.starts_with('-'));
+            if !no_vm && !filtered {
+                vm::run(&env, &[])?;
+            }
         }
         Task::VmTest { only } => vm::run(&setup::run()?, &only)?,
         Task::Bench { quick, args } => {

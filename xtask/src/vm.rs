@@ -37,6 +37,11 @@ const VM_PACKAGES: &[&str] = &[
     "util-linux",
     "kmod",
     "procps",
+    // The Docker tests, and Docker's own routing mesh for the side-by-side
+    // comparison (swarm_ipvs), which also needs ipvsadm and wrk.
+    "docker.io",
+    "ipvsadm",
+    "wrk",
 ];
 /// The VM's PID 1.
 const INIT: &str = include_str!("vm/init.sh");
@@ -65,7 +70,18 @@ const SUITES: &[Suite] = &[
             "the_netlink_attachment_serves_survives_a_restart_and_is_cleaned_up",
         ],
     ),
+    (
+        "docker_lb",
+        &["two_node_swarm_reaches_tasks_through_either_node"],
+    ),
+    ("swarm_ipvs", &["--ignored"]),
 ];
+/// The side-by-side table (tests/tests/swarm_ipvs.rs) comes on the console
+/// as lines with this prefix; it goes into BENCHMARKS.md between these
+/// markers.
+const TABLE_PREFIX: &str = "SWARM-IPVS| ";
+const TABLE_BEGIN: &str = "<!-- swarm-ipvs: begin -->";
+const TABLE_END: &str = "<!-- swarm-ipvs: end -->";
 
 /// Runs [`SUITES`] in the VM, or those named in `only`: `SUITE` runs the
 /// suite's usual tests, `SUITE:FILTER` only those whose names hold FILTER
@@ -100,7 +116,10 @@ pub fn run(env: &cargo::Env, only: &[String]) -> Result<()> {
         println!("vm: KVM does not work here; emulating (TCG)");
     }
     let payload = payload(&built, &suites, kvm)?;
-    boot(&image, &payload, kvm)
+    // The comparison's table goes into BENCHMARKS.md when it was asked for
+    // by name, as a benchmark is; a test run only shows it.
+    let record = only.iter().any(|o| o == "swarm_ipvs");
+    boot(&image, &payload, kvm, record)
 }
 
 fn suite_names() -> String {
@@ -262,7 +281,7 @@ fn test_executable(built: &[PathBuf], name: &str) -> Result<PathBuf> {
 
 /// Boots the image with the payload, shows the console, and fails unless
 /// the VM reports that every suite passed.
-fn boot(image: &Path, payload: &Path, kvm: bool) -> Result<()> {
+fn boot(image: &Path, payload: &Path, kvm: bool, record: bool) -> Result<()> {
     let workspace = cargo::workspace_root();
     let started = Instant::now();
     let accel: &[&str] = if kvm {
@@ -303,6 +322,8 @@ fn boot(image: &Path, payload: &Path, kvm: bool) -> Result<()> {
         let _ = Command::new("kill").arg(pid.to_string()).status();
     });
     let mut status = None;
+    let mut table = Vec::new();
+    let mut kernel = String::new();
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).split(b'\n') {
         let line = String::from_utf8_lossy(&line?).into_owned();
@@ -311,14 +332,54 @@ fn boot(image: &Path, payload: &Path, kvm: bool) -> Result<()> {
         if let Some(code) = line.strip_prefix(STATUS_LINE) {
             status = code.trim().parse::<i32>().ok();
         }
+        if let Some(row) = line.strip_prefix(TABLE_PREFIX) {
+            table.push(row.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("lb-vm: kernel ") {
+            kernel = rest.split(',').next().unwrap_or_default().to_string();
+        }
     }
     let _ = qemu.wait();
     println!("vm: {:.0?} from boot to power-off", started.elapsed());
+    if record && !table.is_empty() {
+        let how = if kvm { "KVM" } else { "TCG, emulated" };
+        record_table(&table, &format!("kernel {kernel}, {how}"))?;
+    }
     match status {
         Some(0) => Ok(()),
         Some(code) => bail!("the tests in the VM failed (status {code})"),
         None => bail!("the VM stopped without a result"),
     }
+}
+
+/// Puts the side-by-side table into BENCHMARKS.md, replacing the one there.
+fn record_table(rows: &[String], machine: &str) -> Result<()> {
+    let path = cargo::workspace_root().join("BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    let section = format!(
+        "{TABLE_BEGIN}\n\
+         ## Swarm's routing mesh: Docker's IPVS and lbd side by side\n\n\
+         Command: `cargo xtask vm-test --only swarm_ipvs`  \n\
+         Measured {} ({machine}; a 2-node Swarm of network namespaces with a dockerd \
+         each, inside one VM; `cargo xtask bench` keeps this section).\n\n{}\n{TABLE_END}",
+        date()?,
+        rows.join("\n")
+    );
+    let doc = match (doc.find(TABLE_BEGIN), doc.find(TABLE_END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &doc[..a], &doc[b + TABLE_END.len()..])
+        }
+        _ => format!("{}\n\n{section}\n", doc.trim_end()),
+    };
+    std::fs::write(&path, doc)?;
+    println!("vm: the side-by-side table is in {}", path.display());
+    Ok(())
+}
+
+fn date() -> Result<String> {
+    Ok(cargo::output(Command::new("date").arg("+%Y-%m-%d"))?
+        .trim()
+        .to_string())
 }
 
 /// Whether a KVM guest starts here: where /dev/kvm exists but cannot run
