@@ -10,5 +10,6 @@ pub mod netdev;
 pub mod netns;
 pub mod process;
 pub mod router;
+pub mod scratch;
 pub mod swarm;
 pub mod topology;

@@ -10,15 +10,16 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lb_tests::echo::{tcp_request, udp_request};
 use lb_tests::etcd::Etcd;
 use lb_tests::lbd::{lbctl, Lbd};
-use lb_tests::netns::{unique_name, Netns};
+use lb_tests::netns::Netns;
 use lb_tests::process::{wait_until, ChildGuard};
+use lb_tests::scratch::Scratch;
 use lb_tests::topology::{echo_bin, Topology, LB_IFACES};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -318,15 +319,6 @@ fn browse(ns: &Netns, work: &Path, run: &str, extra: &[&str]) -> String {
     std::fs::read_to_string(&out_path).unwrap()
 }
 
-/// Removes the browser's scratch directory when the test ends.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn metrics_and_stats_page_show_the_traffic() {
     // Checked first: without a browser the rest cannot be judged.
@@ -415,9 +407,8 @@ fn metrics_and_stats_page_show_the_traffic() {
     assert_eq!(get_in(&env.topo.lb, "/nope").code, 404);
 
     // 2. The page, rendered by a browser, shows the data, not just a shell.
-    let work = std::env::temp_dir().join(unique_name("stats-browser"));
-    let _scratch = Scratch(work.clone());
-    std::fs::create_dir_all(&work).unwrap();
+    let scratch = Scratch::new("stats-browser");
+    let work = scratch.0.clone();
     let png = work.join("stats-page.png");
     let screenshot = format!("--screenshot={}", png.display());
     browse(&env.topo.lb, &work, "screenshot", &[&screenshot]);
