@@ -82,6 +82,7 @@ fn main() -> Result<()> {
         }
         Task::Test { no_vm, args } => {
             let env = setup::run()?;
+            setup::ensure_packages(setup::TEST_PACKAGES, &[], "test")?;
             build(&env)?;
             // The package tests read the package of this very build.
             man::run(&release_dir())?;

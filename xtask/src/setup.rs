@@ -41,6 +41,11 @@ const APT_PACKAGES: &[&str] = &[
 ];
 /// Nice to have for debugging, not worth failing setup over.
 const APT_OPTIONAL: &[&str] = &["bpftool"];
+/// What `cargo xtask test` needs besides [`APT_PACKAGES`], and nothing
+/// else does: the test of vagrant/ validates the Vagrantfile with Vagrant
+/// and its libvirt provider (which brings a Ruby stack), and checks the
+/// provisioning script with ShellCheck.
+pub const TEST_PACKAGES: &[&str] = &["vagrant", "vagrant-libvirt", "shellcheck"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_SERIES: &str = "0.13.";
 
