@@ -101,12 +101,21 @@ install_phase() {
     # apt takes a file by a path only (a bare name is a package name).
     case $deb in /*) ;; *) deb=$PWD/$deb ;; esac
     forbid_service_starts
-    say "installing Docker"
-    apt_get update
     # Docker, certificates to pull images with, iproute2 (which the package
     # recommends), ssh for the join token and curl for the checks here.
-    apt_get install -y --no-install-recommends \
-        docker.io ca-certificates iproute2 openssh-client curl
+    # Fetched only when one is missing: a node (or image) that has them all
+    # is provisioned again offline.
+    missing=
+    for pkg in docker.io ca-certificates iproute2 openssh-client curl; do
+        dpkg-query -W -f '${Status}\n' "$pkg" 2>/dev/null | grep -q ' installed$' ||
+            missing="$missing $pkg"
+    done
+    if [ -n "$missing" ]; then
+        say "installing$missing"
+        apt_get update
+        # shellcheck disable=SC2086 # one word per package
+        apt_get install -y --no-install-recommends $missing
+    fi
     # --reinstall: a package rebuilt with the same version replaces the
     # installed one.
     say "installing $deb"

@@ -37,12 +37,15 @@ const VM_PACKAGES: &[&str] = &[
     "util-linux",
     "kmod",
     "procps",
-    // The Docker tests, and Docker's own routing mesh for the side-by-side
-    // comparison (swarm_ipvs), which also needs ipvsadm and wrk.
-    "docker.io",
+    // Docker's own routing mesh for the side-by-side comparison
+    // (swarm_ipvs). Docker itself comes with the provisioning script.
     "ipvsadm",
     "wrk",
 ];
+/// The provisioning script of real nodes (vagrant/): its install phase
+/// puts Docker and lbd's package into the image, and installs this build's
+/// package again at every boot, offline, before the tests run.
+const PROVISION: &str = include_str!("../../vagrant/provision.sh");
 /// The VM's PID 1.
 const INIT: &str = include_str!("vm/init.sh");
 /// What the host needs to build and boot the image.
@@ -74,7 +77,8 @@ const SUITES: &[Suite] = &[
         "docker_lb",
         &["two_node_swarm_reaches_tasks_through_either_node"],
     ),
-    ("swarm_ipvs", &["--ignored"]),
+    // --nocapture: its table goes to the console, where boot() finds it.
+    ("swarm_ipvs", &["--ignored", "--nocapture"]),
 ];
 /// The side-by-side table (tests/tests/swarm_ipvs.rs) comes on the console
 /// as lines with this prefix; it goes into BENCHMARKS.md between these
@@ -98,7 +102,13 @@ pub fn run(env: &cargo::Env, only: &[String]) -> Result<()> {
             bail!("no VM suite {name:?} (suites: {})", suite_names());
         };
         let args = match filter {
-            Some(f) => vec![f.to_string()],
+            // The suite's flags stay; the filter takes its names' place.
+            Some(f) => args
+                .iter()
+                .filter(|a| a.starts_with('-'))
+                .map(|a| a.to_string())
+                .chain([f.to_string()])
+                .collect(),
             None => args.iter().map(|a| a.to_string()).collect(),
         };
         suites.push((suite, args));
@@ -110,12 +120,14 @@ pub fn run(env: &cargo::Env, only: &[String]) -> Result<()> {
             .collect();
     }
     let built = build(env)?;
-    let image = image()?;
+    crate::man::run(&cargo::workspace_root().join("target/release"))?;
+    let deb = crate::package::run(&cargo::workspace_root())?;
+    let image = image(&deb)?;
     let kvm = kvm_works();
     if !kvm {
         println!("vm: KVM does not work here; emulating (TCG)");
     }
-    let payload = payload(&built, &suites, kvm)?;
+    let payload = payload(&built, &suites, &deb, kvm)?;
     // The comparison's table goes into BENCHMARKS.md when it was asked for
     // by name, as a benchmark is; a test run only shows it.
     let record = only.iter().any(|o| o == "swarm_ipvs");
@@ -131,10 +143,12 @@ fn suite_names() -> String {
 }
 
 /// The cached image: its directory holds `base.img`, `vmlinuz` and
-/// `initrd.img`. Built when missing.
-fn image() -> Result<PathBuf> {
+/// `initrd.img`. Built when missing, with the provisioning script's install
+/// phase run on `deb` (the package of the build at hand; each boot installs
+/// the current one, so it is not an input of the cache).
+fn image(deb: &Path) -> Result<PathBuf> {
     let mut hasher = DefaultHasher::new();
-    (SUITE, MIRROR, VM_PACKAGES, INIT).hash(&mut hasher);
+    (SUITE, MIRROR, VM_PACKAGES, INIT, PROVISION).hash(&mut hasher);
     let dir = Path::new(CACHE).join(format!("bookworm-{:016x}", hasher.finish()));
     if dir.join("ready").exists() {
         println!("vm: image {}", dir.display());
@@ -152,6 +166,7 @@ fn image() -> Result<PathBuf> {
             .arg(format!("--include={}", VM_PACKAGES.join(",")))
             .args([SUITE, &root.to_string_lossy(), MIRROR]),
     )?;
+    provision(&root, deb)?;
     let init = root.join("sbin/lb-vm-init");
     std::fs::write(&init, INIT)?;
     cargo::run(Command::new("chmod").arg("755").arg(&init))?;
@@ -167,6 +182,34 @@ fn image() -> Result<PathBuf> {
     std::fs::write(dir.join("ready"), "")?;
     println!("vm: image built in {:.0?}", started.elapsed());
     Ok(dir)
+}
+
+/// `provision.sh install` in the image's root, as on a node just made: it
+/// fetches Docker from the Debian mirror, so the root gets the host's
+/// resolver and /proc for the time being.
+fn provision(root: &Path, deb: &Path) -> Result<()> {
+    std::fs::write(root.join("tmp/provision.sh"), PROVISION)?;
+    std::fs::copy(deb, root.join("tmp/lb.deb"))?;
+    std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf"))?;
+    let proc = root.join("proc");
+    cargo::run(
+        Command::new("mount")
+            .args(["-t", "proc", "proc"])
+            .arg(&proc),
+    )?;
+    let status = Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "/tmp/provision.sh", "install", "/tmp/lb.deb"])
+        .status();
+    let _ = Command::new("umount").arg("-l").arg(&proc).status();
+    for f in ["tmp/provision.sh", "tmp/lb.deb", "etc/resolv.conf"] {
+        let _ = std::fs::remove_file(root.join(f));
+    }
+    let status = status.context("chroot")?;
+    if !status.success() {
+        bail!("provision.sh install in the image failed ({status})");
+    }
+    Ok(())
 }
 
 /// An ext4 file system image of `dir`'s contents, made without mounting
@@ -185,14 +228,19 @@ fn mkfs(dir: &Path, label: &str, size_mib: u64, out: &Path) -> Result<()> {
 /// The disk of this build's files: the workspace's files the tests read,
 /// the release binaries, the test binaries of [`SUITES`] and the script
 /// that runs them, laid out as in the workspace.
-fn payload(built: &[PathBuf], suites: &[(&str, Vec<String>)], kvm: bool) -> Result<PathBuf> {
+fn payload(
+    built: &[PathBuf],
+    suites: &[(&str, Vec<String>)],
+    deb: &Path,
+    kvm: bool,
+) -> Result<PathBuf> {
     let root = cargo::workspace_root();
     let vm = root.join("target/vm");
     let stage = vm.join("payload");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(stage.join("target/release/deps"))?;
     std::fs::create_dir_all(stage.join(".lb-vm"))?;
-    for dir in ["dist", "tests"] {
+    for dir in ["dist", "tests", "vagrant"] {
         cargo::run(
             Command::new("cp")
                 .arg("-a")
@@ -215,6 +263,23 @@ fn payload(built: &[PathBuf], suites: &[(&str, Vec<String>)], kvm: bool) -> Resu
     // Waits for readiness stretch by this much (tests/src/process.rs).
     let scale = if kvm { 2 } else { TCG_SLOWDOWN };
     let mut script = format!("status=0\nexport LB_TEST_TIME_SCALE={scale}\n");
+    // This build's package, installed by the provisioning script as on a
+    // node (offline: what it needs is in the image), then checked.
+    let name = deb.file_name().context("the package's name")?;
+    std::fs::create_dir_all(stage.join("target/package"))?;
+    std::fs::copy(deb, stage.join("target/package").join(name))?;
+    script += &format!(
+        "echo \"== provision.sh install\"\n\
+         if sh vagrant/provision.sh install target/package/{name} \\\n\
+            && [ \"$(/usr/sbin/lbd --version)\" = \"$(target/release/lbd --version)\" ] \\\n\
+            && [ -e /etc/systemd/system/multi-user.target.wants/lbd.service ] \\\n\
+            && [ -e /etc/systemd/system/multi-user.target.wants/docker.service ]; then\n\
+             echo \"provision: ok, $(/usr/sbin/lbd --version) installed and enabled\"\n\
+         else\n\
+             echo \"provision: FAILED\"; status=1\n\
+         fi\n",
+        name = name.to_string_lossy()
+    );
     for (suite, args) in suites {
         let exe = test_executable(built, suite)?;
         let name = exe.file_name().context("test binary without a name")?;
