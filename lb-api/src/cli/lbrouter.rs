@@ -26,6 +26,11 @@ pub struct Args {
         default_value = "0.0.0.0:8080"
     )]
     pub listen: Vec<SocketAddr>,
+    /// Address to serve HTTPS on (repeatable): HTTP/1.1 and HTTP/2 chosen
+    /// by ALPN, with the certificates of the config file's [http.tls]
+    /// section, reloaded when their files change.
+    #[arg(long, env = "LBROUTER_LISTEN_TLS", value_delimiter = ',')]
+    pub listen_tls: Vec<SocketAddr>,
     /// Serve Prometheus metrics at /metrics on this loopback address.
     #[arg(long, env = "LBROUTER_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -42,7 +47,8 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(8192..=1_048_576))]
     pub max_header_bytes: u32,
     /// How long a client has to send a request head, in milliseconds; also
-    /// how long an HTTP/1 connection may stay idle between requests.
+    /// how long an HTTP/1 connection may stay idle between requests, and
+    /// how long a TLS handshake may take.
     #[arg(long, env = "LBROUTER_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
@@ -61,7 +67,9 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub backend_idle_timeout_ms: u64,
     /// Check this configuration file and exit: 0 if it is valid, 1 with
-    /// the file, line and reason of the first error if not.
+    /// the file, line and reason of the first error if not. The file is
+    /// checked as lbd checks it; then the certificates [http.tls] names
+    /// are loaded.
     #[arg(long, value_name = "FILE")]
     pub check_config: Option<PathBuf>,
     /// Log level: error, warn, info, debug or trace. RUST_LOG, when set,

@@ -12,21 +12,27 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     lb_userspace::logging::init(&args.log_level, log::LevelFilter::Off);
     if let Some(path) = &args.check_config {
-        return match lb_userspace::config::load(path) {
-            Ok(file) => {
-                println!("{}: ok ({} routes)", path.display(), file.http.routes.len());
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        };
+        let file = lb_userspace::config::load(path).unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(1);
+        });
+        if let Err(e) = router::tls::check(&file.http.certificates) {
+            eprintln!("{}: [http.tls]: {e:#}", path.display());
+            std::process::exit(1);
+        }
+        println!(
+            "{}: ok ({} routes, {} certificates)",
+            path.display(),
+            file.http.routes.len(),
+            file.http.certificates.len()
+        );
+        return Ok(());
     }
     let ms = Duration::from_millis;
     router::run(Options {
         config: args.config,
         listen: args.listen,
+        listen_tls: args.listen_tls,
         metrics: args.metrics,
         max_connections: args.max_connections as usize,
         max_header_bytes: args.max_header_bytes as usize,

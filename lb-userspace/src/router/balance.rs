@@ -98,6 +98,17 @@ impl Backends {
     }
 }
 
+/// Backend `addr` of `route` if it takes requests: a client pinned to it
+/// stays there at weight 0 too (see sticky.rs).
+pub fn pinned(route: &Route, addr: SocketAddr) -> Option<Arc<Backend>> {
+    let now = now_ms();
+    route
+        .backends
+        .iter()
+        .find(|(b, _)| b.addr == addr && b.available(now))
+        .map(|(b, _)| b.clone())
+}
+
 /// A backend of `route` for a new request, other than `exclude`; `None`
 /// when none can take it (all drained or quarantined).
 pub fn pick(route: &Route, exclude: Option<SocketAddr>) -> Option<Arc<Backend>> {
@@ -151,6 +162,7 @@ mod tests {
             prefix: "/".into(),
             strip_prefix: false,
             max_body_bytes: None,
+            sticky: None,
             backends: weights
                 .iter()
                 .enumerate()
@@ -204,5 +216,15 @@ mod tests {
         }
         assert!(pick(&r, Some(r.backends[1].0.addr)).is_none());
         assert!(pick(&route(&[0, 0]), None).is_none());
+    }
+
+    #[test]
+    fn pinned_backend_is_kept_while_it_takes_connections() {
+        let r = route(&[1, 0]);
+        let drained = r.backends[1].0.addr;
+        assert_eq!(pinned(&r, drained).unwrap().addr, drained, "drained: kept");
+        r.backends[1].0.quarantine();
+        assert!(pinned(&r, drained).is_none(), "refusing: moved");
+        assert!(pinned(&r, SocketAddr::from(([10, 9, 9, 9], 80))).is_none());
     }
 }

@@ -10,7 +10,15 @@
 //! path = "/api"                      # prefix, on segment boundaries; default "/"
 //! strip_prefix = true                # /api/users reaches the backend as /users
 //! max_body_bytes = 1048576           # 413 past this many request body bytes
+//! sticky_cookie = "lbsticky"         # optional: pin each client to one backend
 //! backends = ["10.0.0.5:8080", { addr = "10.0.0.6:8080", weight = 2 }]
+//!
+//! # The certificates of lbrouter's --listen-tls listeners. A handshake gets
+//! # the certificate that names the server name it asks for; the first is
+//! # the default. Relative paths are taken from the config file's directory.
+//! [[http.tls.certificate]]
+//! cert = "tls/example.pem"           # PEM: the certificate, then its chain
+//! key = "tls/example.key"            # PEM: its private key
 //! ```
 //!
 //! Parsed and checked by the same parser as the rest of the file
@@ -18,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -31,6 +39,18 @@ const MAX_BODY_LIMIT: i64 = 1 << 40;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpConfig {
     pub routes: Vec<RouteSpec>,
+    /// `[[http.tls.certificate]]`, in the file's order: the first is the
+    /// default. Only lbrouter reads the files they name.
+    pub certificates: Vec<CertSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertSpec {
+    /// As written when absolute; a relative path is taken from the config
+    /// file's directory.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub line: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +63,8 @@ pub struct RouteSpec {
     pub strip_prefix: bool,
     /// Request body bytes allowed; `None`: no limit.
     pub max_body_bytes: Option<u64>,
+    /// The cookie that pins a client to a backend; `None`: not sticky.
+    pub sticky_cookie: Option<String>,
     pub backends: Vec<HttpBackend>,
     /// Where the route is defined, for messages.
     pub line: usize,
@@ -80,6 +102,21 @@ pub(crate) struct RawHttp {
     max_body_bytes: Option<Spanned<i64>>,
     #[serde(default)]
     route: Vec<RawRoute>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    /// Required: a `[http.tls]` without one is an error at its line.
+    certificate: Spanned<Vec<RawCert>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +128,7 @@ struct RawRoute {
     #[serde(default)]
     strip_prefix: bool,
     max_body_bytes: Option<Spanned<i64>>,
+    sticky_cookie: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -116,6 +154,9 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
     let default_limit = raw.max_body_bytes.as_ref().map(body_limit).transpose()?;
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut places: HashMap<(HostMatch, String), usize> = HashMap::new();
+    // A browser sends a host's cookies to every route of that host: two
+    // routes of one host with one cookie name would keep re-pinning it.
+    let mut cookies: HashMap<(HostMatch, String), (String, usize)> = HashMap::new();
     let mut routes = Vec::with_capacity(raw.route.len());
     for r in raw.route {
         let line = lines.at(r.name.span().start);
@@ -171,17 +212,103 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
             Some(v) => Some(body_limit(v)?),
             None => default_limit,
         };
+        let sticky_cookie = match &r.sticky_cookie {
+            None => None,
+            Some(c) => {
+                let cookie = c.get_ref();
+                check_cookie_name(cookie).map_err(|reason| {
+                    fail(c.span(), format!("sticky_cookie {cookie:?}: {reason}"))
+                })?;
+                let key = (host.clone(), cookie.clone());
+                if let Some((other, first)) = cookies.insert(key, (name.clone(), line)) {
+                    return Err(fail(
+                        c.span(),
+                        format!(
+                            "sticky_cookie {cookie:?} is already the cookie of route {other:?} \
+                             (line {first}) for {host}: each route of a host needs its own"
+                        ),
+                    ));
+                }
+                Some(cookie.clone())
+            }
+        };
         routes.push(RouteSpec {
             name,
             host,
             path: prefix,
             strip_prefix: r.strip_prefix,
             max_body_bytes,
+            sticky_cookie,
             backends,
             line,
         });
     }
-    Ok(HttpConfig { routes })
+    let certificates = match raw.tls {
+        Some(tls) => parse_certificates(path, lines, tls)?,
+        None => Vec::new(),
+    };
+    Ok(HttpConfig {
+        routes,
+        certificates,
+    })
+}
+
+fn parse_certificates(
+    path: &Path,
+    lines: &Lines,
+    tls: RawTls,
+) -> Result<Vec<CertSpec>, ConfigError> {
+    let fail = |span: std::ops::Range<usize>, reason: String| {
+        ConfigError::new(path, Some(lines.at(span.start)), reason)
+    };
+    let span = tls.certificate.span();
+    let certificates = tls.certificate.into_inner();
+    if certificates.is_empty() {
+        return Err(fail(
+            span,
+            "[http.tls] needs at least one [[http.tls.certificate]] with cert and key".into(),
+        ));
+    }
+    let base = path.parent().unwrap_or(Path::new(""));
+    let file = |field: &str, v: &Spanned<String>| {
+        if v.get_ref().trim().is_empty() {
+            return Err(fail(v.span(), format!("certificate {field} is empty")));
+        }
+        Ok(base.join(v.get_ref()))
+    };
+    let mut seen: HashMap<PathBuf, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(certificates.len());
+    for c in certificates {
+        let line = lines.at(c.cert.span().start);
+        let cert = file("cert", &c.cert)?;
+        let key = file("key", &c.key)?;
+        if let Some(first) = seen.insert(cert.clone(), line) {
+            return Err(fail(
+                c.cert.span(),
+                format!(
+                    "certificate {} is listed twice (first on line {first})",
+                    cert.display()
+                ),
+            ));
+        }
+        out.push(CertSpec { cert, key, line });
+    }
+    Ok(out)
+}
+
+/// A cookie name is an RFC 6265 token; this keeps to the characters every
+/// client takes.
+fn check_cookie_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("use 1 to 64 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+    {
+        return Err("use letters, digits and !#$%&'*+-.^_`|~ (no spaces, '=' or ';')".into());
+    }
+    Ok(())
 }
 
 /// `example.com` or `*.example.com`, lower-cased.
@@ -280,6 +407,73 @@ backends = ["[fd00::1]:8080"]
         assert_eq!(web.path, "/");
         assert_eq!(web.max_body_bytes, Some(0));
         assert!(ok("").routes.is_empty());
+    }
+
+    #[test]
+    fn certificates_and_sticky_cookies() {
+        let http = ok(r#"
+[[http.route]]
+name = "shop"
+sticky_cookie = "lb_sticky"
+backends = ["10.0.0.1:80"]
+
+[[http.tls.certificate]]
+cert = "tls/a.pem"
+key = "/keys/a.key"
+
+[[http.tls.certificate]]
+cert = "/certs/b.pem"
+key = "b.key"
+"#);
+        assert_eq!(http.routes[0].sticky_cookie.as_deref(), Some("lb_sticky"));
+        let c = &http.certificates;
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].cert, Path::new("/etc/lbd/tls/a.pem"));
+        assert_eq!(c[0].key, Path::new("/keys/a.key"));
+        assert_eq!(c[0].line, 8);
+        assert_eq!(c[1].cert, Path::new("/certs/b.pem"));
+        assert_eq!(c[1].key, Path::new("/etc/lbd/b.key"));
+        assert_eq!(ok("").certificates, vec![]);
+    }
+
+    #[test]
+    fn certificate_and_cookie_mistakes_name_their_line() {
+        let cert = |body: &str| format!("[http]\n\n[[http.tls.certificate]]\n{body}\n");
+        err(&cert("cert = \"a.pem\""), 3, "missing field `key`");
+        err(
+            &cert("cert = \"a.pem\"\nkey = \"\""),
+            5,
+            "certificate key is empty",
+        );
+        err(
+            &cert("cert = \"a.pem\"\nkey = \"a.key\"\nsni = \"x\""),
+            6,
+            "unknown field",
+        );
+        err(
+            &format!(
+                "{}[[http.tls.certificate]]\ncert = \"/etc/lbd/a.pem\"\nkey = \"b.key\"\n",
+                cert("cert = \"a.pem\"\nkey = \"a.key\"")
+            ),
+            7,
+            "listed twice (first on line 4)",
+        );
+        err("[http.tls]\n", 1, "missing field `certificate`");
+        err("[http.tls]\ncertificate = []\n", 2, "at least one");
+        let route = |name: &str, host: &str, cookie: &str| {
+            format!(
+                "[[http.route]]\nname = \"{name}\"\nhost = \"{host}\"\npath = \"/{name}\"\n\
+                 sticky_cookie = \"{cookie}\"\nbackends = [\"10.0.0.1:1\"]\n"
+            )
+        };
+        err(&route("a", "x.com", "a b"), 5, "sticky_cookie \"a b\"");
+        err(&route("a", "x.com", "s=1"), 5, "no spaces, '=' or ';'");
+        err(&route("a", "x.com", ""), 5, "1 to 64");
+        let same = [route("a", "x.com", "s"), route("b", "x.com", "s")].concat();
+        err(&same, 11, "already the cookie of route \"a\" (line 2)");
+        // Other hosts keep their cookies apart.
+        let other = [route("a", "x.com", "s"), route("b", "y.com", "s")].concat();
+        assert_eq!(ok(&other).routes.len(), 2);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub retries: Family<BackendLabels, Counter>,
     pub connections: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub certificate_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,6 +104,18 @@ impl Default for Metrics {
             "Config reloads by result (ok, rejected)",
             reloads.clone(),
         );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
+        let certificate_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_certificate_reloads",
+            "Certificates loaded again after their files changed, by result (ok, rejected)",
+            certificate_reloads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -112,6 +126,8 @@ impl Default for Metrics {
             retries,
             connections,
             reloads,
+            tls_handshake_failures,
+            certificate_reloads,
         }
     }
 }

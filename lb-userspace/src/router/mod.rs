@@ -1,20 +1,24 @@
 //! lbrouter: the HTTP router beside the L4 balancer.
 //!
 //! It routes by host and path prefix to weighted backends (table.rs,
-//! balance.rs), forwards with hyper (proxy.rs) and takes its routes from
-//! the `[http]` section of lbd's config file (config.rs), reloaded on
-//! SIGHUP and when the file changes. It uses none of the datapath: it is a
+//! balance.rs), pins clients by cookie where a route asks (sticky.rs),
+//! forwards with hyper (proxy.rs), serves HTTPS with the certificates of
+//! tls.rs and takes its routes from the `[http]` section of lbd's config
+//! file (config.rs), reloaded, certificates included, on SIGHUP and when
+//! the files change. It uses none of the datapath: it is a
 //! plain user-space proxy that can run with or without lbd.
 
 pub mod balance;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod sticky;
 pub mod table;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,12 +29,14 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use self::balance::Backends;
-use self::proxy::{Proxy, ProxyOptions};
+use self::proxy::{Peer, Proxy, ProxyOptions};
 use self::table::Table;
 use crate::web::accept_slot;
 
@@ -42,11 +48,14 @@ const METRICS_CONNECTIONS: usize = 16;
 pub struct Options {
     pub config: PathBuf,
     pub listen: Vec<SocketAddr>,
+    /// HTTPS listeners, with the certificates of `[http.tls]`.
+    pub listen_tls: Vec<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     /// Also bounds how long an HTTP/1 connection may sit idle between
-    /// requests: hyper starts the clock when it waits for a request head.
+    /// requests (hyper starts the clock when it waits for a request head),
+    /// and a TLS handshake.
     pub header_read_timeout: Duration,
     pub proxy: ProxyOptions,
 }
@@ -56,6 +65,16 @@ pub async fn run(opts: Options) -> Result<()> {
     let first = crate::config::load(&opts.config)?;
     let table = Table::build(&first.http, &mut backends);
     log::info!("{}: {} routes", opts.config.display(), table.len());
+    let (watcher, tls) = if opts.listen_tls.is_empty() {
+        if !first.http.certificates.is_empty() {
+            log::info!("[http.tls] is set but there is no --listen-tls: no HTTPS");
+        }
+        (None, None)
+    } else {
+        let (watcher, certs) = tls::Watcher::start(&first.http.certificates)
+            .with_context(|| format!("{}: [http.tls]", opts.config.display()))?;
+        (Some(watcher), Some(tls::acceptor(certs)?))
+    };
     let proxy = Arc::new(Proxy::new(table, opts.proxy.clone()));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -73,17 +92,28 @@ pub async fn run(opts: Options) -> Result<()> {
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(opts.max_connections));
 
-    let mut tasks = tokio::task::JoinSet::new();
-    for addr in &opts.listen {
+    // Every listener is bound before any serves, so that one answering
+    // means all are up.
+    let mut listeners = Vec::new();
+    let plain = opts.listen.iter().map(|a| (a, None));
+    let secure = opts.listen_tls.iter().map(|a| (a, tls.clone()));
+    for (addr, tls) in plain.chain(secure) {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
-        log::info!("serving HTTP on {addr}");
+        let what = if tls.is_some() { "HTTPS" } else { "HTTP" };
+        log::info!("serving {what} on {addr}");
+        listeners.push((listener, tls));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, tls) in listeners {
         tasks.spawn(accept(
             listener,
+            tls,
             proxy.clone(),
             builder.clone(),
             permits.clone(),
+            opts.header_read_timeout,
         ));
     }
     if let Some(addr) = opts.metrics {
@@ -94,7 +124,13 @@ pub async fn run(opts: Options) -> Result<()> {
         log::info!("serving metrics on {addr}");
         tasks.spawn(serve_metrics(listener, proxy.clone()));
     }
-    tasks.spawn(reload(opts.config.clone(), proxy.clone(), backends));
+    tasks.spawn(reload(
+        opts.config.clone(),
+        proxy.clone(),
+        backends,
+        watcher,
+        first.http.certificates,
+    ));
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         res = tasks.join_next() => match res {
@@ -108,29 +144,51 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 /// Serves the connections of one listener, `permits` of them at once
-/// (the others wait in the listen backlog).
+/// (the others wait in the listen backlog); with `tls`, each after its
+/// handshake, which has `handshake_timeout` to finish.
 async fn accept(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     permits: Arc<Semaphore>,
+    handshake_timeout: Duration,
 ) -> Result<()> {
     loop {
         let (permit, stream, peer) = accept_slot(&listener, &permits, "http").await?;
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             proxy.metrics.connections.inc();
-            let service = service_fn(|req: Request<Incoming>| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-            });
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                log::debug!("connection from {peer}: {e}");
+            match tls {
+                None => {
+                    let from = Peer {
+                        addr: peer,
+                        tls: false,
+                    };
+                    serve(&builder, stream, &proxy, from).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let from = Peer {
+                                addr: peer,
+                                tls: true,
+                            };
+                            serve(&builder, stream, &proxy, from).await;
+                        }
+                        Ok(Err(e)) => {
+                            proxy.metrics.tls_handshake_failures.inc();
+                            log::debug!("TLS handshake with {peer}: {e}");
+                        }
+                        Err(_) => {
+                            proxy.metrics.tls_handshake_failures.inc();
+                            log::debug!("TLS handshake with {peer}: timed out");
+                        }
+                    }
+                }
             }
             proxy.metrics.connections.dec();
             drop(permit);
@@ -138,39 +196,89 @@ async fn accept(
     }
 }
 
+/// Serves one client connection, HTTP/1.1 or HTTP/2 (by its preface, so
+/// also whatever ALPN chose), until it closes.
+async fn serve<I>(builder: &auto::Builder<TokioExecutor>, io: I, proxy: &Arc<Proxy>, from: Peer)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(|req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, from).await) }
+    });
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        log::debug!("connection from {}: {e}", from.addr);
+    }
+}
+
 /// Applies the config file again on SIGHUP and when it changes; a file that
-/// does not parse leaves the current routes in place.
-async fn reload(path: PathBuf, proxy: Arc<Proxy>, mut backends: Backends) -> Result<()> {
+/// does not parse leaves the current routes in place. With HTTPS, also
+/// follows the certificate files (`watcher`).
+async fn reload(
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    mut backends: Backends,
+    mut watcher: Option<tls::Watcher>,
+    mut certificates: Vec<config::CertSpec>,
+) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut stamp = crate::config::stamp(&path);
     let mut tick = tokio::time::interval(POLL);
+    let result = |r: &str| metrics::ResultLabels { result: r.into() };
     loop {
-        tokio::select! {
-            _ = hup.recv() => {}
-            _ = tick.tick() => {
-                let now = crate::config::stamp(&path);
-                if now == stamp {
-                    continue;
-                }
+        let forced = tokio::select! {
+            _ = hup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        let now = crate::config::stamp(&path);
+        if forced || now != stamp {
+            stamp = now;
+            if let Some(config) = reload_config(&path, &proxy, &mut backends) {
+                certificates = config.http.certificates;
             }
         }
-        stamp = crate::config::stamp(&path);
-        let result = |r: &str| metrics::ResultLabels { result: r.into() };
-        match crate::config::load(&path) {
-            Ok(config) => {
-                let table = Table::build(&config.http, &mut backends);
-                log::info!("{}: reloaded, {} routes", path.display(), table.len());
-                proxy.swap(table);
-                proxy.metrics.reloads.get_or_create(&result("ok")).inc();
-            }
-            Err(e) => {
-                log::error!("{e}; keeping the routes of the last good config");
+        if let Some(w) = &mut watcher {
+            let outcome = w.refresh(&certificates, forced);
+            let count = |r: &str, n: usize| {
                 proxy
                     .metrics
-                    .reloads
-                    .get_or_create(&result("rejected"))
-                    .inc();
-            }
+                    .certificate_reloads
+                    .get_or_create(&result(r))
+                    .inc_by(n as u64)
+            };
+            count("ok", outcome.loaded);
+            count("rejected", outcome.rejected);
+        }
+    }
+}
+
+/// Loads the config file again and applies its routes; `None` when it is
+/// refused.
+fn reload_config(
+    path: &Path,
+    proxy: &Proxy,
+    backends: &mut Backends,
+) -> Option<crate::config::FileConfig> {
+    let result = |r: &str| metrics::ResultLabels { result: r.into() };
+    match crate::config::load(path) {
+        Ok(config) => {
+            let table = Table::build(&config.http, backends);
+            log::info!("{}: reloaded, {} routes", path.display(), table.len());
+            proxy.swap(table);
+            proxy.metrics.reloads.get_or_create(&result("ok")).inc();
+            Some(config)
+        }
+        Err(e) => {
+            log::error!("{e}; keeping the routes of the last good config");
+            proxy
+                .metrics
+                .reloads
+                .get_or_create(&result("rejected"))
+                .inc();
+            None
         }
     }
 }

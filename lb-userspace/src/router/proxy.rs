@@ -41,6 +41,14 @@ pub struct ProxyOptions {
     pub access_log: bool,
 }
 
+/// Where a request came from: the client's address, and whether its
+/// connection is TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
 pub struct Proxy {
     table: RwLock<Arc<Table>>,
     client: Client<HttpConnector, Body>,
@@ -86,8 +94,9 @@ impl Proxy {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, from: Peer) -> Response<Body> {
         let start = Instant::now();
+        let peer = from.addr;
         let table = self.table();
         let host = request_host(&req);
         let Some(route) = table.lookup(host.as_deref(), req.uri().path()).cloned() else {
@@ -117,9 +126,16 @@ impl Proxy {
             over_limit: AtomicBool::new(false),
         });
         let deadline = tokio::time::Instant::from_std(start + self.opts.request_timeout);
+        let cookie = route.sticky.as_ref().and_then(|s| s.pinned(head.headers()));
         let mut failed: Option<(Arc<Backend>, StatusCode)> = None;
         for _attempt in 0..2 {
-            let Some(backend) = balance::pick(&route, failed.as_ref().map(|(b, _)| b.addr)) else {
+            let pinned = match (&failed, cookie) {
+                (None, Some(addr)) => balance::pinned(&route, addr),
+                _ => None,
+            };
+            let Some(backend) =
+                pinned.or_else(|| balance::pick(&route, failed.as_ref().map(|(b, _)| b.addr)))
+            else {
                 break;
             };
             let labels = metrics::labels(&route.name, &backend.label);
@@ -142,7 +158,7 @@ impl Proxy {
                 &route,
                 &backend,
                 host.as_deref(),
-                peer,
+                from,
                 upgrade.as_ref(),
             );
             let sent = Sent::new(
@@ -159,7 +175,16 @@ impl Proxy {
                         "backend timed out",
                     );
                 }
-                Ok(Ok(resp)) => {
+                Ok(Ok(mut resp)) => {
+                    // A new client, or one whose backend is gone: pin it
+                    // to the one that answered.
+                    if let Some(sticky) = &route.sticky {
+                        if cookie != Some(backend.addr) {
+                            if let Some(v) = sticky.set_cookie(backend.addr, from.tls) {
+                                resp.headers_mut().append(header::SET_COOKIE, v);
+                            }
+                        }
+                    }
                     self.metrics
                         .latency
                         .get_or_create(&labels)
@@ -417,7 +442,7 @@ fn backend_request(
     route: &Route,
     backend: &Backend,
     host: Option<&str>,
-    peer: SocketAddr,
+    from: Peer,
     upgrade: Option<&HeaderValue>,
 ) -> Request<Body> {
     let path = backend_path(route, head.uri().path());
@@ -431,7 +456,8 @@ fn backend_request(
         headers.insert(header::UPGRADE, protocol.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let client = peer.ip().to_canonical();
+    let client = from.addr.ip().to_canonical();
+    let proto = if from.tls { "https" } else { "http" };
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client}"),
         None => client.to_string(),
@@ -440,7 +466,7 @@ fn backend_request(
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
-    let mut forwarded = format!("for={node};proto=http");
+    let mut forwarded = format!("for={node};proto={proto}");
     if let Some(h) = host {
         let quoted = h.replace('\\', "\\\\").replace('"', "\\\"");
         forwarded.push_str(&format!(";host=\"{quoted}\""));
@@ -459,7 +485,7 @@ fn backend_request(
         }
     };
     set(&mut headers, "x-forwarded-for", xff);
-    set(&mut headers, "x-forwarded-proto", "http".into());
+    set(&mut headers, "x-forwarded-proto", proto.into());
     set(&mut headers, "forwarded", forwarded);
     let mut out = Request::new(body.boxed_unsync());
     *out.method_mut() = head.method().clone();

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::balance::{Backend, Backends};
 use super::config::{HostMatch, HttpConfig, RouteSpec};
+use super::sticky::Sticky;
 
 pub struct Route {
     pub name: String,
@@ -20,6 +21,7 @@ pub struct Route {
     /// With their weights; shared with the tables before and after a
     /// reload, so that in-flight counts carry over.
     pub backends: Vec<(Arc<Backend>, u32)>,
+    pub sticky: Option<Sticky>,
 }
 
 #[derive(Default)]
@@ -105,6 +107,10 @@ fn route_of(spec: &RouteSpec, backends: &mut Backends) -> Route {
             .iter()
             .map(|b| (backends.get(b.addr), b.weight))
             .collect(),
+        sticky: spec
+            .sticky_cookie
+            .as_deref()
+            .map(|cookie| Sticky::new(cookie, &spec.name, spec.backends.iter().map(|b| b.addr))),
     }
 }
 
