@@ -12,4 +12,5 @@ pub mod process;
 pub mod router;
 pub mod scratch;
 pub mod swarm;
+pub mod tls;
 pub mod topology;

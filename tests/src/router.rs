@@ -23,12 +23,18 @@ use crate::topology::{target_bin, Backend, LB_CLIENT_V4};
 /// Where every backend's `lb-http` listens.
 pub const BACKEND_PORT: u16 = 8000;
 pub const ROUTER_PORT: u16 = 8080;
+/// Where the router serves HTTPS, when a test asks for it.
+pub const ROUTER_TLS_PORT: u16 = 8443;
 /// The router's metrics, on the LB namespace's loopback.
 pub const METRICS: &str = "127.0.0.1:9180";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn router_addr() -> SocketAddr {
     SocketAddr::from((LB_CLIENT_V4, ROUTER_PORT))
+}
+
+pub fn router_tls_addr() -> SocketAddr {
+    SocketAddr::from((LB_CLIENT_V4, ROUTER_TLS_PORT))
 }
 
 /// `host:port` of backend `b`'s server, for configs.
@@ -70,12 +76,26 @@ impl Router {
     /// Starts lbrouter in `lb` with `config` and extra `args`, listening on
     /// the client link, and waits until it accepts connections.
     pub fn start(lb: &Netns, config: &str, args: &[&str]) -> Result<Router> {
+        Router::start_with_files(lb, config, &[], args)
+    }
+
+    /// As `start`, with `files` (name relative to the config file's
+    /// directory, contents) written beside the config first.
+    pub fn start_with_files(
+        lb: &Netns,
+        config: &str,
+        files: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Router> {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(unique_name(&format!("lbrouter{seq}")));
         std::fs::create_dir_all(&dir)?;
         let guard = DirGuard(dir.clone());
         std::fs::write(dir.join("lbd.toml"), config)?;
+        for (name, contents) in files {
+            write_atomically(&dir.join(name), contents)?;
+        }
         let log = std::fs::File::create(dir.join("log"))?;
         let mut cmd = lb.command(target_bin("lbrouter"));
         cmd.arg("--config")
@@ -110,10 +130,17 @@ impl Router {
     /// Replaces the config file in one step (as editors and config
     /// managers do), so the router never reads half a file.
     pub fn write_config(&self, text: &str) -> Result<()> {
-        let tmp = self.dir.join("lbd.toml.new");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.config_path())?;
-        Ok(())
+        write_atomically(&self.config_path(), text)
+    }
+
+    /// Replaces file `name` beside the config, in one step.
+    pub fn write_file(&self, name: &str, contents: &str) -> Result<()> {
+        write_atomically(&self.dir.join(name), contents)
+    }
+
+    /// Path of file `name` beside the config.
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     pub fn sighup(&self) -> Result<()> {
@@ -173,6 +200,17 @@ impl Drop for Router {
     }
 }
 
+fn write_atomically(path: &std::path::Path, contents: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 struct DirGuard(PathBuf);
 
 impl Drop for DirGuard {
@@ -219,8 +257,15 @@ pub struct H1 {
 
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> Result<H1> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        H1::over(tokio::net::TcpStream::connect(addr).await?).await
+    }
+
+    /// HTTP/1.1 on a connection already made (a TLS stream).
+    pub async fn over<I>(io: I) -> Result<H1>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(conn);
         Ok(H1 { sender })
     }
@@ -262,25 +307,34 @@ pub async fn get(host: &str, path: &str) -> Result<Reply> {
 }
 
 /// An HTTP/2 connection with prior knowledge (h2c).
-pub async fn h2_connect(
-    addr: SocketAddr,
-) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
+pub async fn h2_connect(addr: SocketAddr) -> Result<H2> {
+    h2_over(tokio::net::TcpStream::connect(addr).await?).await
+}
+
+pub type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// HTTP/2 on a connection already made (a TLS stream whose ALPN chose h2).
+pub async fn h2_over<I>(io: I) -> Result<H2>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(sender)
 }
 
-pub async fn h2_get(
-    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    authority: &str,
-    path: &str,
-) -> Result<Reply> {
+/// Sends `req` on an HTTP/2 connection and reads the whole answer.
+pub async fn h2_send(sender: &mut H2, req: Request<Full<Bytes>>) -> Result<Reply> {
+    sender.ready().await?;
+    reply(sender.send_request(req).await?).await
+}
+
+pub async fn h2_get(sender: &mut H2, authority: &str, path: &str) -> Result<Reply> {
     let req = Request::builder()
         .uri(format!("http://{authority}{path}"))
         .body(Full::new(Bytes::new()))?;
-    reply(sender.send_request(req).await?).await
+    h2_send(sender, req).await
 }
 
 /// Sends `raw` on a new connection and reads until the router closes it

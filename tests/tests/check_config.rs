@@ -5,15 +5,19 @@ use std::process::Command;
 use lb_tests::topology::target_bin;
 
 fn check(tag: &str, text: &str) -> (bool, String, String) {
+    check_with("lbd", tag, text)
+}
+
+fn check_with(bin: &str, tag: &str, text: &str) -> (bool, String, String) {
     let dir = std::env::temp_dir().join(format!("lbt-check-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("lbd.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(target_bin("lbd"))
+    let out = Command::new(target_bin(bin))
         .arg("--check-config")
         .arg(&path)
         .output()
-        .expect("running lbd");
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
     (
         out.status.success(),
@@ -68,6 +72,53 @@ fn lbd_checks_the_http_routes_too() {
     assert!(
         stderr.contains("lbd.toml:7: path \"api\": must start with /"),
         "{stderr}"
+    );
+}
+
+/// The sticky cookies and the certificates of `[http]`: lbd and lbrouter
+/// refuse the same mistakes at the same line.
+#[test]
+fn lbd_and_lbrouter_agree_on_sticky_cookies_and_certificates() {
+    let route = "[[http.route]]\nname = \"shop\"\nbackends = [\"10.72.1.2:8080\"]\n";
+    let cases = [
+        (
+            format!("{route}sticky_cookie = \"a;b\"\n"),
+            "lbd.toml:4: sticky_cookie \"a;b\": use letters",
+        ),
+        (
+            format!("{route}[http.tls]\n"),
+            "lbd.toml:4: missing field `certificate`",
+        ),
+        (
+            format!("{route}[[http.tls.certificate]]\ncert = \"\"\nkey = \"a.key\"\n"),
+            "lbd.toml:5: certificate cert is empty",
+        ),
+        (
+            format!("{route}[[http.tls.certificate]]\ncert = \"a.pem\"\nkeys = \"a.key\"\n"),
+            "lbd.toml:6: unknown field `keys`",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        for bin in ["lbd", "lbrouter"] {
+            let (ok, _, stderr) = check_with(bin, &format!("tls{i}-{bin}"), text);
+            assert!(!ok, "{bin} took:\n{text}");
+            assert!(stderr.contains(expected), "{bin}: {stderr}");
+        }
+    }
+    let (ok, stdout, stderr) = check_with(
+        "lbrouter",
+        "sticky-ok",
+        &format!("{route}sticky_cookie = \"lbsticky\"\n"),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok (1 routes, 0 certificates)"), "{stdout}");
+    assert!(
+        check_with(
+            "lbd",
+            "sticky-ok-lbd",
+            &format!("{route}sticky_cookie = \"s\"\n")
+        )
+        .0
     );
 }
 

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use hyper::body::Bytes;
 use lb_tests::process::{wait_until, ChildGuard};
 use lb_tests::router::{
-    backend_addr, block_on, get, h2_connect, h2_get, raw_exchange, raw_status, request, route,
-    router_addr, start_backend, Router, H1,
+    backend_addr, block_on, get, h2_connect, h2_get, h2_over, h2_send, raw_exchange, raw_status,
+    request, route, router_addr, router_tls_addr, start_backend, Router, H1,
 };
+use lb_tests::tls::{self, Ca, Issued, Trust};
 use lb_tests::topology::Topology;
 
 const MIB: u64 = 1 << 20;
@@ -575,6 +576,518 @@ fn connections_past_the_limit_wait_for_a_free_slot() {
                 .unwrap();
             assert_eq!(r.status, 200);
             assert_eq!(b.get("x", "/").await.unwrap().status, 200);
+        })
+    });
+}
+
+/// A `[[http.tls.certificate]]` entry for files beside the config.
+fn certificate(name: &str) -> String {
+    format!("[[http.tls.certificate]]\ncert = \"tls/{name}.pem\"\nkey = \"tls/{name}.key\"\n\n")
+}
+
+/// The files of certificate `name`, for `Router::start_with_files`.
+fn cert_files<'a>(name: &str, issued: &'a Issued) -> [(String, &'a str); 2] {
+    [
+        (format!("tls/{name}.pem"), issued.cert_pem.as_str()),
+        (format!("tls/{name}.key"), issued.key_pem.as_str()),
+    ]
+}
+
+fn start_https(topo: &Topology, config: &str, certs: &[(&str, &Issued)]) -> Router {
+    let files: Vec<(String, &str)> = certs
+        .iter()
+        .flat_map(|(name, issued)| cert_files(name, issued))
+        .collect();
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+    let tls = router_tls_addr().to_string();
+    Router::start_with_files(&topo.lb, config, &files, &["--listen-tls", &tls]).expect("lbrouter")
+}
+
+#[test]
+fn https_speaks_http1_and_h2_by_alpn_and_streams_both_ways() {
+    let (topo, _servers) = setup("rt-https", 1);
+    let ca = Ca::new("lbrouter test CA").unwrap();
+    let leaf = ca.issue(&["secure.test"]).unwrap();
+    let config = format!(
+        "{}sticky_cookie = \"lbsticky\"\n\n{}",
+        route("all", None, "/", false, &addrs(&topo, &[0])),
+        certificate("secure")
+    );
+    let _router = start_https(&topo, &config, &[("secure", &leaf)]);
+    let size = 4 * MIB;
+    topo.client.run(|| {
+        block_on(async {
+            // HTTP/1.1, as ALPN chose it.
+            let (stream, served) = tls::connect(
+                router_tls_addr(),
+                Some("secure.test"),
+                &["http/1.1"],
+                Trust::Ca(&ca),
+            )
+            .await
+            .expect("TLS handshake");
+            assert_eq!(served.cert, leaf.der);
+            assert_eq!(served.alpn.as_deref(), Some(&b"http/1.1"[..]));
+            let mut c = H1::over(stream).await.unwrap();
+            let r = c.get("secure.test", "/hello").await.unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.field("x-forwarded-proto"), Some("https"), "{}", r.body);
+            assert_eq!(
+                r.field("forwarded"),
+                Some("for=10.71.0.2;proto=https;host=\"secure.test\""),
+                "{}",
+                r.body
+            );
+            // The sticky cookie of a TLS client is Secure.
+            let cookie = r.headers.get("set-cookie").expect("a sticky cookie");
+            assert!(
+                cookie
+                    .to_str()
+                    .unwrap()
+                    .ends_with("; Path=/; HttpOnly; Secure; SameSite=Lax"),
+                "{cookie:?}"
+            );
+            let up = c
+                .send(request(
+                    "POST",
+                    "secure.test",
+                    "/up",
+                    Bytes::from(vec![b'u'; size as usize]),
+                ))
+                .await
+                .expect("upload over TLS");
+            assert_eq!(up.field("received"), Some(size.to_string().as_str()));
+            let down = c
+                .get("secure.test", &format!("/down?download={size}"))
+                .await
+                .expect("download over TLS");
+            assert_eq!(down.body.len() as u64, size);
+
+            // HTTP/2, offered first by the client and chosen by ALPN.
+            let (stream, served) = tls::connect(
+                router_tls_addr(),
+                Some("secure.test"),
+                &["h2", "http/1.1"],
+                Trust::Ca(&ca),
+            )
+            .await
+            .expect("TLS handshake");
+            assert_eq!(served.alpn.as_deref(), Some(&b"h2"[..]));
+            let h2 = h2_over(stream).await.expect("HTTP/2 over TLS");
+            let mut tasks = Vec::new();
+            for i in 0..4 {
+                let mut s = h2.clone();
+                tasks.push(tokio::spawn(async move {
+                    h2_get(&mut s, "secure.test", &format!("/h2/{i}?sleep_ms=50")).await
+                }));
+            }
+            for t in tasks {
+                let r = t.await.unwrap().expect("h2 request");
+                assert_eq!(r.status, 200, "{r:?}");
+                assert_eq!(r.field("x-forwarded-proto"), Some("https"), "{}", r.body);
+                assert_eq!(r.field("host"), Some("secure.test"), "{}", r.body);
+            }
+            let mut s = h2.clone();
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri("https://secure.test/up")
+                .body(http_body_util::Full::new(Bytes::from(vec![
+                    b'v';
+                    size as usize
+                ])))
+                .unwrap();
+            let up = h2_send(&mut s, req).await.expect("h2 upload");
+            assert_eq!(up.field("received"), Some(size.to_string().as_str()));
+            let down = h2_get(&mut s, "secure.test", &format!("/down?download={size}"))
+                .await
+                .expect("h2 download");
+            assert_eq!(down.body.len() as u64, size);
+
+            // The plain listener still says http.
+            let r = get("secure.test", "/").await.unwrap();
+            assert_eq!(r.field("x-forwarded-proto"), Some("http"));
+        })
+    });
+}
+
+#[test]
+fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
+    let (topo, _servers) = setup("rt-sni", 0);
+    let ca = Ca::new("lbrouter test CA").unwrap();
+    let default = ca.issue(&["default.test"]).unwrap();
+    let api = ca.issue(&["api.example.com", "*.example.org"]).unwrap();
+    let config = format!(
+        "{}{}{}",
+        route("all", None, "/", false, &addrs(&topo, &[0])),
+        certificate("default"),
+        certificate("api")
+    );
+    let _router = start_https(&topo, &config, &[("default", &default), ("api", &api)]);
+    topo.client.run(|| {
+        block_on(async {
+            let served = |name: Option<&'static str>, verified: bool| {
+                let ca = &ca;
+                async move {
+                    let trust = if verified { Trust::Ca(ca) } else { Trust::Any };
+                    tls::connect(router_tls_addr(), name, &["http/1.1"], trust)
+                        .await
+                        .unwrap_or_else(|e| panic!("{name:?}: {e:#}"))
+                        .1
+                        .cert
+                }
+            };
+            assert!(served(Some("api.example.com"), true).await == api.der);
+            assert!(served(Some("API.Example.COM"), true).await == api.der);
+            assert!(served(Some("www.example.org"), true).await == api.der);
+            assert!(served(Some("default.test"), true).await == default.der);
+            // A wildcard covers one label only; other names and no name
+            // get the first certificate.
+            assert!(served(Some("a.b.example.org"), false).await == default.der);
+            assert!(served(Some("unknown.test"), false).await == default.der);
+            assert!(served(None, false).await == default.der);
+        })
+    });
+}
+
+#[test]
+fn certificates_are_reloaded_when_their_files_change() {
+    let (topo, _servers) = setup("rt-rotate", 1);
+    let ca = Ca::new("lbrouter test CA").unwrap();
+    let first = ca.issue(&["rot.test"]).unwrap();
+    let second = ca.issue(&["rot.test"]).unwrap();
+    let third = ca.issue(&["rot.test"]).unwrap();
+    let config = format!(
+        "{}{}",
+        route("all", None, "/", false, &addrs(&topo, &[0])),
+        certificate("rot")
+    );
+    let router = start_https(&topo, &config, &[("rot", &first)]);
+    let served_now = || {
+        topo.client.run(|| {
+            block_on(async {
+                tls::connect(
+                    router_tls_addr(),
+                    Some("rot.test"),
+                    &["http/1.1"],
+                    Trust::Ca(&ca),
+                )
+                .await
+                .expect("TLS handshake")
+                .1
+                .cert
+            })
+        })
+    };
+    // A keep-alive connection made with the first certificate, kept open
+    // across the rotations in a thread of the client namespace.
+    let (to_keeper, orders) = std::sync::mpsc::channel::<()>();
+    let (answers, from_keeper) = std::sync::mpsc::channel::<(u16, Vec<u8>)>();
+    let keeper = topo.client.spawn(move || {
+        block_on(async move {
+            let (stream, served) = tls::connect(
+                router_tls_addr(),
+                Some("rot.test"),
+                &["http/1.1"],
+                Trust::Any,
+            )
+            .await
+            .unwrap();
+            let cert = served.cert.to_vec();
+            let mut c = H1::over(stream).await.unwrap();
+            while orders.recv().is_ok() {
+                let status = c.get("rot.test", "/").await.map_or(0, |r| r.status);
+                answers.send((status, cert.clone())).unwrap();
+            }
+        })
+    });
+    let ask_keeper = || {
+        to_keeper.send(()).unwrap();
+        from_keeper.recv_timeout(Duration::from_secs(10)).unwrap()
+    };
+    assert_eq!(ask_keeper(), (200, first.der.to_vec()));
+
+    router.write_file("tls/rot.key", &second.key_pem).unwrap();
+    router.write_file("tls/rot.pem", &second.cert_pem).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the second certificate served",
+        || served_now() == second.der,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", router.log()));
+    assert_eq!(
+        ask_keeper(),
+        (200, first.der.to_vec()),
+        "the open connection keeps working with the certificate it had"
+    );
+
+    // A key file that is not a key: logged with its file, the second
+    // certificate stays.
+    router.write_file("tls/rot.key", "not a key\n").unwrap();
+    let key = router.file_path("tls/rot.key");
+    let expected = format!("{}: no PEM private key", key.display());
+    wait_until(Duration::from_secs(10), "the broken key in the log", || {
+        router.log().contains(&expected)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", router.log()));
+    assert!(router
+        .log()
+        .contains("new handshakes keep the last good certificate"));
+    assert!(served_now() == second.der);
+
+    // A certificate whose key is not the one beside it: the same.
+    router.write_file("tls/rot.key", &second.key_pem).unwrap();
+    router.write_file("tls/rot.pem", &third.cert_pem).unwrap();
+    let expected = format!("{}: not the key of", key.display());
+    wait_until(
+        Duration::from_secs(10),
+        "the mismatched key in the log",
+        || router.log().contains(&expected),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", router.log()));
+    assert!(served_now() == second.der);
+    assert_eq!(ask_keeper().0, 200);
+    assert!(
+        router
+            .metric(
+                &topo.lb,
+                "lbrouter_tls_certificate_reloads_total",
+                &["rejected"]
+            )
+            .unwrap()
+            >= 2.0
+    );
+
+    // Fixed: its key arrives and the third is served.
+    router.write_file("tls/rot.key", &third.key_pem).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the third certificate served",
+        || served_now() == third.der,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", router.log()));
+    drop(to_keeper);
+    keeper.join().unwrap();
+}
+
+#[test]
+fn a_bad_certificate_stops_the_start_naming_its_file() {
+    let (topo, _servers) = setup("rt-badcert", 0);
+    let ca = Ca::new("lbrouter test CA").unwrap();
+    let good = ca.issue(&["good.test"]).unwrap();
+    let other = ca.issue(&["other.test"]).unwrap();
+    let config = format!(
+        "{}{}",
+        route("all", None, "/", false, &addrs(&topo, &[0])),
+        certificate("bad")
+    );
+    let tls = router_tls_addr().to_string();
+    let args = ["--listen-tls", tls.as_str()];
+    let start = |files: &[(&str, &str)]| {
+        Router::start_with_files(&topo.lb, &config, files, &args)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .expect("lbrouter must not start")
+    };
+    let cases = [
+        (
+            "not PEM at all",
+            good.key_pem.as_str(),
+            "bad.pem: no certificate in it",
+        ),
+        (good.cert_pem.as_str(), "", "bad.key: no PEM private key"),
+        (
+            good.cert_pem.as_str(),
+            other.key_pem.as_str(),
+            "bad.key: not the key of",
+        ),
+    ];
+    for (cert, key, expected) in cases {
+        let err = start(&[("tls/bad.pem", cert), ("tls/bad.key", key)]);
+        assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+        assert!(err.contains("[http.tls]"), "{err}");
+    }
+    // A missing file names itself, and --check-config says the same.
+    let err = start(&[("tls/bad.pem", &good.cert_pem)]);
+    assert!(err.contains("bad.key: cannot read"), "{err}");
+    // HTTPS without any certificate.
+    let plain = route("all", None, "/", false, &addrs(&topo, &[0]));
+    let err = Router::start(&topo.lb, &plain, &args)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("lbrouter must not start");
+    assert!(err.contains("HTTPS needs a certificate"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("lbt-router-check-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("tls")).unwrap();
+    std::fs::write(dir.join("lbd.toml"), &config).unwrap();
+    std::fs::write(dir.join("tls/bad.pem"), &good.cert_pem).unwrap();
+    let check = || {
+        std::process::Command::new(lb_tests::topology::target_bin("lbrouter"))
+            .arg("--check-config")
+            .arg(dir.join("lbd.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad.key: cannot read"), "{stderr}");
+    std::fs::write(dir.join("tls/bad.key"), &good.key_pem).unwrap();
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("ok (1 routes, 1 certificates)"), "{stdout}");
+}
+
+/// One GET on a new connection, with `cookie` as its Cookie header.
+async fn get_with_cookie(cookie: Option<&str>) -> lb_tests::router::Reply {
+    let mut req = request("GET", "shop.example", "/", Bytes::new());
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().unwrap());
+    }
+    let r = H1::connect(router_addr())
+        .await
+        .unwrap()
+        .send(req)
+        .await
+        .expect("request");
+    assert_eq!(r.status, 200, "{r:?}");
+    r
+}
+
+/// `name=value` of a response's Set-Cookie, if it has one.
+fn set_cookie(r: &lb_tests::router::Reply) -> Option<String> {
+    let v = r.headers.get("set-cookie")?.to_str().ok()?;
+    Some(v.split(';').next()?.to_string())
+}
+
+#[test]
+fn sticky_cookie_pins_clients_and_moves_them_when_their_backend_is_gone() {
+    let (topo, mut servers) = setup("rt-sticky", 3);
+    let sticky = |weights: [u32; 3]| {
+        let list: Vec<String> = (0..3)
+            .map(|i| {
+                format!(
+                    "{{ addr = \"{}\", weight = {} }}",
+                    backend_addr(&topo.backends[i]),
+                    weights[i]
+                )
+            })
+            .collect();
+        format!(
+            "[[http.route]]\nname = \"shop\"\nsticky_cookie = \"lbsticky\"\nbackends = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let router = Router::start(&topo.lb, &sticky([1, 1, 1]), &[]).expect("lbrouter");
+    let client = &topo.client;
+
+    // A new client is pinned by a cookie that does not show the address.
+    let first = client.run(|| block_on(get_with_cookie(None)));
+    let header = first.headers.get("set-cookie").expect("a sticky cookie");
+    let header = header.to_str().unwrap();
+    assert!(
+        header.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+        "{header}"
+    );
+    assert!(!header.contains("10.72."), "{header}");
+    let cookie = set_cookie(&first).unwrap();
+    let pinned = first.backend().to_string();
+
+    // With the cookie: 50 requests, 50 times the same backend, no new cookie.
+    client.run(|| {
+        block_on(async {
+            for _ in 0..50 {
+                let r = get_with_cookie(Some(&format!("theme=dark; {cookie}"))).await;
+                assert_eq!(r.backend(), pinned, "{r:?}");
+                assert_eq!(set_cookie(&r), None, "{r:?}");
+            }
+        })
+    });
+    // Without: spread, each answer pinning to the backend that gave it,
+    // one token per backend.
+    let mut tokens = std::collections::BTreeMap::new();
+    client.run(|| {
+        block_on(async {
+            for _ in 0..60 {
+                let r = get_with_cookie(None).await;
+                let c = set_cookie(&r).expect("a cookie for a new client");
+                let known = tokens.entry(r.backend().to_string()).or_insert(c.clone());
+                assert_eq!(*known, c, "one token per backend");
+            }
+        })
+    });
+    assert!(tokens.len() >= 2, "requests without the cookie: {tokens:?}");
+    assert_eq!(
+        tokens
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        tokens.len()
+    );
+    // An invalid cookie counts as none: the client is pinned anew.
+    client.run(|| {
+        block_on(async {
+            for bad in ["lbsticky=0123456789abcdef", "lbsticky=", "lbsticky"] {
+                let r = get_with_cookie(Some(bad)).await;
+                assert!(set_cookie(&r).is_some(), "{bad}: {r:?}");
+            }
+        })
+    });
+
+    // Drained (weight 0): no new client goes there, its pinned clients stay.
+    let idx = topo.backends.iter().position(|b| b.name == pinned).unwrap();
+    let mut weights = [1, 1, 1];
+    weights[idx] = 0;
+    router.write_config(&sticky(weights)).unwrap();
+    router.sighup().unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the drained backend left out",
+        || {
+            client.run(|| {
+                block_on(async {
+                    for _ in 0..20 {
+                        if get_with_cookie(None).await.backend() == pinned {
+                            return false;
+                        }
+                    }
+                    true
+                })
+            })
+        },
+    )
+    .unwrap();
+    client.run(|| {
+        block_on(async {
+            for _ in 0..20 {
+                let r = get_with_cookie(Some(&cookie)).await;
+                assert_eq!(r.backend(), pinned, "a drained backend keeps its clients");
+            }
+        })
+    });
+
+    // Its server gone: the next request goes elsewhere with a new cookie,
+    // and stays there.
+    drop(servers.remove(idx));
+    let (moved, new_cookie) = client.run(|| {
+        block_on(async {
+            let r = get_with_cookie(Some(&cookie)).await;
+            (r.backend().to_string(), set_cookie(&r))
+        })
+    });
+    assert_ne!(moved, pinned);
+    let new_cookie = new_cookie.expect("a new cookie for a moved client");
+    assert_ne!(new_cookie, cookie);
+    assert_eq!(Some(&new_cookie), tokens.get(&moved));
+    client.run(|| {
+        block_on(async {
+            for _ in 0..20 {
+                let r = get_with_cookie(Some(&new_cookie)).await;
+                assert_eq!(r.backend(), moved);
+                assert_eq!(set_cookie(&r), None);
+            }
         })
     });
 }
