@@ -585,6 +585,15 @@ fn certificate(name: &str) -> String {
     format!("[[http.tls.certificate]]\ncert = \"tls/{name}.pem\"\nkey = \"tls/{name}.key\"\n\n")
 }
 
+/// One route to the first backend, and certificates `names`.
+fn https_config(topo: &Topology, names: &[&str]) -> String {
+    let certs: String = names.iter().map(|n| certificate(n)).collect();
+    format!(
+        "{}{certs}",
+        route("all", None, "/", false, &addrs(topo, &[0]))
+    )
+}
+
 /// The files of certificate `name`, for `Router::start_with_files`.
 fn cert_files<'a>(name: &str, issued: &'a Issued) -> [(String, &'a str); 2] {
     [
@@ -716,12 +725,7 @@ fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
     let ca = Ca::new("lbrouter test CA").unwrap();
     let default = ca.issue(&["default.test"]).unwrap();
     let api = ca.issue(&["api.example.com", "*.example.org"]).unwrap();
-    let config = format!(
-        "{}{}{}",
-        route("all", None, "/", false, &addrs(&topo, &[0])),
-        certificate("default"),
-        certificate("api")
-    );
+    let config = https_config(&topo, &["default", "api"]);
     let _router = start_https(&topo, &config, &[("default", &default), ("api", &api)]);
     topo.client.run(|| {
         block_on(async {
@@ -756,11 +760,7 @@ fn certificates_are_reloaded_when_their_files_change() {
     let first = ca.issue(&["rot.test"]).unwrap();
     let second = ca.issue(&["rot.test"]).unwrap();
     let third = ca.issue(&["rot.test"]).unwrap();
-    let config = format!(
-        "{}{}",
-        route("all", None, "/", false, &addrs(&topo, &[0])),
-        certificate("rot")
-    );
+    let config = https_config(&topo, &["rot"]);
     let router = start_https(&topo, &config, &[("rot", &first)]);
     let served_now = || {
         topo.client.run(|| {
@@ -875,11 +875,7 @@ fn a_bad_certificate_stops_the_start_naming_its_file() {
     let ca = Ca::new("lbrouter test CA").unwrap();
     let good = ca.issue(&["good.test"]).unwrap();
     let other = ca.issue(&["other.test"]).unwrap();
-    let config = format!(
-        "{}{}",
-        route("all", None, "/", false, &addrs(&topo, &[0])),
-        certificate("bad")
-    );
+    let config = https_config(&topo, &["bad"]);
     let tls = router_tls_addr().to_string();
     let args = ["--listen-tls", tls.as_str()];
     let start = |files: &[(&str, &str)]| {

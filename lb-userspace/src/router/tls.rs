@@ -293,3 +293,153 @@ fn load(spec: &CertSpec) -> Result<Served> {
         names,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("lbu-tls-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    /// A self-signed certificate for `names`: (cert PEM, key PEM, DER).
+    fn issue(names: &[&str]) -> (String, String, Vec<u8>) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let c = rcgen::generate_simple_self_signed(names).unwrap();
+        (
+            c.cert.pem(),
+            c.signing_key.serialize_pem(),
+            c.cert.der().to_vec(),
+        )
+    }
+
+    fn write(d: &Dir, name: &str, text: &str) -> CertSpec {
+        let spec = CertSpec {
+            cert: d.0.join(format!("{name}.pem")),
+            key: d.0.join(format!("{name}.key")),
+            line: 1,
+        };
+        let (cert, key) = text.split_once('\0').unwrap();
+        std::fs::write(&spec.cert, cert).unwrap();
+        std::fs::write(&spec.key, key).unwrap();
+        spec
+    }
+
+    fn pair(c: &(String, String, Vec<u8>)) -> String {
+        format!("{}\0{}", c.0, c.1)
+    }
+
+    /// File times advance by the kernel's clock tick (a few ms): without a
+    /// pause, a rewrite of the same size could keep the same stamp.
+    fn tick() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    fn served(certs: &Certificates, name: Option<&str>) -> Vec<u8> {
+        certs.choose(name).unwrap().cert[0].to_vec()
+    }
+
+    #[test]
+    fn server_name_picks_the_certificate() {
+        let d = dir("sni");
+        let first = issue(&["default.test"]);
+        let api = issue(&["api.example.com", "*.example.org"]);
+        let specs = [
+            write(&d, "first", &pair(&first)),
+            write(&d, "api", &pair(&api)),
+        ];
+        let (_w, certs) = Watcher::start(&specs).unwrap();
+        assert_eq!(served(&certs, Some("api.example.com")), api.2);
+        assert_eq!(served(&certs, Some("API.example.com.")), api.2);
+        assert_eq!(served(&certs, Some("x.example.org")), api.2);
+        assert_eq!(served(&certs, Some("default.test")), first.2);
+        assert_eq!(served(&certs, Some("a.b.example.org")), first.2);
+        assert_eq!(served(&certs, Some("example.org")), first.2);
+        assert_eq!(served(&certs, None), first.2);
+    }
+
+    #[test]
+    fn changes_are_loaded_once_still_and_bad_files_keep_the_last_good() {
+        let d = dir("reload");
+        let one = issue(&["a.test"]);
+        let two = issue(&["a.test"]);
+        let spec = write(&d, "a", &pair(&one));
+        let specs = [spec.clone()];
+        let (mut w, certs) = Watcher::start(&specs).unwrap();
+        assert_eq!(w.refresh(&specs, false), Outcome::default());
+
+        tick();
+        write(&d, "a", &pair(&two));
+        assert_eq!(
+            w.refresh(&specs, false),
+            Outcome::default(),
+            "not yet still"
+        );
+        assert_eq!(served(&certs, None), one.2);
+        let loaded = Outcome {
+            loaded: 1,
+            rejected: 0,
+        };
+        assert_eq!(w.refresh(&specs, false), loaded);
+        assert_eq!(served(&certs, None), two.2);
+
+        // A key of another certificate: refused once, the last good stays.
+        tick();
+        std::fs::write(&spec.key, &one.1).unwrap();
+        w.refresh(&specs, false);
+        let rejected = Outcome {
+            loaded: 0,
+            rejected: 1,
+        };
+        assert_eq!(w.refresh(&specs, false), rejected);
+        assert_eq!(w.refresh(&specs, false), Outcome::default(), "logged once");
+        assert_eq!(served(&certs, None), two.2);
+        // SIGHUP reads again at once.
+        tick();
+        std::fs::write(&spec.key, &two.1).unwrap();
+        assert_eq!(w.refresh(&specs, true), loaded);
+
+        // A new entry whose files are missing stays out, the others serve;
+        // a config with nothing usable keeps what serves.
+        let missing = CertSpec {
+            cert: d.0.join("none.pem"),
+            key: d.0.join("none.key"),
+            line: 2,
+        };
+        assert_eq!(w.refresh(&[missing.clone(), spec.clone()], false), rejected);
+        assert_eq!(served(&certs, Some("x")), two.2);
+        assert_eq!(w.refresh(&[missing], false), Outcome::default());
+        assert_eq!(served(&certs, None), two.2);
+        assert_eq!(w.refresh(&[], false), Outcome::default());
+        assert_eq!(served(&certs, None), two.2);
+    }
+
+    #[test]
+    fn start_names_the_file_at_fault() {
+        let d = dir("start");
+        let one = issue(&["a.test"]);
+        let other = issue(&["b.test"]);
+        let cases = [
+            (format!("junk\0{}", one.1), "a.pem: no certificate in it"),
+            (format!("{}\0junk", one.0), "a.key: no PEM private key"),
+            (format!("{}\0{}", one.0, other.1), "a.key: not the key of"),
+        ];
+        for (files, expected) in cases {
+            let spec = write(&d, "a", &files);
+            let e = format!("{:#}", Watcher::start(&[spec]).err().unwrap());
+            assert!(e.contains(expected), "{e}");
+        }
+        assert!(Watcher::start(&[]).is_err());
+    }
+}
