@@ -14,6 +14,7 @@ use lb_tests::router::{
     backend_addr, block_on, get, h2_connect, h2_get, h2_over, h2_send, raw_exchange, raw_status,
     request, route, router_addr, router_tls_addr, start_backend, Router, H1,
 };
+use lb_tests::scratch::Scratch;
 use lb_tests::tls::{self, Ca, Issued, Trust};
 use lb_tests::topology::Topology;
 
@@ -913,7 +914,8 @@ fn a_bad_certificate_stops_the_start_naming_its_file() {
         .expect("lbrouter must not start");
     assert!(err.contains("HTTPS needs a certificate"), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("lbt-router-check-{}", std::process::id()));
+    let scratch = Scratch::new("router-check");
+    let dir = &scratch.0;
     std::fs::create_dir_all(dir.join("tls")).unwrap();
     std::fs::write(dir.join("lbd.toml"), &config).unwrap();
     std::fs::write(dir.join("tls/bad.pem"), &good.cert_pem).unwrap();
@@ -931,7 +933,6 @@ fn a_bad_certificate_stops_the_start_naming_its_file() {
     std::fs::write(dir.join("tls/bad.key"), &good.key_pem).unwrap();
     let out = check();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("ok (1 routes, 1 certificates)"), "{stdout}");
 }
