@@ -138,7 +138,16 @@ fn scenario(cluster: &Cluster, mesh: Mesh) -> Run {
     // Reached through every node, by every task.
     for (node, role) in [(n1, "manager"), (n2, "worker")] {
         let t0 = Instant::now();
-        until_all_answer(&cluster.client, at(node, HTTPD), &names, 400, TIMEOUT);
+        let target = at(node, HTTPD);
+        let first = wait_until(
+            Duration::from_secs(30),
+            &format!("an answer from {target}"),
+            || cluster.client.run(|| http_whoami(target, TIMEOUT).is_ok()),
+        );
+        if let Err(e) = first {
+            panic!("{}: {e:#}\n{}", mesh.name(), mesh_state(cluster));
+        }
+        until_all_answer(&cluster.client, target, &names, 400, TIMEOUT);
         run.reach.push(format!(
             "all {REPLICAS} tasks through the {role} within {}",
             ms(t0.elapsed())
@@ -274,6 +283,49 @@ fn scenario(cluster: &Cluster, mesh: Mesh) -> Run {
         ms(t0.elapsed())
     );
     run
+}
+
+/// What the mesh looks like on every node, for a failure's message: the
+/// node's NAT rules, and the sandbox's rules and IPVS table.
+fn mesh_state(cluster: &Cluster) -> String {
+    let mut out = String::new();
+    let run = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| format!("{args:?}: {e}"))
+    };
+    let _ = writeln!(
+        out,
+        "lsmod: {}",
+        run(&["sh", "-c", "lsmod | grep -E 'ip_vs|br_netfilter|vxlan'"])
+    );
+    for node in &cluster.nodes {
+        let ns = node.ns.path();
+        let sbox = node.dockerd.ingress_sbox();
+        let in_ns = |path: &std::path::Path, cmd: &str| {
+            run(&[
+                "nsenter",
+                &format!("--net={}", path.display()),
+                "sh",
+                "-c",
+                cmd,
+            ])
+        };
+        let _ = writeln!(
+            out,
+            "== {} node: {}\n== sandbox: {}\n== dockerd: {}",
+            node.addr,
+            in_ns(&ns, "iptables-save -t nat; iptables-save -t filter | grep -v '^#'; ip -br addr; ip route"),
+            in_ns(&sbox, "ipvsadm -Ln; iptables-save -t mangle; iptables-save -t nat; ip -br addr; sysctl net.ipv4.ip_forward net.ipv4.vs.conntrack"),
+            node.dockerd.log_tail(15)
+        );
+    }
+    out
 }
 
 fn node_id(node: &Node) -> String {

@@ -32,7 +32,7 @@ enum Task {
     Man,
     /// Build, then run every test serially on this kernel, then the VM suites on Debian's 6.1 kernel (as vm-test); arguments after `--` go to the test binaries
     Test {
-        /// Skip the VM suites (they take about N minutes under emulation)
+        /// Skip the VM suites (about 15 minutes under emulation)
         #[arg(long)]
         no_vm: bool,
         /// e.g. a test name filter or --nocapture
@@ -41,7 +41,7 @@ enum Task {
     },
     /// Build, then run the VM suites (packet fixtures, end-to-end, Docker and Swarm tests, the IPVS comparison) on Debian's 6.1 kernel in qemu
     VmTest {
-        /// Only these suites (fixtures, fixtures_icmp, e2e), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
+        /// Only these suites (fixtures, fixtures_icmp, e2e, docker_lb, swarm_ipvs), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
