@@ -1,7 +1,7 @@
 //! The benchmark harness behind `cargo xtask bench`: per-packet cost,
-//! forwarding rate, end-to-end requests and control-plane cost, each measured
-//! side by side with its peers in one run and written to BENCHMARKS.md with
-//! plots.
+//! forwarding rate, end-to-end requests, HTTP routing and control-plane cost,
+//! each measured side by side with its peers in one run and written to
+//! BENCHMARKS.md with plots.
 //!
 //! Benchmarks are not tests: no figure ever fails a run. A part that cannot
 //! run (a tool missing, an error) is reported as not measured, with why.
@@ -11,9 +11,11 @@ pub mod docker;
 pub mod e2e;
 pub mod etcd;
 pub mod forward;
+pub mod http_routing;
 pub mod pktcost;
 pub mod report;
 pub mod sys;
+pub mod web;
 pub mod xdp;
 
 use std::path::{Path, PathBuf};
@@ -24,20 +26,22 @@ use anyhow::{Context as _, Result};
 use report::{Goal, Report, Section};
 use sys::Machine;
 
-/// The four benchmarks, in order of priority.
+/// The benchmarks, in order of priority.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     PacketCost,
     Forwarding,
     EndToEnd,
+    HttpRouting,
     ControlPlane,
 }
 
 impl Part {
-    pub const ALL: [Part; 4] = [
+    pub const ALL: [Part; 5] = [
         Part::PacketCost,
         Part::Forwarding,
         Part::EndToEnd,
+        Part::HttpRouting,
         Part::ControlPlane,
     ];
 
@@ -46,6 +50,7 @@ impl Part {
             Part::PacketCost => "pktcost",
             Part::Forwarding => "forward",
             Part::EndToEnd => "e2e",
+            Part::HttpRouting => "http-routing",
             Part::ControlPlane => "control",
         }
     }
@@ -175,6 +180,7 @@ pub fn run(config: &Config, out: &Output) -> Result<Report> {
             Part::PacketCost => pktcost::run(config, dir, &command),
             Part::Forwarding => forward::run(config, dir, &command),
             Part::EndToEnd => e2e::run(config, dir, &command),
+            Part::HttpRouting => http_routing::run(config, &command),
             Part::ControlPlane => control::run(config, dir, &command),
         };
         sections.push(section);

@@ -1,7 +1,7 @@
 //! `lb-bench [--quick] [--only PART]... [--systems SUBSTRING] [--out FILE] [--plots DIR]
 //! [--command TEXT]`
 //!
-//! Runs the benchmarks (pktcost, forward, e2e, control) and writes a
+//! Runs the benchmarks (pktcost, forward, e2e, http-routing, control) and writes a
 //! Markdown report with SVG plots. Needs root: it creates network
 //! namespaces, loads BPF programs and starts servers inside them.
 
@@ -25,7 +25,7 @@ fn main() -> Result<()> {
             "--only" => {
                 let v = value()?;
                 only.push(Part::parse(&v).with_context(|| {
-                    format!("unknown part {v:?} (pktcost, forward, e2e, control)")
+                    format!("unknown part {v:?} (pktcost, forward, e2e, http-routing, control)")
                 })?);
             }
             "--out" => markdown = Some(value()?.into()),
@@ -33,7 +33,7 @@ fn main() -> Result<()> {
             "--command" => command = Some(value()?),
             "--systems" => systems = Some(value()?),
             _ => bail!(
-                "usage: lb-bench [--quick] [--only pktcost|forward|e2e|control]... \
+                "usage: lb-bench [--quick] [--only pktcost|forward|e2e|http-routing|control]... \
                  [--systems SUBSTRING] [--out FILE] [--plots DIR] [--command TEXT]"
             ),
         }
