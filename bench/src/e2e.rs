@@ -13,7 +13,6 @@ use lb_tests::lbd::Lbd;
 use lb_tests::topology::LB_CLIENT_IF;
 
 use crate::report::{self, ratio, thousands, Goal, Section, Table};
-use crate::sys;
 use crate::web::{self, Mode, Rig, BACKEND_PORT, PAGE, VIP};
 use crate::{goal_not_measured, Config};
 
@@ -173,15 +172,7 @@ fn wrk_args(config: &Config, mode: Mode) -> Vec<String> {
 pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goal>) {
     const TITLE: &str = "End to end: HTTP through the load balancer";
     let goal_text = "end-to-end requests/s above HAProxy and nginx";
-    let missing: Vec<&str> = ["wrk", "nginx", "haproxy", "iptables-restore"]
-        .into_iter()
-        .filter(|p| !sys::have(p))
-        .collect();
-    if !missing.is_empty() {
-        let why = format!(
-            "{} not installed (`cargo xtask bench` installs it)",
-            missing.join(", ")
-        );
+    if let Some(why) = crate::missing_programs(&["wrk", "nginx", "haproxy", "iptables-restore"]) {
         return (
             crate::not_measured(TITLE, command, why.clone()),
             vec![goal_not_measured(goal_text, &why)],

@@ -524,15 +524,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
         ">= 10x iptables DNAT with 1,000 services (established flows)",
         ">= 10x iptables DNAT with 1,000 services (a new flow per packet)",
     ];
-    let missing: Vec<&str> = ["trafgen", "ethtool", "iptables-restore", "nft"]
-        .into_iter()
-        .filter(|p| !sys::have(p))
-        .collect();
-    if !missing.is_empty() {
-        let why = format!(
-            "{} not installed (`cargo xtask bench` installs it)",
-            missing.join(", ")
-        );
+    if let Some(why) = crate::missing_programs(&["trafgen", "ethtool", "iptables-restore", "nft"]) {
         return (
             crate::not_measured(TITLE, command, why.clone()),
             goals_wanted

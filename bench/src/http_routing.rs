@@ -12,7 +12,6 @@ use anyhow::Result;
 use lb_tests::topology::target_bin;
 
 use crate::report::{ratio, thousands, Goal, Section, Table};
-use crate::sys;
 use crate::web::{self, Mode, Rig, API_PAGE, API_PORT, BACKEND_PORT, PAGE, VIP};
 use crate::{goal_not_measured, Config};
 
@@ -176,15 +175,7 @@ fn ms(d: Duration) -> String {
 }
 
 pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
-    let missing: Vec<&str> = ["wrk", "nginx", "haproxy"]
-        .into_iter()
-        .filter(|p| !sys::have(p))
-        .collect();
-    if !missing.is_empty() {
-        let why = format!(
-            "{} not installed (`cargo xtask bench` installs it)",
-            missing.join(", ")
-        );
+    if let Some(why) = crate::missing_programs(&["wrk", "nginx", "haproxy"]) {
         return (
             crate::not_measured(TITLE, command, why.clone()),
             vec![goal_not_measured(GOAL, &why)],

@@ -218,6 +218,17 @@ pub fn not_measured(title: &str, command: &str, why: String) -> Section {
     }
 }
 
+/// Why a part cannot run, if any of `programs` is not on PATH.
+pub fn missing_programs(programs: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !sys::have(p)).collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} not installed (`cargo xtask bench` installs it)",
+            missing.join(", ")
+        )
+    })
+}
+
 /// A goal this run could not measure.
 pub fn goal_not_measured(goal: &str, why: &str) -> Goal {
     Goal {
