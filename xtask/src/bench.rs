@@ -9,7 +9,7 @@ use crate::cargo::{self, Env};
 use crate::setup::ensure_packages;
 
 /// The generator (trafgen), the systems compared with (iptables, nftables,
-/// HAProxy, nginx's stream proxy), the HTTP load generator and server, and
+/// HAProxy, nginx's stream and HTTP proxies), the HTTP load generator and server, and
 /// ethtool for the veth settings the forwarding benchmark needs.
 const APT_PACKAGES: &[&str] = &[
     "netsniff-ng",
