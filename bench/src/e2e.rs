@@ -48,18 +48,11 @@ impl System {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Outcome {
-    system: System,
-    mode: Mode,
-    m: web::Measured,
-}
+type Outcome = web::Outcome<System>;
 
-impl Outcome {
-    /// Softirq (machine-wide) plus the LB node's processes, per request.
-    fn cpu_per_request(&self) -> Option<Duration> {
-        web::per_request(self.m.softirq + self.m.lb_processes, self.m.wrk.requests)
-    }
+/// Softirq (machine-wide) plus the LB node's processes, per request.
+fn cpu_per_request(o: &Outcome) -> Option<Duration> {
+    web::per_request(o.m.softirq + o.m.lb_processes, o.m.wrk.requests)
 }
 
 fn haproxy_conf(backends: &[String]) -> String {
@@ -204,29 +197,15 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
          and CPU, lower is better."
             .into(),
     );
-    let mut outcomes = Vec::new();
-    for system in System::ALL.into_iter().filter(|s| config.wants(s.name())) {
-        eprintln!("lb-bench: e2e: {}", system.name());
-        let rig = match rig(system) {
-            Ok(r) => r,
-            Err(e) => {
-                section
-                    .not_measured
-                    .push(format!("{}: setting up: {e:#}", system.name()));
-                continue;
-            }
-        };
-        for mode in Mode::ALL {
-            match rig.wrk(&wrk_args(config, mode), config.e2e_window) {
-                Ok(m) => outcomes.push(Outcome { system, mode, m }),
-                Err(e) => {
-                    section
-                        .not_measured
-                        .push(format!("{}, {}: {e:#}", system.name(), mode.name()))
-                }
-            }
-        }
-    }
+    let outcomes = web::measure_each(
+        "e2e",
+        System::ALL.into_iter().filter(|s| config.wants(s.name())),
+        System::name,
+        rig,
+        |mode| wrk_args(config, mode),
+        config.e2e_window,
+        &mut section.not_measured,
+    );
     if outcomes.is_empty() {
         return (section, vec![goal_not_measured(goal_text, "no system ran")]);
     }
@@ -248,7 +227,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
     ]);
     for o in &outcomes {
         let reference = ours(o.mode);
-        let cpu = o.cpu_per_request();
+        let cpu = cpu_per_request(o);
         table.row(vec![
             o.system.name().into(),
             o.mode.name().into(),
@@ -260,7 +239,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
             }),
             thousands(o.m.wrk.errors),
             cpu.map_or("–".into(), |c| format!("{:.1} µs", c.as_secs_f64() * 1e6)),
-            match (cpu, reference.and_then(Outcome::cpu_per_request)) {
+            match (cpu, reference.and_then(cpu_per_request)) {
                 (Some(c), Some(r)) => ratio(c.as_secs_f64(), r.as_secs_f64()),
                 _ => "–".into(),
             },

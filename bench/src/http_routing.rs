@@ -156,18 +156,12 @@ fn wrk_args(config: &Config, mode: Mode, script: &Path) -> Vec<String> {
     args
 }
 
-struct Outcome {
-    system: System,
-    mode: Mode,
-    m: web::Measured,
-}
+type Outcome = web::Outcome<System>;
 
-impl Outcome {
-    /// CPU time of the proxy's processes (the LB namespace runs nothing
-    /// else), per request.
-    fn cpu_per_request(&self) -> Option<Duration> {
-        web::per_request(self.m.lb_processes, self.m.wrk.requests)
-    }
+/// CPU time of the proxy's processes (the LB namespace runs nothing
+/// else), per request.
+fn cpu_per_request(o: &Outcome) -> Option<Duration> {
+    web::per_request(o.m.lb_processes, o.m.wrk.requests)
 }
 
 fn ms(d: Duration) -> String {
@@ -221,29 +215,15 @@ pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
          are to lbrouter in the same mode; for latency and CPU, lower is better."
             .into(),
     );
-    let mut outcomes = Vec::new();
-    for system in System::ALL.into_iter().filter(|s| config.wants(s.name())) {
-        eprintln!("lb-bench: http-routing: {}", system.name());
-        let rig = match rig(system) {
-            Ok(r) => r,
-            Err(e) => {
-                section
-                    .not_measured
-                    .push(format!("{}: setting up: {e:#}", system.name()));
-                continue;
-            }
-        };
-        for mode in Mode::ALL {
-            match rig.wrk(&wrk_args(config, mode, &script), config.e2e_window) {
-                Ok(m) => outcomes.push(Outcome { system, mode, m }),
-                Err(e) => {
-                    section
-                        .not_measured
-                        .push(format!("{}, {}: {e:#}", system.name(), mode.name()))
-                }
-            }
-        }
-    }
+    let outcomes = web::measure_each(
+        "http-routing",
+        System::ALL.into_iter().filter(|s| config.wants(s.name())),
+        System::name,
+        rig,
+        |mode| wrk_args(config, mode, &script),
+        config.e2e_window,
+        &mut section.not_measured,
+    );
     let _ = std::fs::remove_file(&script);
     let ours = |mode: Mode| {
         outcomes
@@ -268,7 +248,7 @@ pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
         let reference = ours(o.mode);
         let vs =
             |f: &dyn Fn(&Outcome) -> f64| reference.map_or("–".into(), |r| ratio(f(o), f(r)));
-        let cpu = o.cpu_per_request();
+        let cpu = cpu_per_request(o);
         table.row(vec![
             o.system.name().into(),
             o.mode.name().into(),
@@ -280,7 +260,7 @@ pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
             vs(&|x| secs(x.m.wrk.p99)),
             thousands(o.m.wrk.errors),
             cpu.map_or("–".into(), |c| format!("{:.1} µs", c.as_secs_f64() * 1e6)),
-            match (cpu, reference.and_then(Outcome::cpu_per_request)) {
+            match (cpu, reference.and_then(cpu_per_request)) {
                 (Some(c), Some(r)) => ratio(secs(c), secs(r)),
                 _ => "–".into(),
             },

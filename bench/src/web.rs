@@ -271,6 +271,46 @@ pub struct Measured {
     pub lb_processes: Duration,
 }
 
+/// One system measured in one client mode.
+#[derive(Clone, Debug)]
+pub struct Outcome<S> {
+    pub system: S,
+    pub mode: Mode,
+    pub m: Measured,
+}
+
+/// Sets up a rig for each of `systems` in turn (`rig`) and runs wrk on it
+/// in every client mode (`wrk_args`); what fails is noted in `not_measured`
+/// and the rest measured.
+pub fn measure_each<S: Copy>(
+    part: &str,
+    systems: impl IntoIterator<Item = S>,
+    name: impl Fn(S) -> &'static str,
+    rig: impl Fn(S) -> Result<Rig>,
+    wrk_args: impl Fn(Mode) -> Vec<String>,
+    window: Duration,
+    not_measured: &mut Vec<String>,
+) -> Vec<Outcome<S>> {
+    let mut outcomes = Vec::new();
+    for system in systems {
+        eprintln!("lb-bench: {part}: {}", name(system));
+        let rig = match rig(system) {
+            Ok(r) => r,
+            Err(e) => {
+                not_measured.push(format!("{}: setting up: {e:#}", name(system)));
+                continue;
+            }
+        };
+        for mode in Mode::ALL {
+            match rig.wrk(&wrk_args(mode), window) {
+                Ok(m) => outcomes.push(Outcome { system, mode, m }),
+                Err(e) => not_measured.push(format!("{}, {}: {e:#}", name(system), mode.name())),
+            }
+        }
+    }
+    outcomes
+}
+
 /// "2.08ms" -> 2.08 ms.
 fn parse_latency(s: &str) -> Option<Duration> {
     let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
