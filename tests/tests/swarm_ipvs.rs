@@ -85,6 +85,7 @@ struct Run {
 #[ignore = "needs a kernel with IPVS: runs in `cargo xtask vm-test --only swarm_ipvs`"]
 fn docker_ipvs_mesh_and_lbd_side_by_side() {
     require_ipvs();
+    let _forwarding = HostForwarding::on();
     let cluster = Cluster::new(2).expect("cluster");
     cluster.build_image(IMAGE).expect("image");
     let ipvs = scenario(&cluster, Mesh::Ipvs);
@@ -97,6 +98,31 @@ fn docker_ipvs_mesh_and_lbd_side_by_side() {
     let lbd = scenario(&cluster, Mesh::Lbd);
     print_table(&ipvs, &lbd);
     drop(lbds);
+}
+
+/// IPv4 forwarding in the root namespace, on while it lives. A namespace
+/// takes its IPv4 settings from the root namespace's when it is made
+/// (`net.core.devconf_inherit_init_net=0`). On a Docker host dockerd runs
+/// in the root namespace and turns forwarding on there, so `ingress_sbox`
+/// forwards, which IPVS's NAT mode needs for the tasks' replies; here each
+/// dockerd runs in a node namespace, so the root namespace must stand in
+/// for it. (lbd turns forwarding on in `ingress_sbox` itself.)
+struct HostForwarding(String);
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+impl HostForwarding {
+    fn on() -> Self {
+        let old = std::fs::read_to_string(IP_FORWARD).expect("ip_forward");
+        std::fs::write(IP_FORWARD, "1").expect("turning forwarding on");
+        Self(old.trim().to_string())
+    }
+}
+
+impl Drop for HostForwarding {
+    fn drop(&mut self) {
+        let _ = std::fs::write(IP_FORWARD, &self.0);
+    }
 }
 
 fn require_ipvs() {
