@@ -19,11 +19,14 @@ fn quick_harness_produces_a_report() {
         plot_dir: dir.clone(),
         command: "cargo test -p lb-bench --test quick".into(),
     };
-    let report = lb_bench::run(&Config::smoke(), &out).expect("the harness runs");
+    let config = Config::smoke();
+    let report = lb_bench::run(&config, &out).expect("the harness runs");
 
     let text = std::fs::read_to_string(&out.markdown).expect("BENCHMARKS.md written");
     assert!(text.contains("## Goals"), "{text}");
-    assert_eq!(report.sections.len(), 4, "{text}");
+    // One section per part, every part run.
+    assert_eq!(report.sections.len(), config.parts.len(), "{text}");
+    assert_eq!(config.parts.len(), lb_bench::Part::ALL.len());
     for section in &report.sections {
         assert!(
             !section.tables.is_empty(),

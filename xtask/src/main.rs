@@ -32,7 +32,7 @@ enum Task {
     Man,
     /// Build, then run every test serially on this kernel, then the VM suites on Debian's 6.1 kernel (as vm-test); arguments after `--` go to the test binaries
     Test {
-        /// Skip the VM suites (about 15 minutes under emulation)
+        /// Skip the VM suites (about 10 minutes under emulation)
         #[arg(long)]
         no_vm: bool,
         /// e.g. a test name filter or --nocapture

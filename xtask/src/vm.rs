@@ -61,9 +61,10 @@ const TCG_SLOWDOWN: u32 = 10;
 /// The test binaries of lb-tests that run in the VM, each with the
 /// arguments it gets there (name filters), and whether a run without
 /// `--only` (as `cargo xtask test` makes) includes it. Left out by default,
-/// to keep `cargo xtask test` within its time: the ICMP fixtures (the same
-/// program the other fixtures load) and the IPVS comparison, a benchmark
-/// as much as a test.
+/// to keep `cargo xtask test` within its 45 minutes on 2 emulated cores:
+/// the ICMP fixtures (105 s; the same program the other fixtures load),
+/// the two-node Swarm (312 s) and the IPVS comparison, a benchmark as
+/// much as a test.
 struct Suite {
     name: &'static str,
     args: &'static [&'static str],
@@ -93,7 +94,7 @@ const SUITES: &[Suite] = &[
     Suite {
         name: "docker_lb",
         args: &["two_node_swarm_reaches_tasks_through_either_node"],
-        default: true,
+        default: false,
     },
     Suite {
         name: "swarm_ipvs",
