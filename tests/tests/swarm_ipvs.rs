@@ -41,6 +41,10 @@ const ECHO: u16 = 9000;
 /// `ipvsadm --set` so that the test can wait past it.
 const IPVS_TCP_TIMEOUT_SECS: u64 = 5;
 const IDLE: Duration = Duration::from_secs(3 * IPVS_TCP_TIMEOUT_SECS);
+/// Session affinity: how long a client keeps its task, and how many new
+/// connections from one client are made to see which tasks answer them.
+const AFFINITY_SECS: u32 = 300;
+const AFFINITY_TRIES: usize = 20;
 /// Where the table goes in the test's output; `cargo xtask vm-test` looks
 /// for lines with this prefix.
 const TABLE_PREFIX: &str = "SWARM-IPVS| ";
@@ -78,6 +82,7 @@ struct Run {
     killed: String,
     scaled: String,
     idle: String,
+    affinity: String,
     removed: String,
 }
 
@@ -294,6 +299,47 @@ fn scenario(cluster: &Cluster, mesh: Mesh) -> Run {
         assert!(kept.is_ok(), "idle connection: {kept:?}");
     }
 
+    // Session affinity, turned on now so that it changes none of the steps
+    // above. Docker has no setting for it: on the IPVS side it is set by
+    // hand on each sandbox's virtual services.
+    let t0 = Instant::now();
+    match mesh {
+        Mesh::Ipvs => {
+            for node in &cluster.nodes {
+                ipvs_persistence(node, AFFINITY_SECS);
+            }
+        }
+        Mesh::Lbd => {
+            manager
+                .docker(&[
+                    "service",
+                    "update",
+                    "--detach",
+                    "--label-add",
+                    &format!("lb.affinity_secs={AFFINITY_SECS}"),
+                    &service,
+                ])
+                .expect("service update");
+        }
+    }
+    let through_manager = wait_until(CONVERGE, "one task for every connection", || {
+        tasks_answering(cluster, at(n1, HTTPD)) == 1
+    });
+    let settled = ms(t0.elapsed());
+    let via_worker = tasks_answering(cluster, at(n2, HTTPD));
+    run.affinity = match through_manager {
+        Ok(()) => {
+            format!("1 task through the manager (after {settled}); {via_worker} through the worker")
+        }
+        Err(_) => format!(
+            "{} tasks through the manager; {via_worker} through the worker",
+            tasks_answering(cluster, at(n1, HTTPD))
+        ),
+    };
+    if mesh == Mesh::Lbd {
+        assert!(through_manager.is_ok(), "affinity: {}", run.affinity);
+    }
+
     // Removal: the published port refuses through every node.
     let t0 = Instant::now();
     manager.docker(&["service", "rm", &service]).expect("rm");
@@ -354,6 +400,45 @@ fn mesh_state(cluster: &Cluster) -> String {
     out
 }
 
+/// How many tasks answer [`AFFINITY_TRIES`] new connections from the
+/// client (an error counts as no task).
+fn tasks_answering(cluster: &Cluster, target: SocketAddr) -> usize {
+    let names: std::collections::BTreeSet<String> = (0..AFFINITY_TRIES)
+        .filter_map(|_| {
+            cluster
+                .client
+                .run(|| http_whoami(target, TIMEOUT).ok())
+                .map(|(name, _)| name)
+        })
+        .collect();
+    names.len()
+}
+
+/// Persistence on every virtual service (`FWM n`) of a node's sandbox.
+fn ipvs_persistence(node: &Node, secs: u32) {
+    let sbox = format!("--net={}", node.dockerd.ingress_sbox().display());
+    let ipvsadm = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .arg(&sbox)
+            .arg("ipvsadm")
+            .args(args)
+            .output()
+            .expect("nsenter ipvsadm");
+        assert!(out.status.success(), "ipvsadm {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = ipvsadm(&["-Ln"]);
+    let marks: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("FWM "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!marks.is_empty(), "no virtual service in\n{table}");
+    for mark in marks {
+        ipvsadm(&["-E", "-f", mark, "-s", "rr", "-p", &secs.to_string()]);
+    }
+}
+
 fn node_id(node: &Node) -> String {
     node.dockerd
         .docker(&["info", "--format", "{{.Swarm.NodeID}}"])
@@ -404,7 +489,12 @@ fn print_table(ipvs: &Run, lbd: &Run) {
          default 21600 s)",
         IDLE.as_secs()
     );
-    let rows: [(&str, String, String); 7] = [
+    let affinity_row = format!(
+        "session affinity {AFFINITY_SECS} s (IPVS: `ipvsadm -E -p` by hand in each sandbox; \
+         lbd: `service update --label-add lb.affinity_secs`): tasks answering \
+         {AFFINITY_TRIES} new connections from one client"
+    );
+    let rows: [(&str, String, String); 8] = [
         (
             "published port reached through every node",
             ipvs.reach.join("; "),
@@ -431,6 +521,7 @@ fn print_table(ipvs: &Run, lbd: &Run) {
             lbd.scaled.clone(),
         ),
         (&idle_row, ipvs.idle.clone(), lbd.idle.clone()),
+        (&affinity_row, ipvs.affinity.clone(), lbd.affinity.clone()),
         ("`service rm`", ipvs.removed.clone(), lbd.removed.clone()),
     ];
     let _ = writeln!(t, "| | Docker's IPVS mesh | lbd |");

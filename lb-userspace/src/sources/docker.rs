@@ -412,6 +412,8 @@ async fn sync(
     nodes.extend(vips.nodes);
     let mut swarm_services = swarm.services;
     swarm_services.extend(vips.services);
+    swarm::apply_settings(&mut swarm_services, &swarm.settings);
+    rejected.extend(swarm.rejected);
     if let Some(live) = &swarm.live {
         swarm::drain_removed(&mut swarm_services, live);
     }

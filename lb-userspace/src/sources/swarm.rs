@@ -30,6 +30,7 @@ use bollard::models::{
 use bollard::query_parameters::{InspectNetworkOptions, ListServicesOptions};
 use bollard::Docker;
 
+use super::labels::{self, Rejected};
 use crate::model::{BackendSpec, Frontend, Proto, ServiceSpec};
 
 pub const SOURCE: &str = "docker:swarm";
@@ -49,6 +50,10 @@ pub struct View {
     /// On a manager, the services Swarm has (`GET /services`): one the
     /// networks' views still show but this does not is being removed.
     pub live: Option<BTreeSet<String>>,
+    /// On a manager, the `lb.*` settings of the services that have some.
+    pub settings: BTreeMap<String, Settings>,
+    /// On a manager, services whose `lb.*` labels are wrong, and why.
+    pub rejected: Vec<Rejected>,
 }
 
 /// `netns_dir`: where the engine keeps its network namespaces.
@@ -109,15 +114,17 @@ pub async fn view(
             ..Default::default()
         });
     };
-    let protocols = match role {
-        "manager" => Some(ingress_protocols(
-            &docker
+    let listed = match role {
+        "manager" => Some(
+            docker
                 .list_services(None::<ListServicesOptions>)
                 .await
                 .context("listing Swarm services")?,
-        )),
+        ),
         _ => None,
     };
+    let protocols = listed.as_deref().map(ingress_protocols);
+    let (settings, rejected) = listed.as_deref().map(settings).unwrap_or_default();
     let services = services(
         &ingress,
         overlay,
@@ -132,6 +139,8 @@ pub async fn view(
         engine,
         nodes: super::service_vips::task_nodes(&ingress),
         live: protocols.map(|p| p.into_keys().collect()),
+        settings,
+        rejected,
     })
 }
 
@@ -171,6 +180,64 @@ pub fn drain_removed(services: &mut [ServiceSpec], live: &BTreeSet<String>) {
     {
         for b in &mut s.backends {
             b.weight = 0;
+        }
+    }
+}
+
+/// A Swarm service's own settings, from its `lb.*` labels (the same names
+/// and checks as a container's, labels.rs). Only a manager can read them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub affinity_secs: u32,
+    pub table_size: Option<u32>,
+}
+
+fn settings(services: &[Service]) -> (BTreeMap<String, Settings>, Vec<Rejected>) {
+    let mut out = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for spec in services.iter().filter_map(|s| s.spec.as_ref()) {
+        let (Some(name), Some(labels)) = (&spec.name, &spec.labels) else {
+            continue;
+        };
+        let get = |key: &str| labels.get(&format!("lb.{key}")).cloned();
+        let checked = labels::settings(&get, "lb.").and_then(|s| match s.health {
+            // lbd's checks run from the node, which cannot reach tasks on
+            // an overlay; Swarm's own health checks replace failing tasks.
+            Some(_) => Err(
+                "lb.health is not supported on a Swarm service: give the image a \
+                            HEALTHCHECK, and Swarm replaces tasks that fail it"
+                    .to_string(),
+            ),
+            None => Ok(Settings {
+                affinity_secs: s.affinity_secs,
+                table_size: s.table_size,
+            }),
+        });
+        match checked {
+            Ok(s) if s == Settings::default() => {}
+            Ok(s) => {
+                out.insert(name.clone(), s);
+            }
+            Err(reason) => rejected.push(Rejected {
+                container: format!("service {name}"),
+                reason,
+            }),
+        }
+    }
+    (out, rejected)
+}
+
+/// Gives Swarm's frontends that balance across tasks (the mesh's stage 2
+/// and the VIPs, the same for every node's copy) their service's settings.
+/// Stage 1 has one backend, the node's own sandbox, and keeps none.
+pub fn apply_settings(services: &mut [ServiceSpec], settings: &BTreeMap<String, Settings>) {
+    for s in services
+        .iter_mut()
+        .filter(|s| s.source == SOURCE && (s.snat.is_some() || s.network.is_some()))
+    {
+        if let Some(set) = settings.get(&s.name) {
+            s.affinity_secs = set.affinity_secs;
+            s.table_size = set.table_size;
         }
     }
 }
@@ -460,6 +527,58 @@ mod tests {
         assert!(
             labels[0].backends.iter().all(|b| b.weight == 1),
             "not Swarm's"
+        );
+    }
+
+    #[test]
+    fn a_services_labels_set_affinity_for_its_tasks_not_its_node_stage() {
+        let list: Vec<Service> = serde_json::from_value(serde_json::json!([
+            {"Spec": {"Name": "web", "Labels": {"lb.affinity_secs": "300", "other": "x"}}},
+            {"Spec": {"Name": "plain", "Labels": {"com.example": "1"}}},
+            {"Spec": {"Name": "bad", "Labels": {"lb.affinity_secs": "forever"}}},
+            {"Spec": {"Name": "checked", "Labels": {"lb.health": "tcp"}}}
+        ]))
+        .unwrap();
+        let (settings, rejected) = settings(&list);
+        assert_eq!(
+            settings,
+            BTreeMap::from([(
+                "web".to_string(),
+                Settings {
+                    affinity_secs: 300,
+                    table_size: None
+                }
+            )])
+        );
+        let reasons: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.container, r.reason))
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].starts_with("service bad: lb.affinity_secs"));
+        assert!(reasons[1].starts_with("service checked: lb.health"));
+
+        let ingress: NetworkInspect = serde_json::from_str(INGRESS).unwrap();
+        let overlay = sbox_address(&ingress).unwrap();
+        let nodes = [Ipv4Addr::new(10, 74, 0, 11)];
+        let mut specs = services(
+            &ingress,
+            overlay,
+            Ipv4Addr::new(172, 18, 0, 2),
+            &nodes,
+            None,
+        );
+        apply_settings(&mut specs, &settings);
+        let affinity: Vec<(String, u32)> = specs
+            .iter()
+            .map(|s| (s.frontend.to_string(), s.affinity_secs))
+            .collect();
+        assert_eq!(
+            affinity,
+            [
+                ("172.18.0.2:8080/tcp".to_string(), 300),
+                ("10.74.0.11:8080/tcp".to_string(), 0)
+            ]
         );
     }
 
