@@ -66,6 +66,16 @@ pub struct Args {
     #[arg(long, env = "LBROUTER_BACKEND_IDLE_TIMEOUT_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub backend_idle_timeout_ms: u64,
+    /// Also route to the running containers and Swarm services that ask by
+    /// their labels (lb.http.*, or docker-flow-proxy's com.df.* on
+    /// services; see the README), following the engine's events. The
+    /// file's routes win a clash.
+    #[arg(long, env = "LBROUTER_DOCKER")]
+    pub docker: bool,
+    /// The engine for --docker: unix:///path or tcp://host[:port]; default
+    /// DOCKER_HOST, else /var/run/docker.sock.
+    #[arg(long, env = "LBROUTER_DOCKER_HOST", requires = "docker")]
+    pub docker_host: Option<String>,
     /// Check this configuration file and exit: 0 if it is valid, 1 with
     /// the file, line and reason of the first error if not. The file is
     /// checked as lbd checks it; then the certificates [http.tls] names

@@ -28,6 +28,15 @@ async fn main() -> Result<()> {
         );
         return Ok(());
     }
+    let docker = if args.docker {
+        let env = |name: &str| std::env::var(name).ok();
+        let engine = lb_userspace::sources::engine::resolve(args.docker_host.as_deref(), &env)
+            .map_err(anyhow::Error::msg)?;
+        engine.check_files()?;
+        Some(engine)
+    } else {
+        None
+    };
     let ms = Duration::from_millis;
     router::run(Options {
         config: args.config,
@@ -43,6 +52,7 @@ async fn main() -> Result<()> {
             backend_idle_timeout: ms(args.backend_idle_timeout_ms),
             access_log: args.access_log,
         },
+        docker,
     })
     .await
 }

@@ -137,46 +137,15 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
     let fail = |span: std::ops::Range<usize>, reason: String| {
         ConfigError::new(path, Some(lines.at(span.start)), reason)
     };
-    let body_limit = |v: &Spanned<i64>| {
-        u64::try_from(*v.get_ref())
-            .ok()
-            .filter(|n| *n as i64 <= MAX_BODY_LIMIT)
-            .ok_or_else(|| {
-                fail(
-                    v.span(),
-                    format!(
-                        "max_body_bytes {} is out of range (0 to {MAX_BODY_LIMIT})",
-                        v.get_ref()
-                    ),
-                )
-            })
-    };
+    let body_limit =
+        |v: &Spanned<i64>| check_body_limit(*v.get_ref()).map_err(|reason| fail(v.span(), reason));
     let default_limit = raw.max_body_bytes.as_ref().map(body_limit).transpose()?;
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut places: HashMap<(HostMatch, String), usize> = HashMap::new();
-    // A browser sends a host's cookies to every route of that host: two
-    // routes of one host with one cookie name would keep re-pinning it.
-    let mut cookies: HashMap<(HostMatch, String), (String, usize)> = HashMap::new();
+    let mut taken = Taken::default();
     let mut routes = Vec::with_capacity(raw.route.len());
     for r in raw.route {
         let line = lines.at(r.name.span().start);
         let name = r.name.get_ref().clone();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(fail(
-                r.name.span(),
-                format!("route name {name:?}: use letters, digits, '-', '_' and '.'"),
-            ));
-        }
-        if let Some(first) = names.insert(name.clone(), line) {
-            return Err(fail(
-                r.name.span(),
-                format!("duplicate route name {name:?} (first defined on line {first})"),
-            ));
-        }
+        check_route_name(&name).map_err(|reason| fail(r.name.span(), reason))?;
         let host = match &r.host {
             None => HostMatch::Any,
             Some(h) => parse_host(h.get_ref())
@@ -187,14 +156,6 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
             Some(p) => normalize_prefix(p.get_ref())
                 .map_err(|reason| fail(p.span(), format!("path {:?}: {reason}", p.get_ref())))?,
         };
-        if let Some(first) = places.insert((host.clone(), prefix.clone()), line) {
-            return Err(fail(
-                r.name.span(),
-                format!(
-                    "route {name:?}: {host} with path {prefix} is already routed (line {first})"
-                ),
-            ));
-        }
         if r.backends.is_empty() {
             return Err(fail(
                 r.name.span(),
@@ -219,20 +180,10 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
                 check_cookie_name(cookie).map_err(|reason| {
                     fail(c.span(), format!("sticky_cookie {cookie:?}: {reason}"))
                 })?;
-                let key = (host.clone(), cookie.clone());
-                if let Some((other, first)) = cookies.insert(key, (name.clone(), line)) {
-                    return Err(fail(
-                        c.span(),
-                        format!(
-                            "sticky_cookie {cookie:?} is already the cookie of route {other:?} \
-                             (line {first}) for {host}: each route of a host needs its own"
-                        ),
-                    ));
-                }
                 Some(cookie.clone())
             }
         };
-        routes.push(RouteSpec {
+        let route = RouteSpec {
             name,
             host,
             path: prefix,
@@ -241,7 +192,14 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
             sticky_cookie,
             backends,
             line,
-        });
+        };
+        taken
+            .admit(&route, format!("line {line}"))
+            .map_err(|(field, reason)| match (field, &r.sticky_cookie) {
+                (Clash::Cookie, Some(c)) => fail(c.span(), reason),
+                _ => fail(r.name.span(), reason),
+            })?;
+        routes.push(route);
     }
     let certificates = match raw.tls {
         Some(tls) => parse_certificates(path, lines, tls)?,
@@ -251,6 +209,86 @@ pub(crate) fn parse(path: &Path, lines: &Lines, raw: RawHttp) -> Result<HttpConf
         routes,
         certificates,
     })
+}
+
+/// What makes a route clash with another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Clash {
+    Name,
+    Place,
+    Cookie,
+}
+
+/// The names, places (host and path) and cookies of the routes admitted so
+/// far, each with where it came from ("line 3", "container web"): the
+/// file's routes and discovered ones (discovery.rs) clash by the same rules.
+#[derive(Default)]
+pub(crate) struct Taken {
+    names: HashMap<String, String>,
+    places: HashMap<(HostMatch, String), String>,
+    // A browser sends a host's cookies to every route of that host: two
+    // routes of one host with one cookie name would keep re-pinning it.
+    cookies: HashMap<(HostMatch, String), (String, String)>,
+}
+
+impl Taken {
+    /// Admits `route` unless it clashes with an admitted one; `from` says
+    /// where it is defined, for later messages.
+    pub(crate) fn admit(&mut self, route: &RouteSpec, from: String) -> Result<(), (Clash, String)> {
+        let name = &route.name;
+        let host = &route.host;
+        let prefix = &route.path;
+        if let Some(first) = self.names.get(name) {
+            return Err((
+                Clash::Name,
+                format!("duplicate route name {name:?} (first defined on {first})"),
+            ));
+        }
+        let place = (host.clone(), prefix.clone());
+        if let Some(first) = self.places.get(&place) {
+            return Err((
+                Clash::Place,
+                format!("route {name:?}: {host} with path {prefix} is already routed ({first})"),
+            ));
+        }
+        if let Some(cookie) = &route.sticky_cookie {
+            if let Some((other, first)) = self.cookies.get(&(host.clone(), cookie.clone())) {
+                return Err((
+                    Clash::Cookie,
+                    format!(
+                        "sticky_cookie {cookie:?} is already the cookie of route {other:?} \
+                         ({first}) for {host}: each route of a host needs its own"
+                    ),
+                ));
+            }
+            self.cookies
+                .insert((host.clone(), cookie.clone()), (name.clone(), from.clone()));
+        }
+        self.names.insert(name.clone(), from.clone());
+        self.places.insert(place, from);
+        Ok(())
+    }
+}
+
+/// Letters, digits, '-', '_' and '.'.
+pub(crate) fn check_route_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "route name {name:?}: use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_body_limit(n: i64) -> Result<u64, String> {
+    u64::try_from(n)
+        .ok()
+        .filter(|v| *v as i64 <= MAX_BODY_LIMIT)
+        .ok_or_else(|| format!("max_body_bytes {n} is out of range (0 to {MAX_BODY_LIMIT})"))
 }
 
 fn parse_certificates(
@@ -298,7 +336,7 @@ fn parse_certificates(
 
 /// A cookie name is an RFC 6265 token; this keeps to the characters every
 /// client takes.
-fn check_cookie_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_cookie_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err("use 1 to 64 characters".into());
     }
@@ -312,7 +350,7 @@ fn check_cookie_name(name: &str) -> Result<(), String> {
 }
 
 /// `example.com` or `*.example.com`, lower-cased.
-fn parse_host(s: &str) -> Result<HostMatch, String> {
+pub(crate) fn parse_host(s: &str) -> Result<HostMatch, String> {
     let lower = s.trim_end_matches('.').to_ascii_lowercase();
     let (wild, name) = match lower.strip_prefix("*.") {
         Some(rest) => (true, rest),
@@ -338,7 +376,7 @@ fn parse_host(s: &str) -> Result<HostMatch, String> {
 
 /// A path prefix without its trailing `/`, so that "/api" and "/api/" are
 /// the same route.
-fn normalize_prefix(s: &str) -> Result<String, String> {
+pub(crate) fn normalize_prefix(s: &str) -> Result<String, String> {
     if !s.starts_with('/') {
         return Err("must start with /".into());
     }

@@ -5,11 +5,15 @@
 //! forwards with hyper (proxy.rs), serves HTTPS with the certificates of
 //! tls.rs and takes its routes from the `[http]` section of lbd's config
 //! file (config.rs), reloaded, certificates included, on SIGHUP and when
-//! the files change. It uses none of the datapath: it is a
+//! the files change. With `--docker` it also routes to the containers
+//! and Swarm services that ask by their labels (discovery.rs, labels.rs);
+//! the file's routes win a clash. It uses none of the datapath: it is a
 //! plain user-space proxy that can run with or without lbd.
 
 pub mod balance;
 pub mod config;
+pub mod discovery;
+pub mod labels;
 pub mod metrics;
 pub mod proxy;
 pub mod sticky;
@@ -58,12 +62,19 @@ pub struct Options {
     /// and a TLS handshake.
     pub header_read_timeout: Duration,
     pub proxy: ProxyOptions,
+    /// `--docker`: the engine to discover routes from.
+    pub docker: Option<crate::sources::engine::Engine>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
     let mut backends = Backends::default();
     let first = crate::config::load(&opts.config)?;
     let table = Table::build(&first.http, &mut backends);
+    let discovered = opts.docker.clone().map(|engine| {
+        let (tx, rx) = tokio::sync::watch::channel(discovery::Found::default());
+        tokio::spawn(discovery::watch(engine, tx));
+        rx
+    });
     log::info!("{}: {} routes", opts.config.display(), table.len());
     let (watcher, tls) = if opts.listen_tls.is_empty() {
         if !first.http.certificates.is_empty() {
@@ -129,7 +140,8 @@ pub async fn run(opts: Options) -> Result<()> {
         proxy.clone(),
         backends,
         watcher,
-        first.http.certificates,
+        first.http,
+        discovered,
     ));
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
@@ -215,33 +227,54 @@ where
 }
 
 /// Applies the config file again on SIGHUP and when it changes; a file that
-/// does not parse leaves the current routes in place. With HTTPS, also
-/// follows the certificate files (`watcher`).
+/// does not parse leaves its routes in place. With `--docker`, also applies
+/// each change of the discovered routes. With HTTPS, also follows the
+/// certificate files (`watcher`).
 async fn reload(
     path: PathBuf,
     proxy: Arc<Proxy>,
     mut backends: Backends,
     mut watcher: Option<tls::Watcher>,
-    mut certificates: Vec<config::CertSpec>,
+    mut file: config::HttpConfig,
+    mut discovered: Option<tokio::sync::watch::Receiver<discovery::Found>>,
 ) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut stamp = crate::config::stamp(&path);
     let mut tick = tokio::time::interval(POLL);
     let result = |r: &str| metrics::ResultLabels { result: r.into() };
+    let mut clashes = Vec::new();
     loop {
-        let forced = tokio::select! {
-            _ = hup.recv() => true,
-            _ = tick.tick() => false,
+        let (forced, found) = tokio::select! {
+            _ = hup.recv() => (true, false),
+            _ = tick.tick() => (false, false),
+            changed = async { discovered.as_mut()?.changed().await.ok() }, if discovered.is_some() => {
+                if changed.is_none() {
+                    discovered = None;
+                }
+                (false, changed.is_some())
+            }
         };
         let now = crate::config::stamp(&path);
+        let mut apply = found;
         if forced || now != stamp {
             stamp = now;
-            if let Some(config) = reload_config(&path, &proxy, &mut backends) {
-                certificates = config.http.certificates;
+            if let Some(config) = reload_config(&path, &proxy) {
+                file = config.http;
+                apply = true;
             }
         }
+        if apply {
+            let found = discovered
+                .as_ref()
+                .map(|d| d.borrow().routes.clone())
+                .unwrap_or_default();
+            let merged = merge(&file, found, &mut clashes);
+            let table = Table::build(&merged, &mut backends);
+            log::info!("{} routes in force", table.len());
+            proxy.swap(table);
+        }
         if let Some(w) = &mut watcher {
-            let outcome = w.refresh(&certificates, forced);
+            let outcome = w.refresh(&file.certificates, forced);
             let count = |r: &str, n: usize| {
                 proxy
                     .metrics
@@ -255,19 +288,44 @@ async fn reload(
     }
 }
 
-/// Loads the config file again and applies its routes; `None` when it is
-/// refused.
-fn reload_config(
-    path: &Path,
-    proxy: &Proxy,
-    backends: &mut Backends,
-) -> Option<crate::config::FileConfig> {
+/// The file's routes, then the discovered ones that clash with none (by the
+/// file's rules: name, host and path, cookie). Each clash is logged once
+/// (`logged` holds those in force).
+fn merge(
+    file: &config::HttpConfig,
+    found: Vec<config::RouteSpec>,
+    logged: &mut Vec<String>,
+) -> config::HttpConfig {
+    let mut taken = config::Taken::default();
+    let mut out = file.clone();
+    for r in &file.routes {
+        // The file was checked whole; its routes cannot clash.
+        let _ = taken.admit(r, format!("line {} of the config file", r.line));
+    }
+    let mut clashes = Vec::new();
+    for r in found {
+        match taken.admit(&r, "docker".into()) {
+            Ok(()) => out.routes.push(r),
+            Err((_, reason)) => clashes.push(format!("discovered {reason}; left out")),
+        }
+    }
+    for c in clashes.iter().filter(|c| !logged.contains(c)) {
+        log::warn!("{c}");
+    }
+    *logged = clashes;
+    out
+}
+
+/// Loads the config file again; `None` when it is refused.
+fn reload_config(path: &Path, proxy: &Proxy) -> Option<crate::config::FileConfig> {
     let result = |r: &str| metrics::ResultLabels { result: r.into() };
     match crate::config::load(path) {
         Ok(config) => {
-            let table = Table::build(&config.http, backends);
-            log::info!("{}: reloaded, {} routes", path.display(), table.len());
-            proxy.swap(table);
+            log::info!(
+                "{}: reloaded, {} routes",
+                path.display(),
+                config.http.routes.len()
+            );
             proxy.metrics.reloads.get_or_create(&result("ok")).inc();
             Some(config)
         }
