@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use hyper::body::Bytes;
 use hyper::{HeaderMap, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::netns::{unique_name, Netns};
+use crate::netns::{command_in, run_in, unique_name, Netns};
 use crate::process::{wait_until, ChildGuard};
 use crate::topology::{target_bin, Backend, LB_CLIENT_V4};
 
@@ -42,9 +42,12 @@ pub fn backend_addr(b: &Backend) -> String {
     format!("{}:{BACKEND_PORT}", b.v4)
 }
 
-/// A connection to `addr` from inside `ns` succeeds.
-fn answers(ns: &Netns, addr: SocketAddr) -> bool {
-    ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+/// A connection to `addr` from inside the namespace at `ns` succeeds.
+fn answers(ns: &Path, addr: SocketAddr) -> bool {
+    run_in(ns, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .unwrap_or(false)
 }
 
 /// Starts `lb-http` in backend `b`'s namespace and waits for it.
@@ -57,7 +60,7 @@ pub fn start_backend(b: &Backend) -> Result<ChildGuard> {
     let mut child = ChildGuard::spawn(&mut cmd)?;
     let probe = SocketAddr::from((Ipv4Addr::LOCALHOST, BACKEND_PORT));
     wait_until(START_TIMEOUT, &format!("lb-http of {}", b.name), || {
-        child.try_wait().is_some() || answers(&b.ns, probe)
+        child.try_wait().is_some() || answers(&b.ns.path(), probe)
     })?;
     if let Some(status) = child.try_wait() {
         bail!("lb-http of {} exited: {status}", b.name);
@@ -87,6 +90,17 @@ impl Router {
         files: &[(&str, &str)],
         args: &[&str],
     ) -> Result<Router> {
+        Router::start_in(&lb.path(), config, files, args)
+    }
+
+    /// As `start_with_files`, in the namespace at `netns` (a container's:
+    /// `router_addr()` must be one of its addresses).
+    pub fn start_in(
+        netns: &Path,
+        config: &str,
+        files: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Router> {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(unique_name(&format!("lbrouter{seq}")));
@@ -97,7 +111,7 @@ impl Router {
             write_atomically(&dir.join(name), contents)?;
         }
         let log = std::fs::File::create(dir.join("log"))?;
-        let mut cmd = lb.command(target_bin("lbrouter"));
+        let mut cmd = command_in(netns, target_bin("lbrouter"));
         cmd.arg("--config")
             .arg(dir.join("lbd.toml"))
             .args(["--listen", &router_addr().to_string()])
@@ -109,7 +123,7 @@ impl Router {
             .stderr(log);
         let mut child = ChildGuard::spawn(&mut cmd)?;
         wait_until(START_TIMEOUT, "lbrouter to accept connections", || {
-            child.try_wait().is_some() || answers(lb, router_addr())
+            child.try_wait().is_some() || answers(netns, router_addr())
         })?;
         if let Some(status) = child.try_wait() {
             let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();

@@ -1,17 +1,19 @@
 //! lbrouter `--docker` against a private dockerd: routes from container
 //! labels, and from a single-node Swarm's docker-flow-proxy labels, routed
-//! to the tasks directly. lbrouter runs in the engine's own namespace, from
-//! where the bridge and overlay addresses are reachable, and the clients
-//! too. Needs root; run with `--test-threads=1`.
+//! to the tasks directly. lbrouter, and the clients, run in the engine's
+//! own namespace, from where the bridge's addresses are reachable, or for
+//! Swarm in a container's on the overlay (as docker-flow-proxy runs):
+//! overlay addresses are reachable only from there. Needs root; run with `--test-threads=1`.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lb_tests::docker::{build_test_image, cleanup_stale, wait_service_running, Dockerd};
-use lb_tests::netns::{unique_name, Netns};
+use lb_tests::netns::{run_in, unique_name, Netns};
 use lb_tests::process::wait_until;
 use lb_tests::router::{block_on, get, Router};
-use lb_tests::swarm::{create_service, IMAGE};
+use lb_tests::swarm::{container_netns, create_network, create_service, IMAGE};
 use lb_tests::topology::LB_CLIENT_V4;
 
 /// How long a labelled container may take to be routed (or unrouted).
@@ -24,6 +26,8 @@ const CONVERGE: Duration = Duration::from_secs(60);
 struct Node {
     router: Option<Router>,
     dockerd: Dockerd,
+    /// Where the router and the clients run.
+    at: PathBuf,
     ns: Netns,
 }
 
@@ -39,14 +43,15 @@ impl Node {
         Node {
             router: None,
             dockerd,
+            at: ns.path(),
             ns,
         }
     }
 
     fn start_router(&mut self, config: &str) {
         let host = format!("unix://{}", self.dockerd.socket().display());
-        let router = Router::start(&self.ns, config, &["--docker", "--docker-host", &host])
-            .expect("lbrouter");
+        let args = ["--docker", "--docker-host", &host];
+        let router = Router::start_in(&self.at, config, &[], &args).expect("lbrouter");
         self.router = Some(router);
     }
 
@@ -56,7 +61,7 @@ impl Node {
 
     /// The backend answering GET `path` for `host`, or the status.
     fn backend(&self, host: &str, path: &str) -> Result<String, u16> {
-        match self.ns.run(|| block_on(get(host, path))) {
+        match run_in(&self.at, || block_on(get(host, path))).expect("the namespace") {
             Ok(r) if r.status == 200 => Ok(r.backend().to_string()),
             Ok(r) => Err(r.status),
             Err(_) => Err(0),
@@ -140,9 +145,17 @@ fn swarm_services_are_routed_by_their_df_labels_to_their_tasks() {
     node.dockerd
         .docker(&["swarm", "init", "--advertise-addr", &addr])
         .expect("swarm init");
+    create_network(&node.dockerd, "apps");
     node.dockerd
-        .docker(&["network", "create", "-d", "overlay", "apps"])
-        .expect("overlay");
+        .docker(&["run", "-d", "--name", "proxy", "--network", "apps", IMAGE])
+        .expect("the router's container");
+    node.at = container_netns(&node.dockerd, "proxy");
+    let lo = ["addr", "add", &format!("{LB_CLIENT_V4}/32"), "dev", "lo"];
+    let status = lb_tests::netns::command_in(&node.at, "ip")
+        .args(lo)
+        .status()
+        .expect("ip");
+    assert!(status.success());
     node.start_router("");
     create_service(
         &node.dockerd,
