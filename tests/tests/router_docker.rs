@@ -28,7 +28,8 @@ struct Node {
     dockerd: Dockerd,
     /// Where the router and the clients run.
     at: PathBuf,
-    ns: Netns,
+    /// Kept for its drop: the namespace goes last.
+    _ns: Netns,
 }
 
 impl Node {
@@ -44,7 +45,7 @@ impl Node {
             router: None,
             dockerd,
             at: ns.path(),
-            ns,
+            _ns: ns,
         }
     }
 
