@@ -423,7 +423,8 @@ fn boot(image: &Path, payload: &Path, kvm: bool, record: bool) -> Result<()> {
         if let Some(row) = line.strip_prefix(TABLE_PREFIX) {
             table.push(row.to_string());
         }
-        if let Some(rest) = line.strip_prefix("lb-vm: kernel ") {
+        // The first console line starts with the terminal's reset codes.
+        if let Some((_, rest)) = line.split_once("lb-vm: kernel ") {
             kernel = rest.split(',').next().unwrap_or_default().to_string();
         }
     }
