@@ -101,6 +101,22 @@ fn docker_ipvs_mesh_and_lbd_side_by_side() {
         .map(|(i, node)| lbd_for_node(node, &format!("ipvs{i}")))
         .collect();
     let lbd = scenario(&cluster, Mesh::Lbd);
+    // For reading the table: what each node's datapath counted, and the
+    // CPU time lbd itself took.
+    for (node, lbd) in cluster.nodes.iter().zip(&lbds) {
+        let datapath = lbd.status().map(|s| s["datapath"].to_string());
+        let cpu = lbd.pid().and_then(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            let ticks: u64 =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks)
+        });
+        println!(
+            "lbd on {}: cpu {cpu:?} ticks, datapath {datapath:?}",
+            node.addr
+        );
+    }
     print_table(&ipvs, &lbd);
     drop(lbds);
 }
