@@ -13,6 +13,7 @@ use lb_tests::docker::{build_test_image, cleanup_stale, wait_service_running, Do
 use lb_tests::netns::{run_in, unique_name, Netns};
 use lb_tests::process::wait_until;
 use lb_tests::router::{block_on, get, Router};
+use lb_tests::scratch::Scratch;
 use lb_tests::swarm::{container_netns, create_network, create_service, IMAGE};
 use lb_tests::topology::LB_CLIENT_V4;
 
@@ -21,6 +22,9 @@ const ROUTED: Duration = Duration::from_secs(1);
 /// lb-http in a fresh container needs a moment to listen.
 const READY: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(60);
+/// The reconfigure API, inside the router's namespace, and its token.
+const API: &str = "127.0.0.1:9181";
+const TOKEN: &str = "router-docker-test-token";
 
 /// The router before the engine, both before the namespace.
 struct Node {
@@ -49,11 +53,34 @@ impl Node {
         }
     }
 
-    fn start_router(&mut self, config: &str) {
+    fn start_router(&mut self, config: &str, extra: &[&str]) {
         let host = format!("unix://{}", self.dockerd.socket().display());
-        let args = ["--docker", "--docker-host", &host];
+        let mut args = vec!["--docker", "--docker-host", &host];
+        args.extend_from_slice(extra);
         let router = Router::start_in(&self.at, config, &[], &args).expect("lbrouter");
         self.router = Some(router);
+    }
+
+    /// A call to the reconfigure API, as docker-flow-swarm-listener makes
+    /// it: the status and body.
+    fn api(&self, call: &str) -> (u16, String) {
+        let url = format!("http://{API}/v1/docker-flow-proxy/{call}");
+        let out = lb_tests::netns::command_in(&self.at, "curl")
+            .args([
+                "-sS",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--max-time",
+                "5",
+                &url,
+            ])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.trim_end().rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
     fn router(&self) -> &Router {
@@ -97,7 +124,7 @@ impl Node {
 #[test]
 fn labelled_containers_are_routed_while_they_run() {
     let mut node = Node::new("rdl");
-    node.start_router("");
+    node.start_router("", &[]);
     // Its server must listen before the route can be seen to work.
     node.run("web1", &["lb.http.port=8000", "lb.http.path=/web"]);
     node.wait_routed("/web/x", "web1", READY);
@@ -157,7 +184,11 @@ fn swarm_services_are_routed_by_their_df_labels_to_their_tasks() {
         .status()
         .expect("ip");
     assert!(status.success());
-    node.start_router("");
+    let scratch = Scratch::new("rds-token");
+    let token_file = scratch.0.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let token_file = token_file.display().to_string();
+    node.start_router("", &["--api", API, "--api-token-file", &token_file]);
     create_service(
         &node.dockerd,
         "api",
@@ -218,6 +249,37 @@ fn swarm_services_are_routed_by_their_df_labels_to_their_tasks() {
         node.backends("/api", 15).len() == 3
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", node.router().log()));
+
+    // docker-flow-proxy's reconfigure API routes a service without labels.
+    create_service(&node.dockerd, "told", 1, "", &["--network", "apps"]);
+    wait_service_running(&node.dockerd, "told", 1, CONVERGE).expect("told task");
+    let call = "reconfigure?serviceName=told&servicePath=/told&port=8000&distribute=true";
+    assert_eq!(node.api(call).0, 401, "no token");
+    assert_eq!(
+        node.api(&format!("{call}&token=wrong-token-0123456")).0,
+        401
+    );
+    let bad = node.api(&format!("{call}&reqPathSearchReplace=/a,/b&token={TOKEN}"));
+    assert_eq!(bad.0, 400);
+    assert!(bad.1.contains("is not supported"), "{}", bad.1);
+    let (code, body) = node.api(&format!("{call}&token={TOKEN}"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""Status":"OK""#), "{body}");
+    wait_until(READY, "/told to be routed", || {
+        node.backend("any.example", "/told/x").is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.router().log()));
+    let told = node.backends("/told", 5);
+    assert_eq!(told.len(), 1);
+    assert!(told.is_disjoint(&api), "{told:?} {api:?}");
+    let (code, body) = node.api(&format!("remove?serviceName=told&token={TOKEN}"));
+    assert_eq!(code, 200, "{body}");
+    // What is left for /told is site's route for /.
+    wait_until(ROUTED * 3, "/told to go", || {
+        node.backends("/told", 3) == site
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.router().log()));
+    assert_eq!(node.backends("/api", 15).len(), 3, "other routes untouched");
 
     // An unsupported df label takes the service out, with a reason.
     node.dockerd

@@ -76,6 +76,14 @@ pub struct Args {
     /// DOCKER_HOST, else /var/run/docker.sock.
     #[arg(long, env = "LBROUTER_DOCKER_HOST", requires = "docker")]
     pub docker_host: Option<String>,
+    /// Serve docker-flow-proxy's reconfigure and remove calls on this
+    /// loopback address (see the README); needs --docker, which finds the
+    /// services' tasks, and --api-token-file.
+    #[arg(long, env = "LBROUTER_API", requires_all = ["docker", "api_token_file"])]
+    pub api: Option<SocketAddr>,
+    /// A file whose first line is the token the API's callers must give.
+    #[arg(long, env = "LBROUTER_API_TOKEN_FILE", requires = "api")]
+    pub api_token_file: Option<PathBuf>,
     /// Check this configuration file and exit: 0 if it is valid, 1 with
     /// the file, line and reason of the first error if not. The file is
     /// checked as lbd checks it; then the certificates [http.tls] names

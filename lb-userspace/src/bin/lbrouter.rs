@@ -37,6 +37,10 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let api = match (args.api, &args.api_token_file) {
+        (Some(addr), Some(path)) => Some((addr, router::api::read_token(path)?)),
+        _ => None,
+    };
     let ms = Duration::from_millis;
     router::run(Options {
         config: args.config,
@@ -53,6 +57,7 @@ async fn main() -> Result<()> {
             access_log: args.access_log,
         },
         docker,
+        api,
     })
     .await
 }

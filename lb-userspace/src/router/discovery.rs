@@ -19,6 +19,7 @@ use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::api::Told;
 use super::config::RouteSpec;
 use super::labels::{self, Labelled, Skipped};
 use crate::sources::backoff::Backoff;
@@ -38,13 +39,14 @@ pub struct Found {
     pub skipped: Vec<Skipped>,
 }
 
-/// Watches `engine` until `tx` has no receiver left.
-pub async fn watch(engine: Engine, tx: watch::Sender<Found>) {
+/// Watches `engine` until `tx` has no receiver left. `told` holds labels
+/// set through the API (api.rs), laid over the services' own.
+pub async fn watch(engine: Engine, tx: watch::Sender<Found>, mut told: watch::Receiver<Told>) {
     let mut backoff = Backoff::default();
     let mut down = false;
     loop {
         let mut connected = false;
-        let e = match session(&engine, &tx, &mut connected).await {
+        let e = match session(&engine, &tx, &mut told, &mut connected).await {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -64,7 +66,12 @@ pub async fn watch(engine: Engine, tx: watch::Sender<Found>) {
 }
 
 /// One connection to the engine, until it fails; Ok when nobody listens.
-async fn session(engine: &Engine, tx: &watch::Sender<Found>, connected: &mut bool) -> Result<()> {
+async fn session(
+    engine: &Engine,
+    tx: &watch::Sender<Found>,
+    told: &mut watch::Receiver<Told>,
+    connected: &mut bool,
+) -> Result<()> {
     let docker = engine
         .connect()?
         .negotiate_version()
@@ -80,7 +87,8 @@ async fn session(engine: &Engine, tx: &watch::Sender<Found>, connected: &mut boo
         ..Default::default()
     }));
     let mut logged = Vec::new();
-    let found = list(&docker).await?;
+    let labels = told.borrow_and_update().clone();
+    let found = list(&docker, &labels).await?;
     log::info!(
         "connected to the docker engine at {engine}: {} routes discovered",
         found.routes.len()
@@ -98,10 +106,12 @@ async fn session(engine: &Engine, tx: &watch::Sender<Found>, connected: &mut boo
                 None => anyhow::bail!("the event stream ended"),
             },
             _ = poll.tick() => {}
+            Ok(()) = told.changed() => {}
             _ = tx.closed() => return Ok(()),
         }
         tokio::time::sleep(DEBOUNCE).await;
-        let found = list(&docker).await?;
+        let labels = told.borrow_and_update().clone();
+        let found = list(&docker, &labels).await?;
         log_skipped(&found.skipped, &mut logged);
         tx.send_if_modified(|now| {
             if *now == found {
@@ -123,7 +133,7 @@ fn log_skipped(skipped: &[Skipped], logged: &mut Vec<Skipped>) {
 }
 
 /// Lists the labelled containers and services and makes their routes.
-async fn list(docker: &Docker) -> Result<Found> {
+async fn list(docker: &Docker, told: &Told) -> Result<Found> {
     let filters = HashMap::from([("status".to_string(), vec!["running".to_string()])]);
     let containers = docker
         .list_containers(Some(ListContainersOptions {
@@ -164,14 +174,15 @@ async fn list(docker: &Docker) -> Result<Found> {
             networks,
         });
     }
-    items.extend(services(docker).await?);
+    items.extend(services(docker, told).await?);
     let (routes, skipped) = labels::all(&items);
     Ok(Found { routes, skipped })
 }
 
 /// The labelled Swarm services, with their tasks' addresses on each of
-/// their networks but ingress. Only a manager lists services.
-async fn services(docker: &Docker) -> Result<Vec<Labelled>> {
+/// their networks but ingress, and the labels `told` gives them over their
+/// own. Only a manager lists services.
+async fn services(docker: &Docker, told: &Told) -> Result<Vec<Labelled>> {
     let info = docker.info().await.context("asking the Swarm state")?;
     let swarm = info.swarm.unwrap_or_default();
     if swarm.local_node_state != Some(LocalNodeState::ACTIVE)
@@ -188,13 +199,16 @@ async fn services(docker: &Docker) -> Result<Vec<Labelled>> {
     let mut out = Vec::new();
     for s in services {
         let Some(spec) = s.spec else { continue };
-        let labels = spec.labels.clone().unwrap_or_default();
-        if !labels::wanted(&labels) {
-            continue;
-        }
         let Some(name) = spec.name.clone() else {
             continue;
         };
+        let mut labels = spec.labels.clone().unwrap_or_default();
+        if let Some(set) = told.get(&name) {
+            labels.extend(set.clone());
+        }
+        if !labels::wanted(&labels) {
+            continue;
+        }
         let targets: Vec<String> = spec
             .task_template
             .as_ref()

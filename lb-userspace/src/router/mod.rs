@@ -7,9 +7,11 @@
 //! file (config.rs), reloaded, certificates included, on SIGHUP and when
 //! the files change. With `--docker` it also routes to the containers
 //! and Swarm services that ask by their labels (discovery.rs, labels.rs);
-//! the file's routes win a clash. It uses none of the datapath: it is a
+//! the file's routes win a clash; docker-flow-proxy's reconfigure calls
+//! (api.rs) label services as their labels would. It uses none of the datapath: it is a
 //! plain user-space proxy that can run with or without lbd.
 
+pub mod api;
 pub mod balance;
 pub mod config;
 pub mod discovery;
@@ -64,15 +66,18 @@ pub struct Options {
     pub proxy: ProxyOptions,
     /// `--docker`: the engine to discover routes from.
     pub docker: Option<crate::sources::engine::Engine>,
+    /// `--api`: where to serve docker-flow-proxy's calls, and the token.
+    pub api: Option<(SocketAddr, String)>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
     let mut backends = Backends::default();
     let first = crate::config::load(&opts.config)?;
     let table = Table::build(&first.http, &mut backends);
+    let (told_tx, told) = tokio::sync::watch::channel(api::Told::new());
     let discovered = opts.docker.clone().map(|engine| {
         let (tx, rx) = tokio::sync::watch::channel(discovery::Found::default());
-        tokio::spawn(discovery::watch(engine, tx));
+        tokio::spawn(discovery::watch(engine, tx, told));
         rx
     });
     log::info!("{}: {} routes", opts.config.display(), table.len());
@@ -134,6 +139,9 @@ pub async fn run(opts: Options) -> Result<()> {
             .with_context(|| format!("listening on {addr}"))?;
         log::info!("serving metrics on {addr}");
         tasks.spawn(serve_metrics(listener, proxy.clone()));
+    }
+    if let Some((addr, token)) = opts.api.clone() {
+        tasks.spawn(api::serve(addr, token, told_tx));
     }
     tasks.spawn(reload(
         opts.config.clone(),
