@@ -17,29 +17,19 @@
 //! process: the listener tells it again when it restarts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use super::labels::{self, Labelled, DF_NOTIFY};
-use crate::web::accept_slot;
 
 /// Labels set through the API, by service name.
 pub type Told = BTreeMap<String, HashMap<String, String>>;
 
 const PATH: &str = "/v1/docker-flow-proxy/";
-/// Calls served at once.
-const CONNECTIONS: usize = 16;
 
 pub async fn serve(addr: SocketAddr, token: String, told: watch::Sender<Told>) -> Result<()> {
     if !addr.ip().to_canonical().is_loopback() {
@@ -53,31 +43,11 @@ pub async fn serve(addr: SocketAddr, token: String, told: watch::Sender<Told>) -
         .await
         .with_context(|| format!("listening on {addr}"))?;
     log::info!("serving the reconfigure API on {addr}");
-    let slots = Arc::new(Semaphore::new(CONNECTIONS));
-    let token = Arc::new(token);
-    let told = Arc::new(told);
-    loop {
-        let (permit, stream, _) = accept_slot(&listener, &slots, "api").await?;
-        let (token, told) = (token.clone(), told.clone());
-        tokio::spawn(async move {
-            let service = service_fn(|req: Request<Incoming>| {
-                let (status, body) = answer(&req, &token, &told);
-                let mut resp = Response::new(Full::new(Bytes::from(body)));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("application/json"),
-                );
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(permit);
-        });
-    }
+    super::serve_small(listener, "api", move |req| {
+        let (status, body) = answer(req, &token, &told);
+        (status, "application/json", body)
+    })
+    .await
 }
 
 /// The status and JSON body (docker-flow-proxy's shape) of one call.

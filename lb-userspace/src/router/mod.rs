@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -48,7 +48,7 @@ use crate::web::accept_slot;
 
 /// How often the config file is checked for a change.
 const POLL: Duration = Duration::from_secs(1);
-/// Scrapes served at once.
+/// Requests served at once by a small endpoint (metrics, the API).
 const METRICS_CONNECTIONS: usize = 16;
 
 pub struct Options {
@@ -350,26 +350,43 @@ fn reload_config(path: &Path, proxy: &Proxy) -> Option<crate::config::FileConfig
 }
 
 async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) -> Result<()> {
+    serve_small(listener, "metrics", move |req| match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            crate::web::METRICS_CONTENT_TYPE,
+            proxy.metrics.encode(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    })
+    .await
+}
+
+/// A small HTTP/1 endpoint (metrics, the API) that answers each request
+/// whole from `answer`: its status, content type and body. At most
+/// METRICS_CONNECTIONS are served at once.
+async fn serve_small<F>(listener: TcpListener, what: &'static str, answer: F) -> Result<()>
+where
+    F: Fn(&Request<Incoming>) -> (StatusCode, &'static str, String) + Send + Sync + 'static,
+{
     let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    let answer = Arc::new(answer);
     loop {
-        let (permit, stream, _) = accept_slot(&listener, &slots, "metrics").await?;
-        let proxy = proxy.clone();
+        let (permit, stream, _) = accept_slot(&listener, &slots, what).await?;
+        let answer = answer.clone();
         tokio::spawn(async move {
             let service = service_fn(|req: Request<Incoming>| {
-                let proxy = proxy.clone();
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, proxy.metrics.encode()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-                    };
-                    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
-                    *resp.status_mut() = status;
-                    resp.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(crate::web::METRICS_CONTENT_TYPE),
-                    );
-                    Ok::<_, Infallible>(resp)
-                }
+                let (status, content_type, body) = answer(&req);
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(content_type),
+                );
+                async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
