@@ -4,7 +4,9 @@
 //! --docker`) it is a one-node Swarm instead, whose published port, and
 //! whose service VIP called by name from another container, answer only
 //! once lbd runs, because this kernel has no IPVS for Docker's own routing
-//! mesh and service VIPs. Everything it creates is removed on exit, also on failure.
+//! mesh and service VIPs; then lbrouter routes `/api` and `/` to two
+//! services by their labels. Everything it creates is removed on exit,
+//! also on failure.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,12 +14,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use lb_tests::docker::{http_whoami, wait_service_running, Cluster, CLIENT_ADDR};
+use lb_tests::docker::{http_whoami, wait_service_running, Cluster, Dockerd, CLIENT_ADDR};
 use lb_tests::echo::{tcp_request, udp_request};
 use lb_tests::lbd::{lbctl, Lbd};
+use lb_tests::netns::{command_in, run_in};
 use lb_tests::process::wait_until;
-use lb_tests::swarm::{calls_by_name, create_network, create_service, run_client, IMAGE};
-use lb_tests::topology::{echo_bin, Topology};
+use lb_tests::router::{block_on, get, router_addr, Router};
+use lb_tests::swarm::{
+    calls_by_name, container_netns, create_network, create_service, run_client, IMAGE,
+};
+use lb_tests::topology::{echo_bin, Topology, LB_CLIENT_V4};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -222,8 +228,83 @@ fn docker_demo(n: usize) -> Result<()> {
 
     println!("\n== lbctl status");
     print!("{}", lbctl(&lbd.socket, &["status"])?);
+
+    path_routing(d, n)?;
     println!("\n== cleaning up");
     drop(lbd);
     drop(cluster);
+    Ok(())
+}
+
+/// lbrouter beside lbd: `/api` to one service and `/` to another, each
+/// routed by its docker-flow-proxy labels alone, to its tasks directly.
+/// lbrouter runs in the container `front`'s namespace, on the overlay, as
+/// docker-flow-proxy would (tasks' overlay addresses are reached only
+/// from there).
+fn path_routing(d: &Dockerd, n: usize) -> Result<()> {
+    let df = |path: &str| {
+        [
+            "com.df.notify=true".to_string(),
+            format!("com.df.servicePath={path}"),
+            "com.df.port=8000".to_string(),
+        ]
+    };
+    println!(
+        "\n== docker service create --name api --replicas 2 --network app \\\n   \
+         --label com.df.notify=true --label com.df.servicePath=/api --label com.df.port=8000 {IMAGE}"
+    );
+    let api_labels = df("/api");
+    let mut extra = vec!["--network", "app"];
+    for l in &api_labels {
+        extra.extend(["--label", l.as_str()]);
+    }
+    create_service(d, "api", 2, "", &extra);
+    wait_service_running(d, "api", 2, Duration::from_secs(60))?;
+    println!(
+        "== docker service update --label-add com.df.notify=true --label-add \
+         com.df.servicePath=/ --label-add com.df.port=8000 web"
+    );
+    let mut update = vec!["service", "update", "--detach"];
+    let web_labels = df("/");
+    for l in &web_labels {
+        update.extend(["--label-add", l.as_str()]);
+    }
+    update.push("web");
+    d.docker(&update)?;
+
+    println!("== starting lbrouter --docker in the container front (on the overlay app)");
+    let at = container_netns(d, "front");
+    let status = command_in(&at, "ip")
+        .args(["addr", "add", &format!("{LB_CLIENT_V4}/32"), "dev", "lo"])
+        .status()?;
+    anyhow::ensure!(status.success(), "adding the router's address in front");
+    let host = format!("unix://{}", d.socket().display());
+    let router = Router::start_in(&at, "", &[], &["--docker", "--docker-host", &host])?;
+    let backend = |path: &'static str| {
+        run_in(&at, move || block_on(get("demo.example", path)))
+            .ok()
+            .and_then(|r| r.ok())
+            .filter(|r| r.status == 200)
+            .map(|r| r.backend().to_string())
+    };
+    let routed = wait_until(Duration::from_secs(30), "/api and / to be routed", || {
+        backend("/api/users").is_some() && backend("/").is_some()
+    });
+    if let Err(e) = routed {
+        bail!("{e:#}\nlbrouter's log:\n{}", router.log());
+    }
+    for path in ["/api/users", "/"] {
+        let mut spread = BTreeMap::new();
+        for _ in 0..n {
+            let name = backend(path).with_context(|| format!("GET {path}"))?;
+            *spread.entry(name).or_insert(0) += 1;
+        }
+        println!(
+            "\n== lbrouter: {n} requests GET http://{}{path}, by task container",
+            router_addr()
+        );
+        print_spread(&spread, n);
+    }
+    drop(router);
     Ok(())
 }
