@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+pub use lb_tests::process::{clock_tick, process_cpu};
 
 /// The facts every table repeats, so a figure is never read without them.
 #[derive(Clone, Debug)]
@@ -39,12 +40,6 @@ impl Machine {
     }
 }
 
-fn clock_tick() -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Duration::from_secs(1) / (hz.max(1) as u32)
-}
-
 /// Softirq time of the whole machine, summed over CPUs (/proc/stat). The
 /// kernel here samples it per tick (no IRQ time accounting), which is
 /// accurate enough over seconds.
@@ -61,24 +56,6 @@ pub fn softirq_time() -> Result<Duration> {
         .context("short cpu line in /proc/stat")?
         .parse()?;
     Ok(clock_tick() * ticks as u32)
-}
-
-/// User + system time of a process (all its threads), or zero if it is gone.
-pub fn process_cpu(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // The command name may contain spaces; fields are counted after its ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime field 15.
-    let get = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-    match (get(14), get(15)) {
-        (Some(u), Some(s)) => clock_tick() * (u + s) as u32,
-        _ => Duration::ZERO,
-    }
 }
 
 /// Nanoseconds a thread has run (/proc/PID/schedstat), including softirq

@@ -91,6 +91,17 @@ pub fn container_netns(d: &Dockerd, container: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{}/ns/net", pid.trim()))
 }
 
+/// `docker service update --label-add` of each label (`key=value`) to a
+/// service; the engine applies it without restarting the tasks.
+pub fn add_labels(manager: &Dockerd, service: &str, labels: &[&str]) {
+    let mut args = vec!["service", "update", "--detach"];
+    for l in labels {
+        args.extend(["--label-add", l]);
+    }
+    args.push(service);
+    manager.docker(&args).expect("docker service update");
+}
+
 /// An attachable overlay network, so that plain containers can join it.
 pub fn create_network(manager: &Dockerd, name: &str) {
     manager

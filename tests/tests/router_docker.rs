@@ -14,7 +14,7 @@ use lb_tests::netns::{run_in, unique_name, Netns};
 use lb_tests::process::wait_until;
 use lb_tests::router::{block_on, get, Router};
 use lb_tests::scratch::Scratch;
-use lb_tests::swarm::{container_netns, create_network, create_service, IMAGE};
+use lb_tests::swarm::{add_labels, container_netns, create_network, create_service, IMAGE};
 use lb_tests::topology::LB_CLIENT_V4;
 
 /// How long a labelled container may take to be routed (or unrouted).
@@ -218,20 +218,15 @@ fn swarm_services_are_routed_by_their_df_labels_to_their_tasks() {
     assert_eq!(node.backend("any.example", "/"), Err(404));
 
     // The scenario: the second service is routed by labels alone.
-    node.dockerd
-        .docker(&[
-            "service",
-            "update",
-            "--detach",
-            "--label-add",
+    add_labels(
+        &node.dockerd,
+        "site",
+        &[
             "com.df.notify=true",
-            "--label-add",
             "com.df.servicePath=/",
-            "--label-add",
             "com.df.port=8000",
-            "site",
-        ])
-        .expect("service update");
+        ],
+    );
     wait_until(READY, "/ to reach site", || {
         node.backend("any.example", "/").is_ok()
     })
@@ -282,16 +277,11 @@ fn swarm_services_are_routed_by_their_df_labels_to_their_tasks() {
     assert_eq!(node.backends("/api", 15).len(), 3, "other routes untouched");
 
     // An unsupported df label takes the service out, with a reason.
-    node.dockerd
-        .docker(&[
-            "service",
-            "update",
-            "--detach",
-            "--label-add",
-            "com.df.reqPathSearchReplace=/a,/b",
-            "site",
-        ])
-        .unwrap();
+    add_labels(
+        &node.dockerd,
+        "site",
+        &["com.df.reqPathSearchReplace=/a,/b"],
+    );
     wait_until(Duration::from_secs(10), "site to be skipped", || {
         node.router()
             .log()

@@ -25,8 +25,8 @@ use lb_tests::docker::{http_whoami, until_all_answer, wait_service_running, Clus
 use lb_tests::echo::TcpSession;
 use lb_tests::lbd::Lbd;
 use lb_tests::load::{until_stopped, Bounds, StopOnDrop};
-use lb_tests::process::{time_scale, wait_until};
-use lb_tests::swarm::{create_service, lbd_for_node, task_names, IMAGE};
+use lb_tests::process::{process_cpu, time_scale, wait_until};
+use lb_tests::swarm::{add_labels, create_service, lbd_for_node, task_names, IMAGE};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -105,17 +105,8 @@ fn docker_ipvs_mesh_and_lbd_side_by_side() {
     // CPU time lbd itself took.
     for (node, lbd) in cluster.nodes.iter().zip(&lbds) {
         let datapath = lbd.status().map(|s| s["datapath"].to_string());
-        let cpu = lbd.pid().and_then(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
-            let ticks: u64 =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some(ticks)
-        });
-        println!(
-            "lbd on {}: cpu {cpu:?} ticks, datapath {datapath:?}",
-            node.addr
-        );
+        let cpu = lbd.pid().map(process_cpu);
+        println!("lbd on {}: cpu {cpu:?}, datapath {datapath:?}", node.addr);
     }
     print_table(&ipvs, &lbd);
     drop(lbds);
@@ -326,16 +317,8 @@ fn scenario(cluster: &Cluster, mesh: Mesh) -> Run {
             }
         }
         Mesh::Lbd => {
-            manager
-                .docker(&[
-                    "service",
-                    "update",
-                    "--detach",
-                    "--label-add",
-                    &format!("lb.affinity_secs={AFFINITY_SECS}"),
-                    &service,
-                ])
-                .expect("service update");
+            let label = format!("lb.affinity_secs={AFFINITY_SECS}");
+            add_labels(manager, &service, &[&label]);
         }
     }
     let through_manager = wait_until(CONVERGE, "one task for every connection", || {

@@ -21,7 +21,7 @@ use lb_tests::netns::{command_in, run_in};
 use lb_tests::process::wait_until;
 use lb_tests::router::{block_on, get, router_addr, Router};
 use lb_tests::swarm::{
-    calls_by_name, container_netns, create_network, create_service, run_client, IMAGE,
+    add_labels, calls_by_name, container_netns, create_network, create_service, run_client, IMAGE,
 };
 use lb_tests::topology::{echo_bin, Topology, LB_CLIENT_V4};
 
@@ -264,13 +264,9 @@ fn path_routing(d: &Dockerd, n: usize) -> Result<()> {
         "== docker service update --label-add com.df.notify=true --label-add \
          com.df.servicePath=/ --label-add com.df.port=8000 web"
     );
-    let mut update = vec!["service", "update", "--detach"];
     let web_labels = df("/");
-    for l in &web_labels {
-        update.extend(["--label-add", l.as_str()]);
-    }
-    update.push("web");
-    d.docker(&update)?;
+    let web_labels: Vec<&str> = web_labels.iter().map(String::as_str).collect();
+    add_labels(d, "web", &web_labels);
 
     println!("== starting lbrouter --docker in the container front (on the overlay app)");
     let at = container_netns(d, "front");
