@@ -261,6 +261,30 @@ pub struct CtEntry {
     /// The second of the datapath clock (`now / 10^9`) in which this half
     /// last refreshed the other one.
     pub peer_refresh_s: u32,
+    /// Where this half's translated packets went last: the FIB's answer,
+    /// cached for the rest of that second (docs/datapath.md, section 6).
+    /// Never copied to the other half, whose packets go elsewhere.
+    pub hop: NextHop,
+    pub _pad2: u32,
+}
+
+/// A half's next hop as `bpf_fib_lookup` gave it. The datapath asks the FIB
+/// again when the packet arrives on another device or the datapath clock
+/// has moved to another second, so a route, neighbour or MTU change reaches
+/// an established flow within a second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The egress device; 0 when nothing is cached.
+    pub ifindex: u32,
+    /// The device the packet that asked arrived on.
+    pub in_ifindex: u32,
+    /// The egress device's MTU.
+    pub mtu: u32,
+    /// The second of the datapath clock in which the FIB was asked.
+    pub second: u32,
 }
 
 /// CtEntry::flags: this half is keyed by the backend's reply.
@@ -465,7 +489,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 96);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 28);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 128);
 const _: () = assert!(core::mem::size_of::<Config>() == 56);
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 48);
 const _: () = assert!(core::mem::size_of::<Layout>() == 16);

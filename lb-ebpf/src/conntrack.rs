@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap, programs::TcContext,
 };
-use lb_common::{global, Config, CtEntry, FlowKey, CT_REPLY, CT_SNAT, ST_CONFIRMED};
+use lb_common::{global, Config, CtEntry, FlowKey, NextHop, CT_REPLY, CT_SNAT, ST_CONFIRMED};
 
 use crate::maps::{count, Scratch, CONNTRACK, CT_PENDING};
 
@@ -18,6 +18,26 @@ pub fn now(cfg: &Config) -> u64 {
     }
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_coarse_ns() }.wrapping_add(cfg.clock_offset_ns)
+}
+
+/// The second of the datapath clock `now` is in.
+#[inline(always)]
+pub fn second(now: u64) -> u32 {
+    (now / 1_000_000_000) as u32
+}
+
+/// Runs `f` with `s.entry` turned into the other half of its connection:
+/// the direction flag flipped, and the other direction's next hop, `hop`
+/// (none when not known).
+#[inline(always)]
+fn as_peer<R>(s: &mut Scratch, hop: NextHop, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let own = s.entry.hop;
+    s.entry.hop = hop;
+    s.entry.flags ^= CT_REPLY;
+    let r = f(s);
+    s.entry.flags ^= CT_REPLY;
+    s.entry.hop = own;
+    r
 }
 
 #[inline(always)]
@@ -128,26 +148,34 @@ pub fn confirm(ctx: &TcContext, s: &mut Scratch, now: u64) -> bool {
         crate::events::ct_insert_failed(ctx, &s.pkt);
         return false;
     }
+    // The other half keeps the next hop it found while pending.
+    let hop = match CT_PENDING.get_ptr(&s.peer_key) {
+        // SAFETY: pointer from a successful lookup.
+        Some(peer) if same_connection(unsafe { &*peer }, &s.entry) => unsafe { (*peer).hop },
+        _ => NextHop::default(),
+    };
     // The other half only where no other connection's half lies: its
     // tuple was free when it was claimed, but CT_PENDING may have evicted
     // the claim since.
-    s.entry.flags ^= CT_REPLY;
-    let mut ok = CONNTRACK
-        .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
-        .is_ok();
-    if !ok {
-        if let Some(other) = CONNTRACK.get_ptr_mut(&s.peer_key) {
-            // SAFETY: pointer from a successful lookup.
-            let other = unsafe { &mut *other };
-            if same_connection(other, &s.entry) {
-                *other = s.entry;
-                ok = true;
-            } else {
-                count(global::CT_COLLISIONS);
-            }
+    let ok = as_peer(s, hop, |s| {
+        if CONNTRACK
+            .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return true;
         }
-    }
-    s.entry.flags ^= CT_REPLY;
+        let Some(other) = CONNTRACK.get_ptr_mut(&s.peer_key) else {
+            return false;
+        };
+        // SAFETY: pointer from a successful lookup.
+        let other = unsafe { &mut *other };
+        if !same_connection(other, &s.entry) {
+            count(global::CT_COLLISIONS);
+            return false;
+        }
+        *other = s.entry;
+        true
+    });
     if !ok {
         count(global::CT_INSERT_FAILED);
         crate::events::ct_insert_failed(ctx, &s.pkt);
@@ -167,7 +195,7 @@ pub fn confirm(ctx: &TcContext, s: &mut Scratch, now: u64) -> bool {
 /// was evicted.
 #[inline(never)]
 pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
-    let second = (now / 1_000_000_000) as u32;
+    let second = second(now);
     // SAFETY: pointer from a successful lookup, valid for this program run.
     unsafe { (*e).last_seen_ns = now };
     s.entry.last_seen_ns = now;
@@ -184,14 +212,12 @@ pub fn touch(s: &mut Scratch, e: *mut CtEntry, now: u64) {
         unsafe { (*peer).last_seen_ns = now };
         return;
     }
-    s.entry.flags ^= CT_REPLY;
-    if map
-        .insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
-        .is_ok()
-    {
+    if as_peer(s, NextHop::default(), |s| {
+        map.insert(&s.peer_key, &s.entry, BPF_NOEXIST as u64)
+            .is_ok()
+    }) {
         count(global::CT_RESTORED);
     }
-    s.entry.flags ^= CT_REPLY;
 }
 
 /// `claim`'s answers.
@@ -243,7 +269,27 @@ pub const EXHAUSTED: u32 = 3;
 #[inline(never)]
 pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
     peer_key(&s.entry, &mut s.peer_key);
-    s.entry.flags |= CT_REPLY;
+    let claimed = as_peer(s, NextHop::default(), |s| insert_reply(s, cfg, now, hash));
+    if claimed != INSERTED {
+        return claimed;
+    }
+    if CT_PENDING
+        .insert(&s.key, &s.entry, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Release the claim: the winner's reply half is its own.
+        let _ = CT_PENDING.remove(&s.peer_key);
+        return RACED;
+    }
+    s.pending = 1;
+    INSERTED
+}
+
+/// `insert`'s first step: the reply half `s.entry` into CT_PENDING under
+/// `s.peer_key`, its port claimed with CT_SNAT. INSERTED, FAILED or
+/// EXHAUSTED.
+#[inline(always)]
+fn insert_reply(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
     if s.entry.flags & CT_SNAT != 0 {
         let min = cfg.snat_port_min as u32;
         let span = (cfg.snat_port_max as u32).saturating_sub(min) + 1;
@@ -282,15 +328,5 @@ pub fn insert(s: &mut Scratch, cfg: &Config, now: u64, hash: u32) -> u32 {
             return FAILED;
         }
     }
-    s.entry.flags &= !CT_REPLY;
-    if CT_PENDING
-        .insert(&s.key, &s.entry, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        // Release the claim: the winner's reply half is its own.
-        let _ = CT_PENDING.remove(&s.peer_key);
-        return RACED;
-    }
-    s.pending = 1;
     INSERTED
 }

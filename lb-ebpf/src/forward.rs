@@ -23,6 +23,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 
+use lb_common::NextHop;
+
 use crate::{
     parse::Packet,
     pkt::{self, delta, fix_csum, write},
@@ -99,6 +101,70 @@ pub fn decide(
     } else {
         return Route::Unroutable;
     };
+    check_mtu(ctx, p, fib, route)
+}
+
+/// `decide` for a packet of a known connection's half, whose next hop
+/// `hop` caches: while the packet arrives on the device that asked, in the
+/// same second of the datapath clock, the FIB is not asked again and only
+/// the hop limit and the MTU are checked. Returns the route and whether
+/// `hop` was rewritten (and should be stored with the half).
+#[inline(always)]
+pub fn decide_cached(
+    ctx: &TcContext,
+    p: &Packet,
+    (src, dst): (&[u8; 16], &[u8; 16]),
+    fib: &mut FibParams,
+    hop: &mut NextHop,
+    second: u32,
+) -> (Route, bool) {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let in_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if hop.ifindex != 0 && hop.second == second && hop.in_ifindex == in_ifindex && p.ttl > 1 {
+        fib.ifindex = hop.ifindex;
+        fib.dmac = hop.dmac;
+        fib.smac = hop.smac;
+        // What bpf_check_mtu finds for a packet within the MTU, without
+        // the call; a bigger one (a GSO burst, or too big) gets the helper.
+        if ctx.len().saturating_sub(p.l3_off as u32) <= hop.mtu {
+            return (Route::Direct, false);
+        }
+        return (check_mtu(ctx, p, fib, Route::Direct), false);
+    }
+    let route = decide(ctx, p, src, dst, fib);
+    // What is cached otherwise stays: it is for another second or device,
+    // and is not used for this one.
+    (route, remember(ctx, route, fib, hop, second))
+}
+
+/// Caches in `hop` the next hop `decide` found, when it found one (Direct).
+#[inline(always)]
+pub fn remember(
+    ctx: &TcContext,
+    route: Route,
+    fib: &FibParams,
+    hop: &mut NextHop,
+    second: u32,
+) -> bool {
+    if route != Route::Direct {
+        return false;
+    }
+    hop.dmac = fib.dmac;
+    hop.smac = fib.smac;
+    hop.ifindex = fib.ifindex;
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    hop.in_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: on success without a length the kernel writes the egress
+    // device's MTU here.
+    hop.mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+    hop.second = second;
+    true
+}
+
+/// The MTU check of `decide` (step 3): `route` unless the packet, or one
+/// of its GSO segments, is too big for the egress device `fib.ifindex`.
+#[inline(always)]
+fn check_mtu(ctx: &TcContext, p: &Packet, fib: &mut FibParams, route: Route) -> Route {
     let mut mtu: u32 = 0;
     // SAFETY: plain helper call; `mtu` is a valid u32 (0: measure the skb).
     let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), fib.ifindex, &mut mtu, 0, BPF_MTU_CHK_SEGS) };

@@ -28,9 +28,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    global, Backend, Config, CtEntry, ServiceKey, ServiceValue, TrafficStats, BACKEND_ACTIVE,
-    BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, PROTO_TCP, PROTO_UDP,
-    ST_CLOSING, ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
+    global, Backend, Config, CtEntry, NextHop, ServiceKey, ServiceValue, TrafficStats,
+    BACKEND_ACTIVE, BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, PROTO_TCP,
+    PROTO_UDP, ST_CLOSING, ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
 use forward::Route;
@@ -145,9 +145,20 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
         s.entry.client
     };
     let backend_addr = s.entry.backend;
-    let route = forward::decide(ctx, &s.pkt, &src, &backend_addr, &mut s.fib);
+    let (route, fresh) = forward::decide_cached(
+        ctx,
+        &s.pkt,
+        (&src, &backend_addr),
+        &mut s.fib,
+        &mut s.entry.hop,
+        conntrack::second(now),
+    );
     if let Some(action) = unforwardable(ctx, s, route) {
         return action;
+    }
+    if fresh {
+        // SAFETY: pointer from a successful lookup, valid for this program run.
+        unsafe { (*e).hop = s.entry.hop };
     }
     let bits = tcp_bits(flags, ST_FIN_CLIENT);
     if bits & !s.entry.state != 0 {
@@ -191,6 +202,7 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
         if snat { Some(&nat_addr) } else { None },
         now,
     );
+    forward::remember(ctx, route, &s.fib, &mut s.entry.hop, conntrack::second(now));
     match conntrack::insert(s, cfg, now, hash) {
         conntrack::INSERTED => {
             lb::remember(svc, &s.key, backend_id, now);
@@ -241,7 +253,9 @@ fn new_entry(
         flags: if nat.is_some() { CT_SNAT } else { 0 },
         state: 0,
         _pad: 0,
-        peer_refresh_s: (now / 1_000_000_000) as u32,
+        peer_refresh_s: conntrack::second(now),
+        hop: NextHop::default(),
+        _pad2: 0,
     };
 }
 
@@ -279,9 +293,20 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
     let snat = s.entry.flags & CT_SNAT != 0;
     let frontend = s.entry.frontend;
     let dst = if snat { s.entry.client } else { s.pkt.dst };
-    let route = forward::decide(ctx, &s.pkt, &frontend, &dst, &mut s.fib);
+    let (route, fresh) = forward::decide_cached(
+        ctx,
+        &s.pkt,
+        (&frontend, &dst),
+        &mut s.fib,
+        &mut s.entry.hop,
+        conntrack::second(now),
+    );
     if let Some(action) = unforwardable(ctx, s, route) {
         return action;
+    }
+    if fresh {
+        // SAFETY: pointer from a successful lookup, valid for this program run.
+        unsafe { (*e).hop = s.entry.hop };
     }
     let bits = ST_SEEN_REPLY | tcp_bits(s.pkt.tcp_flags, ST_FIN_BACKEND);
     if bits & !s.entry.state != 0 {

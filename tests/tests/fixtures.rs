@@ -565,6 +565,8 @@ impl Conn {
             // Halves made or last refreshing their peer in the second of
             // their latest packet, as in every case here.
             peer_refresh_s: (last_seen / 1_000_000_000) as u32,
+            // The fixture's accessors leave the next hop out.
+            ..Default::default()
         }
     }
 }
@@ -669,6 +671,64 @@ fn tcp_handshake_moves_both_halves_from_pending_to_conntrack() {
         backend_reaches_client(&mut fx, 40000, ACK | PSH, backend);
         client_reaches(&mut fx, 40000, ACK | PSH, backend);
         assert_eq!(fx.conntrack().len(), 2);
+    });
+}
+
+/// Section 6: a connection's half keeps the FIB's answer for the second of
+/// the datapath clock in which it was asked. A neighbour's new MAC and a
+/// new MTU reach an established flow at the next second, not before.
+#[test]
+fn next_hop_is_kept_for_the_second_it_was_asked_in() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        fx.set_clock(T0);
+        // Each half asks at its first packet; the reply half keeps its
+        // answer when the connection is confirmed.
+        let backend = establish(&mut fx, 40000);
+        let c = Conn::web(40000, backend);
+        let second = (T0 / SEC) as u32;
+        let forward = lb_common::NextHop {
+            dmac: MAC_BACKEND,
+            smac: fx.backends.mac,
+            ifindex: fx.backends.ifindex,
+            in_ifindex: fx.clients.ifindex,
+            mtu: 1500,
+            second,
+        };
+        assert_eq!(fx.next_hop(&c.forward_key()), Some(forward));
+        let reply = lb_common::NextHop {
+            dmac: MAC_CLIENT,
+            smac: fx.clients.mac,
+            ifindex: fx.clients.ifindex,
+            in_ifindex: fx.backends.ifindex,
+            mtu: 1500,
+            second,
+        };
+        assert_eq!(fx.next_hop(&c.reply_key()), Some(reply));
+
+        let [a, b, c3, d] = backend;
+        sh(&format!(
+            "ip neigh replace {a}.{b}.{c3}.{d} lladdr 02:00:00:00:02:09 dev {IF_BACKENDS} \
+             nud permanent && ip link set {IF_BACKENDS} mtu 1400"
+        ));
+        fx.set_clock(T0 + 900 * MS);
+        client_reaches(&mut fx, 40000, ACK, backend);
+        assert_eq!(fx.next_hop(&c.forward_key()), Some(forward));
+
+        fx.set_clock(T0 + SEC);
+        let (action, out) = fx.run(&tcp4_flags(CLIENT4, VIP4, 40000, 80, ACK, b"data"));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        let moved = [2, 0, 0, 0, 2, 9];
+        assert_eq!(out[0..6], moved, "the neighbour's new MAC");
+        let now = lb_common::NextHop {
+            dmac: moved,
+            mtu: 1400,
+            second: second + 1,
+            ..forward
+        };
+        assert_eq!(fx.next_hop(&c.forward_key()), Some(now));
+        // The reply half asks for itself, at its own next packet.
+        assert_eq!(fx.next_hop(&c.reply_key()), Some(reply));
     });
 }
 

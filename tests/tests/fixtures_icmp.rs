@@ -415,6 +415,33 @@ fn too_big_v4_with_df_gets_fragmentation_needed() {
     });
 }
 
+/// A flow whose next hop is cached (section 6) is not asked the FIB again
+/// within the second, but its MTU is still checked on every packet.
+#[test]
+fn too_big_on_a_flow_whose_next_hop_is_cached() {
+    in_fresh_netns(|| {
+        let mut fx = Fixture::new();
+        fx.set_clock(1000 * 1_000_000_000);
+        sh(&format!("ip link set {IF_BACKENDS} mtu 1280"));
+        let (action, out) = fx.run(&big_tcp4(VIP4, 40000, 14 + 1280));
+        assert_eq!(action, TC_ACT_REDIRECT);
+        let backend = dst4(&out);
+        let input = big_tcp4(VIP4, 40000, 14 + 1281);
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        let mtu = [0, 0, 0x05, 0x00];
+        assert_frame(&out, &datapath_error(&input, 3, 4, mtu), "1281 bytes");
+        let input = big_tcp4(VIP4, 40000, 14 + 1280);
+        let (action, out) = fx.run(&input);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        let payload = &input[54..];
+        let expected = fx.to_backends(tcp4(CLIENT4, backend, 40000, 8080, payload));
+        assert_frame(&out, &expected, "1280 bytes");
+        assert_eq!(fx.global(global::ICMP_SENT), 1);
+        assert_eq!(fx.pending().len(), 2, "one connection");
+    });
+}
+
 #[test]
 fn too_big_v6_gets_packet_too_big() {
     in_fresh_netns(|| {

@@ -338,6 +338,9 @@ fn new_flow(
         state: 0,
         _pad: 0,
         peer_refresh_s: (now / 1_000_000_000) as u32,
+        // The next hop is the FIB's answer, which the model does not have;
+        // comparisons leave the kernel's out (see `without_hop`).
+        ..Default::default()
     };
     let rev = CtEntry {
         flags: fwd.flags | CT_REPLY,

@@ -11,6 +11,7 @@ use lb_common::{
     ServiceValue, TrafficStats,
 };
 use lb_model::{ModelState, Table};
+use lb_tests::fixture::without_hop;
 use lb_userspace::datapath::{Datapath, Limits};
 use lb_userspace::reconciler::Reconciler;
 
@@ -120,12 +121,17 @@ impl Kernel {
         }
     }
 
+    /// Entries are read without their next hop (see `without_hop`).
     pub fn ct(&self, t: Table, key: &FlowKey) -> Option<CtEntry> {
-        self.table(t).get(key, 0).ok()
+        self.table(t).get(key, 0).ok().map(without_hop)
     }
 
     pub fn ct_dump(&self, t: Table) -> StdHashMap<FlowKey, CtEntry> {
-        self.table(t).iter().filter_map(|r| r.ok()).collect()
+        self.table(t)
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, e)| (k, without_hop(e)))
+            .collect()
     }
 
     /// Deletes a conntrack entry, as lbd's garbage collector or an LRU
