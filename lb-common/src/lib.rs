@@ -50,6 +50,7 @@ pub mod maps {
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOCK_MEMBERS: &str = "SOCK_MEMBERS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const PREFILTER: &str = "PREFILTER";
     /// The layout record of a pin directory (see [`super::Layout`]). Made
     /// and read by lbd only; the datapath never looks at it.
     pub const LAYOUT: &str = "LAYOUT";
@@ -60,7 +61,7 @@ pub mod maps {
 /// map's type or flags in lb-ebpf) changes, even if its size stays the same:
 /// an lbd then refuses pins made under another version instead of reading
 /// them wrongly. Map sizes are checked separately, map by map.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// LAYOUT's only value: under which layout and limits the maps of a pin
 /// directory were made.
@@ -327,7 +328,32 @@ pub struct Config {
     /// Full NAT source ports, inclusive, host byte order.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// The prefilter has 2^prefilter_bits bits (see [`prefilter_bit`]); 0
+    /// until the reconciler has written it, and every packet is looked up.
+    pub prefilter_bits: u32,
+}
+
+/// Bounds of `Config::prefilter_bits`.
+pub const PREFILTER_MIN_BITS: u32 = 12;
+pub const PREFILTER_MAX_BITS: u32 = 26;
+
+/// The prefilter's bit for an address (16-byte form) and a port (as stored
+/// on the wire, i.e. the `u16` read natively from network-order bytes),
+/// with `bits` in PREFILTER_MIN_BITS..=PREFILTER_MAX_BITS. PREFILTER has this
+/// bit set for every frontend and every backend, so a packet whose
+/// destination is no frontend and whose source is no backend can be neither
+/// a new flow nor part of a known one (docs/datapath.md, section 2).
+#[inline(always)]
+pub fn prefilter_bit(addr: &[u8; 16], port: u16, bits: u32) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let mut h = (w(0) ^ w(4) ^ w(8)).wrapping_mul(0x9e37_79b1) ^ w(12);
+    h = h.wrapping_mul(0x85eb_ca6b) ^ port as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h.wrapping_shr(32 - bits)
 }
 
 pub const DEFAULT_TIMEOUT_SYN_SECS: u64 = 60;
@@ -349,7 +375,7 @@ impl Default for Config {
             clock_frozen_ns: 0,
             snat_port_min: 1024,
             snat_port_max: 32767,
-            _pad: 0,
+            prefilter_bits: 0,
         }
     }
 }
@@ -434,7 +460,10 @@ pub mod global {
     pub const SOCK_TRANSLATED: u32 = 18;
     /// ... or refused, the address having no backend that takes new flows.
     pub const SOCK_REFUSED: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// TCP and UDP packets the prefilter passed on without a lookup: for no
+    /// frontend, from no backend.
+    pub const PREFILTERED: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
         "translated",
@@ -456,6 +485,7 @@ pub mod global {
         "ct_insert_failed",
         "sock_translated",
         "sock_refused",
+        "prefiltered",
     ];
 }
 

@@ -80,8 +80,12 @@ pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
 /// A TCP or UDP packet: section 2's lookup order.
 #[inline(always)]
 fn transport(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
-    let now = conntrack::now(cfg);
     let p = &s.pkt;
+    if !maps::prefilter(&p.dst, p.dport, cfg) && !maps::prefilter(&p.src, p.sport, cfg) {
+        count(global::PREFILTERED);
+        return UNSPEC;
+    }
+    let now = conntrack::now(cfg);
     s.key.src = p.src;
     s.key.dst = p.dst;
     s.key.sport = p.sport;
@@ -160,8 +164,10 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
         // SAFETY: pointer from a successful lookup, valid for this program run.
         unsafe { (*e).hop = s.entry.hop };
     }
+    // A FIN or an RST (rare) goes to both halves even when this one has it
+    // already: the other half may have been restored from an older copy.
     let bits = tcp_bits(flags, ST_FIN_CLIENT);
-    if bits & !s.entry.state != 0 {
+    if bits != 0 {
         conntrack::set_state(s, e, bits);
     }
     let confirm =
@@ -308,8 +314,10 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
         // SAFETY: pointer from a successful lookup, valid for this program run.
         unsafe { (*e).hop = s.entry.hop };
     }
-    let bits = ST_SEEN_REPLY | tcp_bits(s.pkt.tcp_flags, ST_FIN_BACKEND);
-    if bits & !s.entry.state != 0 {
+    // As in continue_flow; ST_SEEN_REPLY only once.
+    let closing = tcp_bits(s.pkt.tcp_flags, ST_FIN_BACKEND);
+    let bits = ST_SEEN_REPLY | closing;
+    if closing != 0 || bits & !s.entry.state != 0 {
         conntrack::set_state(s, e, bits);
     }
     if !(s.pending != 0 && s.pkt.proto == PROTO_UDP && conntrack::confirm(ctx, s, now)) {

@@ -15,6 +15,7 @@ use lb_common::{
     ServiceValue, SockRevKey, SockRevValue, TrafficStats, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_SERVICES, MAGLEV_M, MAX_MEMBERS, RINGS_PER_SERVICE, RING_IDS_PER_ENTRY,
 };
+use lb_common::{prefilter_bit, PREFILTER_MAX_BITS, PREFILTER_MIN_BITS};
 
 use crate::parse::Packet;
 
@@ -77,6 +78,17 @@ pub static SOCK_MEMBERS: HashMap<MemberKey, u8> = HashMap::with_max_entries(MAX_
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
+/// A bit per (address, port) hash (`lb_common::prefilter_bit`), set for
+/// every frontend and every backend: the packets whose destination and
+/// source both miss it are for no service and from no backend, and pass
+/// without a lookup. Written by the reconciler through a shared mapping;
+/// its size is `Config::prefilter_bits`. Two 32-bit words to an element,
+/// bit b in word b / 32: the kernel lays array elements out 8 bytes apart,
+/// so the shared mapping reads as one flat run of words.
+#[map]
+pub static PREFILTER: Array<[u32; 2]> =
+    Array::with_max_entries((1 << lb_common::PREFILTER_MIN_BITS) / 64, BPF_F_MMAPABLE);
+
 /// One entry: timeouts, the SNAT port range and the clock. Written by lbd.
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -132,5 +144,20 @@ pub fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficSt
     if let Some(st) = stats {
         // SAFETY: per-CPU value from a successful lookup.
         f(unsafe { &mut *st });
+    }
+}
+
+/// Whether PREFILTER may know (`addr`, `port`): false only when its bit is
+/// clear in a prefilter the reconciler has written.
+#[inline(always)]
+pub fn prefilter(addr: &[u8; 16], port: u16, cfg: &Config) -> bool {
+    let bits = cfg.prefilter_bits;
+    if !(PREFILTER_MIN_BITS..=PREFILTER_MAX_BITS).contains(&bits) {
+        return true;
+    }
+    let bit = prefilter_bit(addr, port, bits);
+    match PREFILTER.get(bit / 64) {
+        Some(words) => words[(bit / 32 % 2) as usize] & (1 << (bit % 32)) != 0,
+        None => true,
     }
 }

@@ -33,6 +33,16 @@ pub struct Limits {
     pub table_size: u32,
 }
 
+impl Limits {
+    /// The prefilter's size, 2^bits bits: at least eight per frontend and
+    /// backend these limits hold, so that few addresses share a bit.
+    pub fn prefilter_bits(&self) -> u32 {
+        let held = (self.max_services as u64 + self.max_backends as u64).max(1);
+        let bits = 64 - (held - 1).leading_zeros() + 3;
+        bits.clamp(lb_common::PREFILTER_MIN_BITS, lb_common::PREFILTER_MAX_BITS)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -48,7 +58,8 @@ impl Default for Limits {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub rings: RingMemory,
+    pub rings: WordArray,
+    pub prefilter: WordArray,
     /// Confirmed connections, both halves of each.
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     /// Connections not confirmed yet, both halves of each.
@@ -235,10 +246,11 @@ impl<L> Attachment<L> {
 }
 
 /// The maps lbd pins, by name.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     maps::AFFINITY,
     maps::SOCK_MEMBERS,
     maps::SOCK_REVNAT,
+    maps::PREFILTER,
     maps::SERVICES,
     maps::BACKENDS,
     maps::RINGS,
@@ -279,6 +291,7 @@ fn max_entries(limits: Limits) -> Result<Vec<(&'static str, u32)>> {
         (maps::CT_PENDING, limits.max_flows),
         (maps::AFFINITY, limits.max_flows),
         (maps::SOCK_REVNAT, limits.max_flows),
+        (maps::PREFILTER, (1 << limits.prefilter_bits()) / 64),
     ])
 }
 
@@ -328,7 +341,8 @@ impl Datapath {
         let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
-            rings: RingMemory::map(&mut ebpf)?,
+            rings: WordArray::map(&mut ebpf, maps::RINGS, RING_IDS_PER_ENTRY as usize)?,
+            prefilter: WordArray::map(&mut ebpf, maps::PREFILTER, 2)?,
             conntrack: take(&mut ebpf, maps::CONNTRACK)?,
             ct_pending: take(&mut ebpf, maps::CT_PENDING)?,
             config: take(&mut ebpf, maps::CONFIG)?,
@@ -687,57 +701,69 @@ pub fn remove_pins(dir: &Path) {
     }
 }
 
-/// RINGS, written through a shared mapping of the part being written: a
-/// 4093-entry table is a copy instead of 4093 syscalls, which is what makes
-/// programming thousands of services fast. Only that part is mapped, and
-/// only while it is written: a mapping of the whole array would put all of
-/// it in lbd's resident memory (the kernel maps every page of it at once),
-/// hundreds of MiB at 10,000 services, though the memory is the kernel's.
+/// An mmapable array of 4-byte words (RINGS, PREFILTER), written through a
+/// shared mapping of the part being written: a 4093-entry Maglev table is a
+/// copy instead of 4093 syscalls, which is what makes programming
+/// thousands of services fast. Only that part is mapped, and only while it
+/// is written: a mapping of the whole array would put all of it in lbd's
+/// resident memory (the kernel maps every page of it at once), hundreds of
+/// MiB of RINGS at 10,000 services, though the memory is the kernel's.
 ///
-/// Elements hold RING_IDS_PER_ENTRY 4-byte backend ids each, so the array
-/// reads as one flat run of ids.
-pub struct RingMemory {
+/// Elements of both hold two words (RINGS: RING_IDS_PER_ENTRY backend ids),
+/// because the kernel lays array elements out 8 bytes apart: with two
+/// words to an element either array reads as one flat run of words.
+pub struct WordArray {
+    name: &'static str,
     map: MapData,
-    /// Backend ids the array holds.
+    /// Words the array holds.
     ids: usize,
     page: usize,
 }
 
-impl RingMemory {
-    fn map(ebpf: &mut Ebpf) -> Result<RingMemory> {
+impl WordArray {
+    /// The array `name`, of `per` words to an element.
+    fn map(ebpf: &mut Ebpf, name: &'static str, per: usize) -> Result<WordArray> {
         let map = ebpf
-            .take_map(maps::RINGS)
-            .ok_or_else(|| anyhow!("map {} missing from the object", maps::RINGS))?;
+            .take_map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
         let Map::Array(data) = map else {
-            return Err(anyhow!("map {} is not an array", maps::RINGS));
+            return Err(anyhow!("map {name} is not an array"));
         };
         let info = data.info()?;
-        let per = RING_IDS_PER_ENTRY as usize;
         if info.value_size() as usize != 4 * per {
             return Err(anyhow!(
-                "{} holds {}-byte values, expected {} (maps pinned by an older build? run \
+                "{name} holds {}-byte values, expected {} (maps pinned by an older build? run \
                  `lbd --cleanup`)",
-                maps::RINGS,
                 info.value_size(),
                 4 * per
             ));
         }
         let page =
             nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?.unwrap_or(4096) as usize;
-        Ok(RingMemory {
+        Ok(WordArray {
+            name,
             ids: info.max_entries() as usize * per,
             map: data,
             page,
         })
     }
 
-    /// Maps the pages holding ids [start, start + len) and gives `f` those ids.
+    /// How many words the array holds.
+    pub fn len(&self) -> usize {
+        self.ids
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids == 0
+    }
+
+    /// Maps the pages holding words [start, start + len) and gives `f` those words.
     fn with_ids<T>(&self, start: usize, len: usize, f: impl FnOnce(&mut [u32]) -> T) -> Result<T> {
         use std::os::fd::AsRawFd;
         let end = start
             .checked_add(len)
             .filter(|e| *e <= self.ids)
-            .ok_or_else(|| anyhow!("ring access past the end of {}", maps::RINGS))?;
+            .ok_or_else(|| anyhow!("access past the end of {}", self.name))?;
         let first = start * 4 / self.page * self.page;
         let mapped = (end * 4).div_ceil(self.page) * self.page - first;
         // SAFETY: a shared mapping of whole pages of an mmapable BPF array,
@@ -756,7 +782,7 @@ impl RingMemory {
         if ptr == libc::MAP_FAILED {
             return Err(anyhow!(
                 "mapping {}: {}",
-                maps::RINGS,
+                self.name,
                 std::io::Error::last_os_error()
             ));
         }

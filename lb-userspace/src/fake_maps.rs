@@ -76,6 +76,10 @@ pub struct FakeMaps {
     backends: BTreeMap<u32, Backend>,
     backend_stats: BTreeSet<u32>,
     rings: Vec<u32>,
+    /// PREFILTER, of `lb_common::PREFILTER_MIN_BITS` bits.
+    pub prefilter: Vec<u32>,
+    /// As written by `prefilter_enable`.
+    pub prefilter_on: u32,
     pub members: BTreeSet<Member>,
     /// Backend ids named by "conntrack", for adoption.
     pub conntrack_backends: Vec<u32>,
@@ -99,6 +103,7 @@ impl FakeMaps {
             max_backends,
             table_size: MAGLEV_M,
             rings: vec![0; (max_services * RINGS_PER_SERVICE * MAGLEV_M) as usize],
+            prefilter: vec![0; (1 << lb_common::PREFILTER_MIN_BITS) / 32],
             ..Default::default()
         }
     }
@@ -253,6 +258,25 @@ impl MapSet for FakeMaps {
         self.log.push(Write::Ring {
             ring: (start / self.table_size as usize) as u32,
         });
+        Ok(())
+    }
+
+    // Not counted as attempts: the rollback tests number the writes of
+    // services, backends and rings, which these do not change.
+    fn prefilter_bits(&self) -> u32 {
+        (self.prefilter.len() * 32).trailing_zeros()
+    }
+
+    fn prefilter_write(&mut self, words: &[u32]) -> Result<()> {
+        if words.len() != self.prefilter.len() {
+            bail!("prefilter write of the wrong size");
+        }
+        self.prefilter.copy_from_slice(words);
+        Ok(())
+    }
+
+    fn prefilter_enable(&mut self, bits: u32) -> Result<()> {
+        self.prefilter_on = bits;
         Ok(())
     }
 

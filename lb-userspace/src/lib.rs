@@ -26,6 +26,7 @@ pub mod model;
 pub mod notify;
 pub mod overrides;
 pub mod pins;
+pub mod prefilter;
 pub mod reconciler;
 pub mod reload;
 pub mod router;

@@ -37,6 +37,14 @@ pub trait MapSet {
     /// Writes `ids` into RINGS starting at id `start`.
     fn ring_write(&mut self, start: usize, ids: &[u32]) -> Result<()>;
 
+    /// PREFILTER's size: 2^bits bits.
+    fn prefilter_bits(&self) -> u32;
+    /// Writes the whole of PREFILTER.
+    fn prefilter_write(&mut self, words: &[u32]) -> Result<()>;
+    /// Tells the datapath PREFILTER's size (CONFIG), which turns it on; 0
+    /// turns it off.
+    fn prefilter_enable(&mut self, bits: u32) -> Result<()>;
+
     /// Everything in SERVICES, for adoption at start-up.
     fn services(&self) -> Vec<(ServiceKey, ServiceValue)>;
     /// Everything in BACKENDS, for adoption at start-up.
@@ -122,6 +130,23 @@ impl MapSet for Maps {
 
     fn ring_write(&mut self, start: usize, ids: &[u32]) -> Result<()> {
         self.rings.write(start, ids)
+    }
+
+    fn prefilter_bits(&self) -> u32 {
+        (self.prefilter.len() * 32).trailing_zeros()
+    }
+
+    fn prefilter_write(&mut self, words: &[u32]) -> Result<()> {
+        self.prefilter.write(0, words)
+    }
+
+    fn prefilter_enable(&mut self, bits: u32) -> Result<()> {
+        let mut cfg = self.config.get(&0, 0)?;
+        if cfg.prefilter_bits != bits {
+            cfg.prefilter_bits = bits;
+            self.config.set(0, cfg, 0)?;
+        }
+        Ok(())
     }
 
     fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {

@@ -23,6 +23,7 @@ use crate::mapset::MapSet;
 use crate::model::{
     BackendSpec, ConntrackSettings, DesiredState, Frontend, Member, Proto, ServiceSpec,
 };
+use crate::prefilter;
 
 /// What the reconciler has written for one service.
 #[derive(Clone, Debug)]
@@ -60,6 +61,13 @@ pub struct Reconciler<M: MapSet = Maps> {
     /// Members were found in the maps at start-up and no source has
     /// reported yet: they are kept, not removed, until `release_adopted`.
     members_adopted: bool,
+    /// PREFILTER as written; empty until the first write.
+    prefilter: Vec<u32>,
+    /// Whether the datapath uses PREFILTER (CONFIG says its size).
+    prefilter_on: bool,
+    /// Services removed or changed since PREFILTER was last rebuilt: their
+    /// old bits may still be set (see `narrow_prefilter`).
+    prefilter_stale: usize,
 }
 
 /// Counts of what an `apply` changed.
@@ -108,6 +116,16 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
         proto: f.proto.number(),
         _pad: 0,
     }
+}
+
+/// What PREFILTER holds for a service: its frontend and its backends.
+fn entries(spec: &ServiceSpec) -> impl Iterator<Item = ([u8; 16], u16)> + '_ {
+    let key = service_key(&spec.frontend);
+    std::iter::once((key.addr, key.port)).chain(
+        spec.backends
+            .iter()
+            .map(|b| (addr16(b.addr), b.port.to_be())),
+    )
 }
 
 /// The frontend a SERVICES key stands for.
@@ -216,6 +234,9 @@ impl<M: MapSet> Reconciler<M> {
             orphans: Vec::new(),
             members: BTreeSet::new(),
             members_adopted: false,
+            prefilter: Vec::new(),
+            prefilter_on: false,
+            prefilter_stale: 0,
         };
         reconciler.members = reconciler.maps.members().into_iter().collect();
         reconciler.members_adopted = !reconciler.members.is_empty();
@@ -310,6 +331,7 @@ impl<M: MapSet> Reconciler<M> {
     /// reported, and every other service is still applied.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes, ApplyFailed> {
         self.retry_orphans();
+        self.widen_prefilter(desired);
         let mut changes = Changes::default();
         let mut failures = Vec::new();
         let mut wanted: StdHashMap<Frontend, &ServiceSpec> = StdHashMap::new();
@@ -360,10 +382,71 @@ impl<M: MapSet> Reconciler<M> {
                 reason: format!("{e:#}"),
             });
         }
+        self.prefilter_stale += changes.removed + changes.updated;
+        self.narrow_prefilter();
         if failures.is_empty() {
             Ok(changes)
         } else {
             Err(ApplyFailed { changes, failures })
+        }
+    }
+
+    /// Before a change: the bits of every frontend and backend of the
+    /// services in `desired` that differ from what is applied are added to
+    /// PREFILTER, so that nothing is written before its bit.
+    fn widen_prefilter(&mut self, desired: &DesiredState) {
+        let bits = self.maps.prefilter_bits();
+        let mut words = if self.prefilter.is_empty() {
+            prefilter::words(bits, self.services.values().flat_map(|a| entries(&a.spec)))
+        } else {
+            self.prefilter.clone()
+        };
+        let new = desired
+            .services
+            .iter()
+            .filter(|spec| self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec));
+        prefilter::add(&mut words, bits, new.flat_map(entries));
+        self.write_prefilter(words, bits);
+    }
+
+    /// After a change: PREFILTER is rebuilt from what is applied once the
+    /// services removed or changed since the last rebuild are an eighth of
+    /// those applied. Until then their old bits only cost the packets that
+    /// share them a lookup; rebuilding at every change would cost every
+    /// change time in proportion to the whole state.
+    fn narrow_prefilter(&mut self) {
+        if self.prefilter_stale == 0 || self.prefilter_stale * 8 < self.services.len() {
+            return;
+        }
+        let bits = self.maps.prefilter_bits();
+        let words = prefilter::words(bits, self.services.values().flat_map(|a| entries(&a.spec)));
+        self.write_prefilter(words, bits);
+        self.prefilter_stale = 0;
+    }
+
+    /// Writes PREFILTER and turns it on. Should the write fail, the
+    /// datapath is told to look every packet up instead.
+    fn write_prefilter(&mut self, words: Vec<u32>, bits: u32) {
+        if self.prefilter_on && words == self.prefilter {
+            return;
+        }
+        if let Err(e) = self.maps.prefilter_write(&words) {
+            log::error!(
+                "writing the prefilter: {e:#}; every packet is looked up until it is written"
+            );
+            self.prefilter.clear();
+            match self.maps.prefilter_enable(0) {
+                Ok(()) => self.prefilter_on = false,
+                Err(e) => log::error!("turning the prefilter off: {e:#}"),
+            }
+            return;
+        }
+        self.prefilter = words;
+        if !self.prefilter_on {
+            match self.maps.prefilter_enable(bits) {
+                Ok(()) => self.prefilter_on = true,
+                Err(e) => log::warn!("turning the prefilter on: {e:#}"),
+            }
         }
     }
 

@@ -564,3 +564,40 @@ fn a_failed_membership_write_is_reported_and_retried() {
     r.apply(&desired).unwrap();
     assert_eq!(r.maps().members, desired.members);
 }
+
+/// Whether the fake's PREFILTER holds the frontend or backend (addr, port).
+fn prefiltered(r: &Reconciler<FakeMaps>, addr: &str, port: u16) -> bool {
+    let m = r.maps();
+    let bits = m.prefilter_bits();
+    crate::prefilter::holds(
+        &m.prefilter,
+        bits,
+        &addr16(addr.parse().unwrap()),
+        port.to_be(),
+    )
+}
+
+#[test]
+fn prefilter_holds_every_frontend_and_backend_and_forgets_removed_ones() {
+    let mut r = fresh();
+    assert_eq!(r.maps().prefilter_on, 0, "off until written");
+    let web = spec("web", 80, &[(1, 1), (2, 1)]);
+    let api = spec("api", 81, &[(3, 1)]);
+    r.apply(&state(&[web.clone(), api.clone()])).unwrap();
+    assert_eq!(r.maps().prefilter_on, lb_common::PREFILTER_MIN_BITS);
+    for (addr, port) in [
+        ("10.73.0.10", 80),
+        ("10.73.0.10", 81),
+        ("10.0.0.1", 8080),
+        ("10.0.0.2", 8080),
+        ("10.0.0.3", 8080),
+    ] {
+        assert!(prefiltered(&r, addr, port), "{addr}:{port}");
+    }
+    // Two services applied, one removed: half of them changed since the
+    // last rebuild, more than an eighth, so the removed one's bits go
+    // (unless another entry shares them, which these do not).
+    r.apply(&state(&[web])).unwrap();
+    assert!(prefiltered(&r, "10.73.0.10", 80) && prefiltered(&r, "10.0.0.2", 8080));
+    assert!(!prefiltered(&r, "10.73.0.10", 81) && !prefiltered(&r, "10.0.0.3", 8080));
+}

@@ -87,7 +87,8 @@ fn base_config() -> Config {
         clock_frozen_ns: T0,
         snat_port_min: 40000,
         snat_port_max: 40003,
-        _pad: 0,
+        // The reconciler's, once it has written the prefilter.
+        prefilter_bits: 0,
     }
 }
 
@@ -146,7 +147,14 @@ impl Session {
             .reconciler
             .apply(&control.desired)
             .expect("apply the services");
-        let config = base_config();
+        let config = Config {
+            prefilter_bits: kernel.config().prefilter_bits,
+            ..base_config()
+        };
+        assert_ne!(
+            config.prefilter_bits, 0,
+            "the reconciler turned the prefilter on"
+        );
         kernel.set_config(&config);
         let mut model = ModelState::new(config, sc.fib.clone());
         kernel.mirror_control_plane(&mut model);

@@ -46,6 +46,14 @@ fn transport(
     now: u64,
     out: &mut Outcome,
 ) {
+    if !state.prefilter_holds(&t.ip.dst, t.dport.to_be())
+        && !state.prefilter_holds(&t.ip.src, t.sport.to_be())
+    {
+        state.count(global::PREFILTERED);
+        out.path = Path::Prefiltered;
+        out.action = TC_ACT_UNSPEC;
+        return;
+    }
     let key = flow_key(t.ip.src, t.ip.dst, t.sport, t.dport, t.ip.proto);
     match conntrack::lookup(state, &key, now, out) {
         Some((table, e)) if e.flags & CT_REPLY != 0 => {

@@ -42,6 +42,18 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
+/// The prefilter's bit (section 2) for an address in 16-byte form and a
+/// port as stored in a key, in a prefilter of 2^bits bits: the three high
+/// words folded and spread, the low word and the port mixed in, murmur3's
+/// finalizer, and the top `bits` bits.
+pub fn prefilter_bit(addr: &[u8; 16], port: u16, bits: u32) -> u32 {
+    let high = u32_le(&addr[0..4]) ^ u32_le(&addr[4..8]) ^ u32_le(&addr[8..12]);
+    let h = high.wrapping_mul(0x9e37_79b1) ^ u32_le(&addr[12..16]);
+    let h = h.wrapping_mul(0x85eb_ca6b) ^ u32::from(port);
+    let h = finish(h);
+    h >> (32 - bits)
+}
+
 /// The Maglev slot of a flow hash in a table of `size` entries; None for
 /// an empty table.
 pub fn maglev_slot(hash: u32, size: u32) -> Option<u32> {

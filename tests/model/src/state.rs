@@ -28,6 +28,8 @@ pub struct ModelState {
     pub backends: HashMap<u32, Backend>,
     /// RINGS by ring number; a ring never written reads as zeros.
     pub rings: HashMap<u32, Vec<u32>>,
+    /// PREFILTER's words; empty when there is none.
+    pub prefilter: Vec<u32>,
     pub affinity: HashMap<AffinityKey, AffinityEntry>,
     pub conntrack: HashMap<FlowKey, CtEntry>,
     pub ct_pending: HashMap<FlowKey, CtEntry>,
@@ -46,6 +48,7 @@ impl ModelState {
             services: HashMap::new(),
             backends: HashMap::new(),
             rings: HashMap::new(),
+            prefilter: Vec::new(),
             affinity: HashMap::new(),
             conntrack: HashMap::new(),
             ct_pending: HashMap::new(),
@@ -82,6 +85,19 @@ impl ModelState {
         self.rings.insert(ring, ids);
     }
 
+    /// Whether the prefilter may know (`addr`, `port`, as stored in a
+    /// key): false only when its bit is clear in a prefilter in force.
+    pub fn prefilter_holds(&self, addr: &[u8; 16], port: u16) -> bool {
+        let bits = self.config.prefilter_bits;
+        if !(lb_common::PREFILTER_MIN_BITS..=lb_common::PREFILTER_MAX_BITS).contains(&bits) {
+            return true;
+        }
+        let bit = crate::hash::prefilter_bit(addr, port, bits) as usize;
+        self.prefilter
+            .get(bit / 32)
+            .is_none_or(|w| w & (1 << (bit % 32)) != 0)
+    }
+
     pub fn count(&mut self, index: u32) {
         self.global[index as usize] += 1;
     }
@@ -101,6 +117,8 @@ pub enum Path {
     Malformed,
     Fragment,
     Other,
+    /// TCP/UDP for no frontend and from no backend, by the prefilter.
+    Prefiltered,
     /// TCP/UDP with no live entry and no service.
     NoService,
     NoBackend,

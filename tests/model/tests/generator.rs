@@ -209,6 +209,23 @@ fn generated_traffic_reaches_every_path() {
     let mut now = 1_000_000_000_000u64;
     let mut paths: BTreeMap<(Path, Forwarding), u64> = BTreeMap::new();
     for i in 0..200_000 {
+        if i == 100_000 {
+            // The second half runs behind a prefilter of every frontend and
+            // backend, as the reconciler writes it.
+            let bits = lb_common::PREFILTER_MIN_BITS;
+            s.config.prefilter_bits = bits;
+            s.prefilter = vec![0; (1 << bits) / 32];
+            let entries: Vec<([u8; 16], u16)> = s
+                .services
+                .keys()
+                .map(|k| (k.addr, k.port))
+                .chain(s.backends.values().map(|b| (b.addr, b.port)))
+                .collect();
+            for (a, p) in entries {
+                let bit = lb_model::hash::prefilter_bit(&a, p, bits) as usize;
+                s.prefilter[bit / 32] |= 1 << (bit % 32);
+            }
+        }
         if i % 10_000 == 9_999 {
             // The control plane drains, fails, removes and restores backends.
             let id = [1u32, 2, 3, 21, 22, 51][(i / 10_000) % 6];
@@ -256,6 +273,7 @@ fn generated_traffic_reaches_every_path() {
         Path::Malformed,
         Path::Fragment,
         Path::Other,
+        Path::Prefiltered,
         Path::NoService,
         Path::NoBackend,
         Path::NewFlow,

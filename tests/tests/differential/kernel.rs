@@ -110,6 +110,10 @@ impl Kernel {
         }
     }
 
+    pub fn config(&self) -> Config {
+        self.config.get(&0, 0).expect("read CONFIG")
+    }
+
     pub fn set_config(&mut self, c: &Config) {
         self.config.set(0, *c, 0).expect("write CONFIG");
     }
@@ -199,6 +203,22 @@ impl Kernel {
                 .read(start as usize, size as usize)
                 .unwrap_or_else(|_| vec![0; size as usize]);
             model.set_ring(start, ids);
+        }
+        let prefilter = &self.reconciler.maps().prefilter;
+        model.prefilter = prefilter.read(0, prefilter.len()).expect("read PREFILTER");
+        // Every frontend and backend must pass (the model's own reading of
+        // the hash): a bit missing would make a service unreachable.
+        for key in model.services.keys() {
+            assert!(
+                model.prefilter_holds(&key.addr, key.port),
+                "PREFILTER lacks frontend {key:?}"
+            );
+        }
+        for (id, b) in &model.backends {
+            assert!(
+                model.prefilter_holds(&b.addr, b.port),
+                "PREFILTER lacks backend {id} {b:?}"
+            );
         }
     }
 }
