@@ -148,22 +148,10 @@ fn continue_flow(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) ->
     } else {
         s.entry.client
     };
-    let backend_addr = s.entry.backend;
-    let (route, fresh) = forward::decide_cached(
-        ctx,
-        &s.pkt,
-        (&src, &backend_addr),
-        &mut s.fib,
-        &mut s.entry.hop,
-        conntrack::second(now),
-    );
-    if let Some(action) = unforwardable(ctx, s, route) {
-        return action;
-    }
-    if fresh {
-        // SAFETY: pointer from a successful lookup, valid for this program run.
-        unsafe { (*e).hop = s.entry.hop };
-    }
+    let route = match route_known(ctx, s, e, (src, s.entry.backend), now) {
+        Ok(route) => route,
+        Err(action) => return action,
+    };
     // A FIN or an RST (rare) goes to both halves even when this one has it
     // already: the other half may have been restored from an older copy.
     let bits = tcp_bits(flags, ST_FIN_CLIENT);
@@ -299,21 +287,10 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
     let snat = s.entry.flags & CT_SNAT != 0;
     let frontend = s.entry.frontend;
     let dst = if snat { s.entry.client } else { s.pkt.dst };
-    let (route, fresh) = forward::decide_cached(
-        ctx,
-        &s.pkt,
-        (&frontend, &dst),
-        &mut s.fib,
-        &mut s.entry.hop,
-        conntrack::second(now),
-    );
-    if let Some(action) = unforwardable(ctx, s, route) {
-        return action;
-    }
-    if fresh {
-        // SAFETY: pointer from a successful lookup, valid for this program run.
-        unsafe { (*e).hop = s.entry.hop };
-    }
+    let route = match route_known(ctx, s, e, (frontend, dst), now) {
+        Ok(route) => route,
+        Err(action) => return action,
+    };
     // As in continue_flow; ST_SEEN_REPLY only once.
     let closing = tcp_bits(s.pkt.tcp_flags, ST_FIN_BACKEND);
     let bits = ST_SEEN_REPLY | closing;
@@ -342,6 +319,36 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
     add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
     count(global::REDIRECTED);
     forward::send(ctx, p, route, &s.fib)
+}
+
+/// The forwarding decision for a packet of the known half `e` (copied in
+/// `s.entry`) with `src`/`dst` as its translated addresses, through the
+/// half's cached next hop, which is stored again when the FIB was asked:
+/// the route when the packet can be forwarded, else the action for it.
+#[inline(always)]
+fn route_known(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    e: *mut CtEntry,
+    (src, dst): ([u8; 16], [u8; 16]),
+    now: u64,
+) -> Result<Route, i32> {
+    let (route, fresh) = forward::decide_cached(
+        ctx,
+        &s.pkt,
+        (&src, &dst),
+        &mut s.fib,
+        &mut s.entry.hop,
+        conntrack::second(now),
+    );
+    if let Some(action) = unforwardable(ctx, s, route) {
+        return Err(action);
+    }
+    if fresh {
+        // SAFETY: pointer from a successful lookup, valid for this program run.
+        unsafe { (*e).hop = s.entry.hop };
+    }
+    Ok(route)
 }
 
 /// What happens to a packet `decide` would not route: an ICMP error back
