@@ -2,8 +2,9 @@
 //! reconciler has written (docs/datapath.md, section 2), so that the
 //! datapath passes other packets without a conntrack or service lookup.
 //! False positives only cost a lookup; a missing bit would make a service
-//! unreachable, so bits are set before what they stand for is written and
-//! cleared only after it is gone.
+//! unreachable, or lose a removed backend's replies still on their way, so
+//! bits are set before what they stand for is written and only a restart
+//! clears them.
 
 use lb_common::prefilter_bit;
 

@@ -65,9 +65,6 @@ pub struct Reconciler<M: MapSet = Maps> {
     prefilter: Vec<u32>,
     /// Whether the datapath uses PREFILTER (CONFIG says its size).
     prefilter_on: bool,
-    /// Services removed or changed since PREFILTER was last rebuilt: their
-    /// old bits may still be set (see `narrow_prefilter`).
-    prefilter_stale: usize,
 }
 
 /// Counts of what an `apply` changed.
@@ -236,7 +233,6 @@ impl<M: MapSet> Reconciler<M> {
             members_adopted: false,
             prefilter: Vec::new(),
             prefilter_on: false,
-            prefilter_stale: 0,
         };
         reconciler.members = reconciler.maps.members().into_iter().collect();
         reconciler.members_adopted = !reconciler.members.is_empty();
@@ -382,8 +378,6 @@ impl<M: MapSet> Reconciler<M> {
                 reason: format!("{e:#}"),
             });
         }
-        self.prefilter_stale += changes.removed + changes.updated;
-        self.narrow_prefilter();
         if failures.is_empty() {
             Ok(changes)
         } else {
@@ -393,7 +387,11 @@ impl<M: MapSet> Reconciler<M> {
 
     /// Before a change: the bits of every frontend and backend of the
     /// services in `desired` that differ from what is applied are added to
-    /// PREFILTER, so that nothing is written before its bit.
+    /// PREFILTER, so that nothing is written before its bit. Bits are not
+    /// cleared while lbd runs (the first write after a start rebuilds them
+    /// from what is applied): a removed backend's replies already on their
+    /// way must still find their connection, and its bit costs the packets
+    /// that share it no more than a lookup.
     fn widen_prefilter(&mut self, desired: &DesiredState) {
         let bits = self.maps.prefilter_bits();
         let mut words = if self.prefilter.is_empty() {
@@ -407,21 +405,6 @@ impl<M: MapSet> Reconciler<M> {
             .filter(|spec| self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec));
         prefilter::add(&mut words, bits, new.flat_map(entries));
         self.write_prefilter(words, bits);
-    }
-
-    /// After a change: PREFILTER is rebuilt from what is applied once the
-    /// services removed or changed since the last rebuild are an eighth of
-    /// those applied. Until then their old bits only cost the packets that
-    /// share them a lookup; rebuilding at every change would cost every
-    /// change time in proportion to the whole state.
-    fn narrow_prefilter(&mut self) {
-        if self.prefilter_stale == 0 || self.prefilter_stale * 8 < self.services.len() {
-            return;
-        }
-        let bits = self.maps.prefilter_bits();
-        let words = prefilter::words(bits, self.services.values().flat_map(|a| entries(&a.spec)));
-        self.write_prefilter(words, bits);
-        self.prefilter_stale = 0;
     }
 
     /// Writes PREFILTER and turns it on. Should the write fail, the

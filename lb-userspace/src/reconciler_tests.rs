@@ -578,7 +578,7 @@ fn prefiltered(r: &Reconciler<FakeMaps>, addr: &str, port: u16) -> bool {
 }
 
 #[test]
-fn prefilter_holds_every_frontend_and_backend_and_forgets_removed_ones() {
+fn prefilter_holds_every_frontend_and_backend_and_a_restart_forgets_removed_ones() {
     let mut r = fresh();
     assert_eq!(r.maps().prefilter_on, 0, "off until written");
     let web = spec("web", 80, &[(1, 1), (2, 1)]);
@@ -594,10 +594,15 @@ fn prefilter_holds_every_frontend_and_backend_and_forgets_removed_ones() {
     ] {
         assert!(prefiltered(&r, addr, port), "{addr}:{port}");
     }
-    // Two services applied, one removed: half of them changed since the
-    // last rebuild, more than an eighth, so the removed one's bits go
-    // (unless another entry shares them, which these do not).
+    // A removed service keeps its bits while lbd runs: its backend's
+    // replies already on their way must still be translated.
     r.apply(&state(&[web])).unwrap();
+    assert!(prefiltered(&r, "10.73.0.10", 81) && prefiltered(&r, "10.0.0.3", 8080));
+    // A new reconciler (lbd restarted) rebuilds from what it adopts.
+    let maps = std::mem::take(&mut r.maps);
+    let mut r = Reconciler::new(maps).unwrap();
+    r.apply(&state(&[spec("web", 80, &[(1, 1), (2, 1)])]))
+        .unwrap();
     assert!(prefiltered(&r, "10.73.0.10", 80) && prefiltered(&r, "10.0.0.2", 8080));
     assert!(!prefiltered(&r, "10.73.0.10", 81) && !prefiltered(&r, "10.0.0.3", 8080));
 }
