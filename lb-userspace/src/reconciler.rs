@@ -393,16 +393,22 @@ impl<M: MapSet> Reconciler<M> {
     /// way must still find their connection, and its bit costs the packets
     /// that share it no more than a lookup.
     fn widen_prefilter(&mut self, desired: &DesiredState) {
+        let mut new = desired
+            .services
+            .iter()
+            .filter(|spec| self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec))
+            .peekable();
+        // Nothing new: the array in force already holds every bit, and a
+        // copy of it (up to 8 MiB) would only be compared with itself.
+        if self.prefilter_on && new.peek().is_none() {
+            return;
+        }
         let bits = self.maps.prefilter_bits();
         let mut words = if self.prefilter.is_empty() {
             prefilter::words(bits, self.services.values().flat_map(|a| entries(&a.spec)))
         } else {
             self.prefilter.clone()
         };
-        let new = desired
-            .services
-            .iter()
-            .filter(|spec| self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec));
         prefilter::add(&mut words, bits, new.flat_map(entries));
         self.write_prefilter(words, bits);
     }
