@@ -35,6 +35,21 @@ pub const NO_SERVICE: &str = "packet for no service";
 pub const NEW_FLOW: &str = "new flow (Maglev pick, both conntrack halves inserted)";
 pub const ESTABLISHED: &str = "established flow, client → backend";
 pub const REPLY: &str = "reply, backend → client";
+/// The same two paths with one connection's packets over and over: its
+/// entries stay in cache, so these show what the program's instructions
+/// cost, and the distance to the rows above what its memory accesses cost.
+pub const ESTABLISHED_WARM: &str = "established, one connection's packets again and again";
+pub const REPLY_WARM: &str = "reply, one connection's packets again and again";
+/// Every path, in the order of `Prepared::rounds`.
+const PATHS: [&str; 7] = [
+    FLOOR,
+    NO_SERVICE,
+    NEW_FLOW,
+    ESTABLISHED,
+    REPLY,
+    ESTABLISHED_WARM,
+    REPLY_WARM,
+];
 
 pub fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
@@ -202,7 +217,7 @@ pub struct Prepared {
     ifindex: u32,
     next_flow: u32,
     /// Mean ns per packet of each round, one entry per path.
-    rounds: Vec<[f64; 5]>,
+    rounds: Vec<[f64; PATHS.len()]>,
 }
 
 impl Prepared {
@@ -281,14 +296,29 @@ impl Prepared {
         translated(prog, ifindex, &flows, ESTABLISHED)?;
         let established = translated(prog, ifindex, &flows, ESTABLISHED)?.0;
         let reply = translated(prog, ifindex, &answers, REPLY)?.0;
-        self.rounds
-            .push([floor, no_service, new_flow, established, reply]);
+        let established_warm = translated(
+            prog,
+            ifindex,
+            &vec![flows[0].clone(); count],
+            ESTABLISHED_WARM,
+        )?
+        .0;
+        let reply_warm = translated(prog, ifindex, &vec![answers[0].clone(); count], REPLY_WARM)?.0;
+        self.rounds.push([
+            floor,
+            no_service,
+            new_flow,
+            established,
+            reply,
+            established_warm,
+            reply_warm,
+        ]);
         Ok(())
     }
 
     /// The median round of every path.
     pub fn scale(&self) -> Scale {
-        let rows = [FLOOR, NO_SERVICE, NEW_FLOW, ESTABLISHED, REPLY]
+        let rows = PATHS
             .iter()
             .enumerate()
             .map(|(i, name)| {
@@ -342,7 +372,11 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
              connection of its own; after its first packet, untimed, its backend answers \
              and its client acknowledges, which confirms it, as on any TCP connection past \
              its handshake, so the established and reply rows measure confirmed \
-             connections, each packet on a different one. The same figures \
+             connections, each packet on a different one, whose conntrack entries the \
+             runs between have mostly pushed out of the CPU's caches. The two rows \
+             \"again and again\" send one connection's packet every time instead: its \
+             entries stay cached, so they show what the instructions cost, and their \
+             distance to the rows above what the memory accesses cost. The same figures \
              come from `target/release/lb-pktcost --runs {} --scale S B ...`.",
             thousands((config.pktcost_runs / ROUNDS).max(1) as u64 * ROUNDS as u64),
             config.pktcost_runs,

@@ -147,6 +147,35 @@ pub fn build_table(backends: &[(u64, u32)], m: u32) -> Vec<u32> {
     table
 }
 
+/// `build_table` for each of `jobs` (backends, table size), spread over
+/// the machine's cores: a start-up or a big change writes thousands of
+/// tables, and they are independent of each other.
+pub fn build_tables(jobs: &[(Vec<(u64, u32)>, u32)]) -> Vec<Vec<u32>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(jobs.len());
+    if threads <= 1 {
+        return jobs.iter().map(|(b, m)| build_table(b, *m)).collect();
+    }
+    let per_thread = jobs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(b, m)| build_table(b, *m))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 /// How evenly a table of `m` entries spreads `n` backends of equal weight
 /// (distinct addresses, as a service's containers have): the largest
 /// backend's share of the entries over the mean share, and over the
@@ -181,6 +210,22 @@ mod tests {
                 backend_key(IpAddr::V4(addr), 8080)
             })
             .collect()
+    }
+
+    #[test]
+    fn tables_built_together_are_those_built_one_by_one() {
+        let jobs: Vec<(Vec<(u64, u32)>, u32)> = (1..40u32)
+            .map(|n| {
+                let list = keys(n).into_iter().map(|k| (k, 1 + n % 3)).collect();
+                (list, if n % 2 == 0 { 1021 } else { 251 })
+            })
+            .collect();
+        let together = build_tables(&jobs);
+        assert_eq!(together.len(), jobs.len());
+        for ((list, m), table) in jobs.iter().zip(&together) {
+            assert_eq!(*table, build_table(list, *m));
+        }
+        assert!(build_tables(&[]).is_empty());
     }
 
     fn counts(table: &[u32], n: usize) -> Vec<usize> {

@@ -65,6 +65,32 @@ pub struct Reconciler<M: MapSet = Maps> {
     prefilter: Vec<u32>,
     /// Whether the datapath uses PREFILTER (CONFIG says its size).
     prefilter_on: bool,
+    /// Maglev tables an `apply` built ahead on every core, by frontend,
+    /// with the backends and size each was built for.
+    prebuilt: StdHashMap<Frontend, Prebuilt>,
+}
+
+/// A Maglev table built ahead: (backend keys and weights, table size,
+/// the table).
+type Prebuilt = (Vec<(u64, u32)>, u32, Vec<u32>);
+
+/// An `apply` writes services in batches of this many, building their
+/// Maglev tables in parallel first: enough to keep every core busy, few
+/// enough that the tables waiting to be written stay small (at the
+/// default size, 16 KiB each).
+const PREBUILD_BATCH: usize = 256;
+/// Fewer tables than this are built one by one as they are written: an
+/// everyday change (a container came or went) starts no thread.
+const PREBUILD_MIN: usize = 16;
+
+/// What a service's Maglev table is built from: the key and weight of
+/// each backend that takes new flows, in the spec's order.
+fn maglev_keys(spec: &ServiceSpec) -> Vec<(u64, u32)> {
+    spec.backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .map(|b| (maglev::backend_key(b.addr, b.port), b.weight))
+        .collect()
 }
 
 /// Counts of what an `apply` changed.
@@ -233,6 +259,7 @@ impl<M: MapSet> Reconciler<M> {
             members_adopted: false,
             prefilter: Vec::new(),
             prefilter_on: false,
+            prebuilt: StdHashMap::new(),
         };
         reconciler.members = reconciler.maps.members().into_iter().collect();
         reconciler.members_adopted = !reconciler.members.is_empty();
@@ -356,18 +383,26 @@ impl<M: MapSet> Reconciler<M> {
                 Err(f) => failures.push(f),
             }
         }
-        for spec in &desired.services {
-            if !std::ptr::eq(wanted[&spec.frontend], spec) {
-                continue;
+        for batch in desired.services.chunks(PREBUILD_BATCH) {
+            let changed: Vec<&ServiceSpec> = batch
+                .iter()
+                .filter(|spec| {
+                    std::ptr::eq(wanted[&spec.frontend], *spec)
+                        && self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec)
+                })
+                .collect();
+            self.prebuild(&changed);
+            for spec in changed {
+                let result = match self.services.get(&spec.frontend) {
+                    Some(_) => self.update_service(spec).map(|()| changes.updated += 1),
+                    None => self.add_service(spec).map(|()| changes.added += 1),
+                };
+                if let Err(e) = result {
+                    failures.push(failure(spec, e));
+                }
             }
-            let result = match self.services.get(&spec.frontend) {
-                Some(applied) if applied.spec == *spec => continue,
-                Some(_) => self.update_service(spec).map(|()| changes.updated += 1),
-                None => self.add_service(spec).map(|()| changes.added += 1),
-            };
-            if let Err(e) = result {
-                failures.push(failure(spec, e));
-            }
+            // A service whose write failed before its table was used.
+            self.prebuilt.clear();
         }
         if let Err(e) = self.apply_members(&desired.members) {
             // Only Swarm's overlay networks have members.
@@ -382,6 +417,23 @@ impl<M: MapSet> Reconciler<M> {
             Ok(changes)
         } else {
             Err(ApplyFailed { changes, failures })
+        }
+    }
+
+    /// Builds the Maglev tables of `specs` on every core, for
+    /// `write_ring_and_service` to take; nothing for a handful.
+    fn prebuild(&mut self, specs: &[&ServiceSpec]) {
+        if specs.len() < PREBUILD_MIN {
+            return;
+        }
+        let stride = self.maps.table_size();
+        let jobs: Vec<(Vec<(u64, u32)>, u32)> = specs
+            .iter()
+            .map(|spec| (maglev_keys(spec), spec.table_size.unwrap_or(stride)))
+            .collect();
+        let tables = maglev::build_tables(&jobs);
+        for ((spec, (keys, size)), table) in specs.iter().zip(jobs).zip(tables) {
+            self.prebuilt.insert(spec.frontend, (keys, size, table));
         }
     }
 
@@ -722,8 +774,13 @@ impl<M: MapSet> Reconciler<M> {
             .filter(|(b, _)| b.weight > 0)
             .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
             .collect();
-        let keys: Vec<(u64, u32)> = active.iter().map(|(k, w, _)| (*k, *w)).collect();
-        let table = maglev::build_table(&keys, size);
+        let keys = maglev_keys(&applied.spec);
+        let table = match self.prebuilt.remove(&applied.spec.frontend) {
+            Some((built_for, built_size, table)) if built_for == keys && built_size == size => {
+                table
+            }
+            _ => maglev::build_table(&keys, size),
+        };
         if !table.is_empty() {
             let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
             self.maps.ring_write(ring as usize, &ids)?;
