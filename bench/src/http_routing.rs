@@ -47,8 +47,8 @@ impl System {
     }
 }
 
-/// Worker threads or processes of every proxy: lbrouter's runtime starts
-/// one per core, and the peers are given as many.
+/// Worker threads or processes of every proxy: lbrouter starts a serving
+/// thread per core, and the peers are given as many.
 fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -199,7 +199,7 @@ pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
          nginx `upstream {{ keepalive {POOL}; }}` with `proxy_http_version 1.1` and an \
          empty `Connection` header), balances by power of two choices (HAProxy \
          `balance random(2)`, nginx `random two least_conn`), adds `X-Forwarded-For`, and \
-         runs {} worker threads or processes: lbrouter's runtime has one per core, \
+         runs {} worker threads or processes: lbrouter has a serving thread per core, \
          HAProxy gets `nbthread {}` and nginx `worker_processes {}`. Every system gets a \
          fresh topology; client, proxy and backends share the machine's cores.",
         web::shell_line(&wrk_args(config, Mode::KeepAlive, Path::new("routes.lua"))),

@@ -7,7 +7,9 @@ use clap::Parser;
 use lb_api::cli::lbrouter::Args;
 use lb_userspace::router::{self, proxy::ProxyOptions, Options};
 
-#[tokio::main]
+// Clients are served on threads of their own (router::run); this runtime
+// has the control tasks: reloads, discovery, the API and metrics.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
     lb_userspace::logging::init(&args.log_level, log::LevelFilter::Off);

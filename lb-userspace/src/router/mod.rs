@@ -36,18 +36,21 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use self::balance::Backends;
-use self::proxy::{Peer, Proxy, ProxyOptions};
+use self::proxy::{BackendClient, Peer, Proxy, ProxyOptions};
 use self::table::Table;
-use crate::web::accept_slot;
+use crate::web::{accept_shared_slot, accept_slot};
 
 /// How often the config file is checked for a change.
 const POLL: Duration = Duration::from_secs(1);
+/// Each serving thread's listen backlog, per address.
+const LISTEN_BACKLOG: u32 = 1024;
 /// Requests served at once by a small endpoint (metrics, the API).
 const METRICS_CONNECTIONS: usize = 16;
 
@@ -110,28 +113,32 @@ pub async fn run(opts: Options) -> Result<()> {
 
     // Every listener is bound before any serves, so that one answering
     // means all are up.
-    let mut listeners = Vec::new();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut listeners: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
     let plain = opts.listen.iter().map(|a| (a, None));
     let secure = opts.listen_tls.iter().map(|a| (a, tls.clone()));
     for (addr, tls) in plain.chain(secure) {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
         let what = if tls.is_some() { "HTTPS" } else { "HTTP" };
-        log::info!("serving {what} on {addr}");
-        listeners.push((listener, tls));
+        let mut bound = *addr;
+        for thread in listeners.iter_mut() {
+            let listener = bind_shared(bound).with_context(|| format!("listening on {addr}"))?;
+            // Port 0: every thread's listener takes the port the first got.
+            bound = listener.local_addr()?;
+            thread.push((listener, tls.clone()));
+        }
+        log::info!("serving {what} on {bound} ({threads} threads)");
+    }
+    let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel();
+    let serving = Serving {
+        proxy: proxy.clone(),
+        builder,
+        permits,
+        handshake_timeout: opts.header_read_timeout,
+    };
+    for (index, listeners) in listeners.into_iter().enumerate() {
+        serving.spawn_thread(index, listeners, failed_tx.clone())?;
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for (listener, tls) in listeners {
-        tasks.spawn(accept(
-            listener,
-            tls,
-            proxy.clone(),
-            builder.clone(),
-            permits.clone(),
-            opts.header_read_timeout,
-        ));
-    }
     if let Some(addr) = opts.metrics {
         crate::web::check_addr(addr)?;
         let listener = TcpListener::bind(addr)
@@ -153,6 +160,7 @@ pub async fn run(opts: Options) -> Result<()> {
     ));
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
+        Some(e) = failed.recv() => Err(e),
         res = tasks.join_next() => match res {
             Some(Ok(Err(e))) => Err(e),
             Some(Err(e)) => Err(e.into()),
@@ -163,68 +171,161 @@ pub async fn run(opts: Options) -> Result<()> {
     }
 }
 
-/// Serves the connections of one listener, `permits` of them at once
-/// (the others wait in the listen backlog); with `tls`, each after its
-/// handshake, which has `handshake_timeout` to finish.
-async fn accept(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+/// A serving thread's listener, HTTPS with an acceptor.
+type Listener = (std::net::TcpListener, Option<TlsAcceptor>);
+
+/// A listener on `addr` that other sockets may share (SO_REUSEPORT): each
+/// serving thread has one, and the kernel spreads new connections over
+/// them.
+fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(LISTEN_BACKLOG)?.into_std()?)
+}
+
+/// What every serving thread shares.
+#[derive(Clone)]
+struct Serving {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Client connections served at once, over all threads.
     permits: Arc<Semaphore>,
     handshake_timeout: Duration,
-) -> Result<()> {
-    loop {
-        let (permit, stream, peer) = accept_slot(&listener, &permits, "http").await?;
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            proxy.metrics.connections.inc();
-            match tls {
-                None => {
-                    let from = Peer {
-                        addr: peer,
-                        tls: false,
-                    };
-                    serve(&builder, stream, &proxy, from).await;
+}
+
+impl Serving {
+    /// Starts a thread with a runtime of its own that accepts and serves
+    /// the connections of `listeners`, with a pool of backend connections
+    /// of its own, as a worker process of nginx or a thread of HAProxy
+    /// does: a request, the backend connection it goes out on and their
+    /// wake-ups stay on one thread. A thread that stops says why on
+    /// `failed`.
+    fn spawn_thread(
+        &self,
+        index: usize,
+        listeners: Vec<Listener>,
+        failed: UnboundedSender<anyhow::Error>,
+    ) -> Result<()> {
+        let serving = self.clone();
+        let run = move || -> Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = Arc::new(serving.proxy.client());
+                let mut tasks = tokio::task::JoinSet::new();
+                for (listener, tls) in listeners {
+                    let listener = TcpListener::from_std(listener)?;
+                    tasks.spawn(serving.clone().accept(listener, tls, client.clone()));
                 }
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let from = Peer {
-                                addr: peer,
-                                tls: true,
-                            };
-                            serve(&builder, stream, &proxy, from).await;
-                        }
-                        Ok(Err(e)) => {
-                            proxy.metrics.tls_handshake_failures.inc();
-                            log::debug!("TLS handshake with {peer}: {e}");
-                        }
-                        Err(_) => {
-                            proxy.metrics.tls_handshake_failures.inc();
-                            log::debug!("TLS handshake with {peer}: timed out");
-                        }
+                match tasks.join_next().await {
+                    Some(Ok(result)) => result,
+                    Some(Err(e)) => Err(e.into()),
+                    None => Ok(()),
+                }
+            })
+        };
+        std::thread::Builder::new()
+            .name(format!("serve-{index}"))
+            .spawn(move || {
+                if let Err(e) = run() {
+                    let _ = failed.send(e.context("a serving thread"));
+                }
+            })
+            .context("starting a serving thread")?;
+        Ok(())
+    }
+
+    /// Serves the connections of one listener while `permits` has room.
+    async fn accept(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        client: Arc<BackendClient>,
+    ) -> Result<()> {
+        loop {
+            let (permit, stream, peer) =
+                accept_shared_slot(&listener, &self.permits, "http").await?;
+            let _ = stream.set_nodelay(true);
+            let conn = self
+                .clone()
+                .connection(stream, peer, tls.clone(), client.clone());
+            tokio::spawn(async move {
+                conn.await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Serves one client connection; with `tls`, after its handshake,
+    /// which has `handshake_timeout` to finish.
+    async fn connection(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        client: Arc<BackendClient>,
+    ) {
+        let Serving {
+            proxy,
+            builder,
+            handshake_timeout,
+            ..
+        } = self;
+        proxy.metrics.connections.inc();
+        match tls {
+            None => {
+                let from = Peer {
+                    addr: peer,
+                    tls: false,
+                };
+                serve(&builder, stream, &proxy, &client, from).await;
+            }
+            Some(acceptor) => {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let from = Peer {
+                            addr: peer,
+                            tls: true,
+                        };
+                        serve(&builder, stream, &proxy, &client, from).await;
+                    }
+                    Ok(Err(e)) => {
+                        proxy.metrics.tls_handshake_failures.inc();
+                        log::debug!("TLS handshake with {peer}: {e}");
+                    }
+                    Err(_) => {
+                        proxy.metrics.tls_handshake_failures.inc();
+                        log::debug!("TLS handshake with {peer}: timed out");
                     }
                 }
             }
-            proxy.metrics.connections.dec();
-            drop(permit);
-        });
+        }
+        proxy.metrics.connections.dec();
     }
 }
 
 /// Serves one client connection, HTTP/1.1 or HTTP/2 (by its preface, so
 /// also whatever ALPN chose), until it closes.
-async fn serve<I>(builder: &auto::Builder<TokioExecutor>, io: I, proxy: &Arc<Proxy>, from: Peer)
-where
+async fn serve<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    proxy: &Arc<Proxy>,
+    client: &Arc<BackendClient>,
+    from: Peer,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(|req: Request<Incoming>| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, from).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(&client, req, from).await) }
     });
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)

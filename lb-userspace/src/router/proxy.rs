@@ -49,9 +49,13 @@ pub struct Peer {
     pub tls: bool,
 }
 
+/// A pool of connections to the backends. Each serving thread has its
+/// own (`Proxy::client`), so that a request and the backend connection
+/// it goes out on are handled by the same thread.
+pub type BackendClient = Client<HttpConnector, Body>;
+
 pub struct Proxy {
     table: RwLock<Arc<Table>>,
-    client: Client<HttpConnector, Body>,
     pub metrics: Metrics,
     opts: ProxyOptions,
 }
@@ -69,19 +73,23 @@ const HOP_BY_HOP: [&str; 7] = [
 
 impl Proxy {
     pub fn new(table: Table, opts: ProxyOptions) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(opts.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(opts.backend_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Proxy {
             table: RwLock::new(Arc::new(table)),
-            client,
             metrics: Metrics::default(),
             opts,
         }
+    }
+
+    /// A new, empty pool of backend connections, whose connections are
+    /// driven by the runtime it is first used on.
+    pub fn client(&self) -> BackendClient {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.opts.connect_timeout));
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.opts.backend_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector)
     }
 
     /// Requests that arrive from now on use `table`; those under way keep
@@ -94,7 +102,13 @@ impl Proxy {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub async fn handle(&self, mut req: Request<Incoming>, from: Peer) -> Response<Body> {
+    /// Answers `req`, sending it on through `client`.
+    pub async fn handle(
+        &self,
+        client: &BackendClient,
+        mut req: Request<Incoming>,
+        from: Peer,
+    ) -> Response<Body> {
         let start = Instant::now();
         let peer = from.addr;
         let table = self.table();
@@ -165,7 +179,7 @@ impl Proxy {
                 backend.clone(),
                 self.metrics.in_flight.get_or_create(&labels).clone(),
             );
-            match tokio::time::timeout_at(deadline, self.client.request(out)).await {
+            match tokio::time::timeout_at(deadline, client.request(out)).await {
                 Err(_) => {
                     return self.local(
                         &head,

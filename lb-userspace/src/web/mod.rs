@@ -67,16 +67,35 @@ pub async fn serve(addr: SocketAddr, calls: mpsc::Sender<Call>) -> Result<()> {
 
 /// The next connection once one of `slots` is free (the others wait in the
 /// listen backlog); the permit is held for as long as the connection.
-/// lbrouter accepts the same way.
 pub async fn accept_slot(
     listener: &TcpListener,
     slots: &Arc<Semaphore>,
     what: &str,
 ) -> Result<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
     let permit = slots.clone().acquire_owned().await?;
+    let (stream, peer) = accept_retrying(listener, what).await;
+    Ok((permit, stream, peer))
+}
+
+/// `accept_slot` for one of several listeners that share `slots`
+/// (lbrouter's serving threads have one each): the connection is accepted
+/// first and then waits for a slot, so that no listener holds a slot
+/// while nothing arrives on it. Each listener then holds at most one
+/// accepted connection past the limit; the others wait in the backlogs.
+pub async fn accept_shared_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    what: &str,
+) -> Result<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let (stream, peer) = accept_retrying(listener, what).await;
+    let permit = slots.clone().acquire_owned().await?;
+    Ok((permit, stream, peer))
+}
+
+async fn accept_retrying(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => return Ok((permit, stream, peer)),
+            Ok(accepted) => return accepted,
             Err(e) => {
                 // Out of file descriptors and the like: pause rather than
                 // spin, and keep serving once it passes.
