@@ -171,10 +171,16 @@ impl Router {
 
     /// The Prometheus exposition, fetched from inside `lb`.
     pub fn metrics(&self, lb: &Netns) -> Result<String> {
+        self.page(lb, "/metrics")
+    }
+
+    /// `path` on the metrics listener (the answer with its head), fetched
+    /// from inside `lb`.
+    pub fn page(&self, lb: &Netns, path: &str) -> Result<String> {
         lb.run(|| {
             let mut s = TcpStream::connect(METRICS)?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)

@@ -245,6 +245,25 @@ fn failing_backends_get_502_503_504() {
             assert_eq!(get("refused", "/").await.unwrap().status, 503);
         })
     });
+    // The routes page shows the refusing backend left out (for 2 s), the
+    // others up.
+    let page = router.page(&topo.lb, "/routes").unwrap();
+    let json = &page[page.find("\r\n\r\n").expect("an HTTP answer") + 4..];
+    let routes: serde_json::Value = serde_json::from_str(json).expect(&page);
+    let names: Vec<&str> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mixed", "one", "refused"], "{page}");
+    assert_eq!(routes[2]["backends"][0]["quarantined"], true, "{page}");
+    assert_eq!(routes[1]["backends"][0]["quarantined"], false, "{page}");
+    let text = router.page(&topo.lb, "/").unwrap();
+    assert!(
+        text.contains("refused (refused, /)") && text.contains("left out after a failed connect"),
+        "{text}"
+    );
     assert!(
         router
             .metric(&topo.lb, "lbrouter_retries_total", &["route=\"mixed\""])

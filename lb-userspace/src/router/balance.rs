@@ -55,6 +55,11 @@ impl Backend {
         self.quarantined_until.store(until, Ordering::Relaxed);
     }
 
+    /// Left out after a failed connect, for now.
+    pub fn quarantined(&self) -> bool {
+        !self.available(now_ms())
+    }
+
     fn available(&self, now: u64) -> bool {
         self.quarantined_until.load(Ordering::Relaxed) <= now
     }
@@ -159,6 +164,7 @@ mod tests {
         let mut backends = Backends::default();
         Route {
             name: "r".into(),
+            host: crate::router::config::HostMatch::Any,
             prefix: "/".into(),
             strip_prefix: false,
             max_body_bytes: None,

@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod labels;
 pub mod metrics;
 pub mod proxy;
+pub mod routes_page;
 pub mod sticky;
 pub mod table;
 pub mod tls;
@@ -456,6 +457,16 @@ async fn serve_metrics(listener: TcpListener, proxy: Arc<Proxy>) -> Result<()> {
             StatusCode::OK,
             crate::web::METRICS_CONTENT_TYPE,
             proxy.metrics.encode(),
+        ),
+        "/" => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            routes_page::text(&proxy.table()),
+        ),
+        "/routes" => (
+            StatusCode::OK,
+            "application/json",
+            routes_page::json(&proxy.table()),
         ),
         _ => (
             StatusCode::NOT_FOUND,

@@ -15,6 +15,7 @@ use super::sticky::Sticky;
 
 pub struct Route {
     pub name: String,
+    pub host: HostMatch,
     pub prefix: String,
     pub strip_prefix: bool,
     pub max_body_bytes: Option<u64>,
@@ -63,6 +64,20 @@ impl Table {
         table
     }
 
+    /// Every route, in the order a lookup tries them: exact hosts (by
+    /// name), wildcards from the longest, then any host; longest path
+    /// first within each.
+    pub fn routes(&self) -> Vec<&Arc<Route>> {
+        let mut exact: Vec<_> = self.exact.iter().collect();
+        exact.sort_by(|a, b| a.0.cmp(b.0));
+        exact
+            .into_iter()
+            .flat_map(|(_, routes)| routes)
+            .chain(self.suffix.iter().flat_map(|(_, routes)| routes))
+            .chain(&self.any)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -99,6 +114,7 @@ impl Table {
 fn route_of(spec: &RouteSpec, backends: &mut Backends) -> Route {
     Route {
         name: spec.name.clone(),
+        host: spec.host.clone(),
         prefix: spec.path.clone(),
         strip_prefix: spec.strip_prefix,
         max_body_bytes: spec.max_body_bytes,
