@@ -86,7 +86,9 @@ pub fn ensure_packages(required: &[&str], optional: &[&str], why: &str) -> Resul
     cargo::run(apt_get().arg("update"))?;
     if !missing.is_empty() {
         println!("installing: {}", missing.join(" "));
-        cargo::run(&mut apt_install(&missing))?;
+        if !apt_install(&missing).status()?.success() {
+            install_beside_backports(&missing)?;
+        }
     }
     if !missing_optional.is_empty() {
         println!("installing: {} (optional)", missing_optional.join(" "));
@@ -95,6 +97,50 @@ pub fn ensure_packages(required: &[&str], optional: &[&str], why: &str) -> Resul
         }
     }
     Ok(())
+}
+
+/// Installs `packages` from the release's backports, when a package the
+/// machine came with is a backport that the release's own versions of
+/// them cannot live beside. Seen: qemu-utils from bookworm-backports,
+/// which breaks bookworm's qemu-system-common (< 8.0), so qemu-system-x86
+/// must come from backports too. Anything else that fails is an error.
+fn install_beside_backports(packages: &[&str]) -> Result<()> {
+    let installed = output(Command::new("dpkg-query").args(["-W", "-f=${Package} ${Version}\\n"]))?;
+    let backports: Vec<&str> = installed
+        .lines()
+        .filter(|l| l.contains("~bpo"))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let release = std::fs::read_to_string("/etc/os-release")?
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .unwrap_or_default();
+    if backports.is_empty() || release.is_empty() {
+        bail!("apt-get could not install {}", packages.join(" "));
+    }
+    let suite = format!("{release}-backports");
+    println!(
+        "the machine has backports ({}): installing {} from {suite}",
+        backports.join(" "),
+        packages.join(" ")
+    );
+    let list = Path::new("/etc/apt/sources.list.d/lb-backports.sources");
+    if !list.exists() {
+        std::fs::write(
+            list,
+            format!(
+                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\n\
+                 Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )?;
+        cargo::run(apt_get().arg("update"))?;
+    }
+    cargo::run(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends", "-t", &suite])
+            .args(packages),
+    )
 }
 
 /// All of `packages` that dpkg does not list as installed, in one query.
