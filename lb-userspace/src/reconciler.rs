@@ -386,10 +386,7 @@ impl<M: MapSet> Reconciler<M> {
         for batch in desired.services.chunks(PREBUILD_BATCH) {
             let changed: Vec<&ServiceSpec> = batch
                 .iter()
-                .filter(|spec| {
-                    std::ptr::eq(wanted[&spec.frontend], *spec)
-                        && self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec)
-                })
+                .filter(|spec| std::ptr::eq(wanted[&spec.frontend], *spec) && self.differs(spec))
                 .collect();
             self.prebuild(&changed);
             for spec in changed {
@@ -420,6 +417,12 @@ impl<M: MapSet> Reconciler<M> {
         }
     }
 
+    /// Whether `spec` is not applied as it is: a new service or a changed
+    /// one, which `apply` writes and whose bits `widen_prefilter` sets.
+    fn differs(&self, spec: &ServiceSpec) -> bool {
+        self.services.get(&spec.frontend).map(|a| &a.spec) != Some(spec)
+    }
+
     /// Builds the Maglev tables of `specs` on every core, for
     /// `write_ring_and_service` to take; nothing for a handful.
     fn prebuild(&mut self, specs: &[&ServiceSpec]) {
@@ -448,7 +451,7 @@ impl<M: MapSet> Reconciler<M> {
         let mut new = desired
             .services
             .iter()
-            .filter(|spec| self.services.get(&spec.frontend).map(|a| &a.spec) != Some(*spec))
+            .filter(|spec| self.differs(spec))
             .peekable();
         // Nothing new: the array in force already holds every bit, and a
         // copy of it (up to 8 MiB) would only be compared with itself.
@@ -766,13 +769,14 @@ impl<M: MapSet> Reconciler<M> {
             );
         }
         let ring = (applied.slot * RINGS_PER_SERVICE + generation) * stride;
-        let active: Vec<(u64, u32, u32)> = applied
+        // The ids of the backends `maglev_keys` lists, in its order.
+        let active: Vec<u32> = applied
             .spec
             .backends
             .iter()
             .zip(&applied.backend_ids)
             .filter(|(b, _)| b.weight > 0)
-            .map(|(b, id)| (maglev::backend_key(b.addr, b.port), b.weight, *id))
+            .map(|(_, id)| *id)
             .collect();
         let keys = maglev_keys(&applied.spec);
         let table = match self.prebuilt.remove(&applied.spec.frontend) {
@@ -782,7 +786,7 @@ impl<M: MapSet> Reconciler<M> {
             _ => maglev::build_table(&keys, size),
         };
         if !table.is_empty() {
-            let ids: Vec<u32> = table.iter().map(|i| active[*i as usize].2).collect();
+            let ids: Vec<u32> = table.iter().map(|i| active[*i as usize]).collect();
             self.maps.ring_write(ring as usize, &ids)?;
         }
         let value = ServiceValue {
