@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::table::Route;
+use hyper::http::uri::Authority;
+
+use super::table::{Route, RouteBackend};
 
 /// How long a backend that refused a connection is left out.
 pub const QUARANTINE: Duration = Duration::from_secs(2);
@@ -21,6 +23,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// For the metrics' labels.
     pub label: String,
+    /// The backend's part of the URIs of the requests sent to it.
+    pub authority: Authority,
     in_flight: AtomicU64,
     /// Milliseconds since `epoch()` until which the backend is skipped.
     quarantined_until: AtomicU64,
@@ -37,9 +41,11 @@ fn now_ms() -> u64 {
 
 impl Backend {
     fn new(addr: SocketAddr) -> Backend {
+        let label = addr.to_string();
         Backend {
             addr,
-            label: addr.to_string(),
+            authority: label.parse().expect("a socket address is a URI authority"),
+            label,
             in_flight: AtomicU64::new(0),
             quarantined_until: AtomicU64::new(0),
         }
@@ -74,10 +80,6 @@ impl InFlight {
         backend.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(backend)
     }
-
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
-    }
 }
 
 impl Drop for InFlight {
@@ -105,34 +107,34 @@ impl Backends {
 
 /// Backend `addr` of `route` if it takes requests: a client pinned to it
 /// stays there at weight 0 too (see sticky.rs).
-pub fn pinned(route: &Route, addr: SocketAddr) -> Option<Arc<Backend>> {
+pub fn pinned(route: &Route, addr: SocketAddr) -> Option<&RouteBackend> {
     let now = now_ms();
     route
         .backends
         .iter()
-        .find(|(b, _)| b.addr == addr && b.available(now))
-        .map(|(b, _)| b.clone())
+        .find(|b| b.backend.addr == addr && b.backend.available(now))
 }
 
 /// A backend of `route` for a new request, other than `exclude`; `None`
 /// when none can take it (all drained or quarantined).
-pub fn pick(route: &Route, exclude: Option<SocketAddr>) -> Option<Arc<Backend>> {
+pub fn pick(route: &Route, exclude: Option<SocketAddr>) -> Option<&RouteBackend> {
     pick_with(route, exclude, &mut || fastrand::u64(..))
 }
 
-fn pick_with(
-    route: &Route,
+fn pick_with<'r>(
+    route: &'r Route,
     exclude: Option<SocketAddr>,
     random: &mut dyn FnMut() -> u64,
-) -> Option<Arc<Backend>> {
+) -> Option<&'r RouteBackend> {
     let now = now_ms();
-    let usable =
-        |(b, w): &&(Arc<Backend>, u32)| *w > 0 && b.available(now) && Some(b.addr) != exclude;
+    let usable = |b: &&RouteBackend| {
+        b.weight > 0 && b.backend.available(now) && Some(b.backend.addr) != exclude
+    };
     let total: u64 = route
         .backends
         .iter()
         .filter(usable)
-        .map(|(_, w)| u64::from(*w))
+        .map(|b| u64::from(b.weight))
         .sum();
     if total == 0 {
         return None;
@@ -140,7 +142,7 @@ fn pick_with(
     let mut draw = || {
         let mut point = random() % total;
         for entry in route.backends.iter().filter(usable) {
-            let w = u64::from(entry.1);
+            let w = u64::from(entry.weight);
             if point < w {
                 return entry;
             }
@@ -148,12 +150,11 @@ fn pick_with(
         }
         unreachable!("the point is below the total weight")
     };
-    let (a, wa) = draw();
-    let (b, wb) = draw();
-    // a/wa <= b/wb without division.
-    let a_lighter =
-        u128::from(a.in_flight()) * u128::from(*wb) <= u128::from(b.in_flight()) * u128::from(*wa);
-    Some(if a_lighter { a.clone() } else { b.clone() })
+    let (a, b) = (draw(), draw());
+    // a's load per weight <= b's, without division.
+    let a_lighter = u128::from(a.backend.in_flight()) * u128::from(b.weight)
+        <= u128::from(b.backend.in_flight()) * u128::from(a.weight);
+    Some(if a_lighter { a } else { b })
 }
 
 #[cfg(test)]
@@ -162,6 +163,7 @@ mod tests {
 
     fn route(weights: &[u32]) -> Route {
         let mut backends = Backends::default();
+        let metrics = crate::router::metrics::Metrics::default();
         Route {
             name: "r".into(),
             host: crate::router::config::HostMatch::Any,
@@ -174,7 +176,11 @@ mod tests {
                 .enumerate()
                 .map(|(i, w)| {
                     let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 80));
-                    (backends.get(addr), *w)
+                    RouteBackend {
+                        backend: backends.get(addr),
+                        weight: *w,
+                        metrics: metrics.backend("r", &addr.to_string()),
+                    }
                 })
                 .collect(),
         }
@@ -185,11 +191,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..n {
             let b = pick_with(r, None, &mut || rng.u64(..)).unwrap();
-            counts[r
-                .backends
-                .iter()
-                .position(|(x, _)| x.addr == b.addr)
-                .unwrap()] += 1;
+            counts[r.backends.iter().position(|x| std::ptr::eq(x, b)).unwrap()] += 1;
         }
         counts
     }
@@ -206,7 +208,7 @@ mod tests {
     fn busy_backend_is_avoided() {
         let r = route(&[1, 1]);
         let _busy: Vec<InFlight> = (0..10)
-            .map(|_| InFlight::new(r.backends[0].0.clone()))
+            .map(|_| InFlight::new(r.backends[0].backend.clone()))
             .collect();
         let counts = share(&r, 1000);
         // Only when both draws land on the busy one (a quarter of the time).
@@ -216,20 +218,27 @@ mod tests {
     #[test]
     fn quarantined_and_excluded_backends_are_skipped() {
         let r = route(&[1, 1]);
-        r.backends[0].0.quarantine();
+        r.backends[0].backend.quarantine();
         for _ in 0..50 {
-            assert_eq!(pick(&r, None).unwrap().addr, r.backends[1].0.addr);
+            assert_eq!(
+                pick(&r, None).unwrap().backend.addr,
+                r.backends[1].backend.addr
+            );
         }
-        assert!(pick(&r, Some(r.backends[1].0.addr)).is_none());
+        assert!(pick(&r, Some(r.backends[1].backend.addr)).is_none());
         assert!(pick(&route(&[0, 0]), None).is_none());
     }
 
     #[test]
     fn pinned_backend_is_kept_while_it_takes_connections() {
         let r = route(&[1, 0]);
-        let drained = r.backends[1].0.addr;
-        assert_eq!(pinned(&r, drained).unwrap().addr, drained, "drained: kept");
-        r.backends[1].0.quarantine();
+        let drained = r.backends[1].backend.addr;
+        assert_eq!(
+            pinned(&r, drained).unwrap().backend.addr,
+            drained,
+            "drained: kept"
+        );
+        r.backends[1].backend.quarantine();
         assert!(pinned(&r, drained).is_none(), "refusing: moved");
         assert!(pinned(&r, SocketAddr::from(([10, 9, 9, 9], 80))).is_none());
     }

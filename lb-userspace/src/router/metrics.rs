@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::{Arc, OnceLock};
 
 /// Route names are checked by the config parser (letters, digits, `-_.`)
 /// and backends are socket addresses, so no label value needs escaping.
@@ -141,13 +142,117 @@ impl Metrics {
     }
 }
 
-pub fn labels(route: &str, backend: &str) -> BackendLabels {
-    BackendLabels {
-        route: route.to_string(),
-        backend: backend.to_string(),
+impl Metrics {
+    /// The handles of `route`'s metrics for `backend`, taken once when a
+    /// table is built: a request then counts without building labels,
+    /// hashing them or taking a family's lock.
+    pub fn backend(&self, route: &str, backend: &str) -> BackendMetrics {
+        let labels = BackendLabels {
+            route: route.to_string(),
+            backend: backend.to_string(),
+        };
+        BackendMetrics {
+            latency: self.latency.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            requests: Arc::new(ByClass {
+                family: self.requests.clone(),
+                labels,
+                classes: Default::default(),
+            }),
+        }
+    }
+
+    /// Counts an answer the router gave itself (no backend).
+    pub fn count_local(&self, route: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                backend: NO_BACKEND.to_string(),
+                class: status_class(status),
+            })
+            .inc();
     }
 }
 
-pub fn status_class(status: u16) -> String {
+/// One route and backend's metrics.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    pub latency: Histogram,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+    pub in_flight: Gauge,
+    pub retries: Counter,
+    requests: Arc<ByClass>,
+}
+
+/// Requests by status class, each series made on its first request so
+/// that only the classes seen are exported.
+struct ByClass {
+    family: Family<RequestLabels, Counter>,
+    labels: BackendLabels,
+    /// 1xx to 5xx.
+    classes: [OnceLock<Counter>; 5],
+}
+
+impl BackendMetrics {
+    pub fn count(&self, status: u16) {
+        let by = &*self.requests;
+        let series = || {
+            by.family
+                .get_or_create(&RequestLabels {
+                    route: by.labels.route.clone(),
+                    backend: by.labels.backend.clone(),
+                    class: status_class(status),
+                })
+                .clone()
+        };
+        match by.classes.get(usize::from(status / 100).wrapping_sub(1)) {
+            Some(slot) => slot.get_or_init(series).inc(),
+            None => series().inc(),
+        };
+    }
+}
+
+fn status_class(status: u16) -> String {
     format!("{}xx", status / 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_handles_count_into_the_exported_families() {
+        let m = Metrics::default();
+        let b = m.backend("api", "10.0.0.1:80");
+        b.count(200);
+        b.count(204);
+        b.count(503);
+        b.response_bytes.inc_by(7);
+        m.count_local("api", 404);
+        // A table built again gets the same series.
+        m.backend("api", "10.0.0.1:80").count(200);
+        let text = m.encode();
+        let line = |l: &str| text.lines().any(|x| x == l);
+        assert!(
+            line("lbrouter_requests_total{route=\"api\",backend=\"10.0.0.1:80\",class=\"2xx\"} 3"),
+            "{text}"
+        );
+        assert!(
+            line("lbrouter_requests_total{route=\"api\",backend=\"10.0.0.1:80\",class=\"5xx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            line("lbrouter_requests_total{route=\"api\",backend=\"\",class=\"4xx\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("class=\"1xx\""), "{text}");
+        assert!(
+            line("lbrouter_response_body_bytes_total{route=\"api\",backend=\"10.0.0.1:80\"} 7"),
+            "{text}"
+        );
+    }
 }

@@ -77,7 +77,8 @@ pub struct Options {
 pub async fn run(opts: Options) -> Result<()> {
     let mut backends = Backends::default();
     let first = crate::config::load(&opts.config)?;
-    let table = Table::build(&first.http, &mut backends);
+    let proxy = Arc::new(Proxy::new(opts.proxy.clone()));
+    let table = Table::build(&first.http, &mut backends, &proxy.metrics);
     let (told_tx, told) = tokio::sync::watch::channel(api::Told::new());
     let discovered = opts.docker.clone().map(|engine| {
         let (tx, rx) = tokio::sync::watch::channel(discovery::Found::default());
@@ -95,7 +96,7 @@ pub async fn run(opts: Options) -> Result<()> {
             .with_context(|| format!("{}: [http.tls]", opts.config.display()))?;
         (Some(watcher), Some(tls::acceptor(certs)?))
     };
-    let proxy = Arc::new(Proxy::new(table, opts.proxy.clone()));
+    proxy.swap(table);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -379,7 +380,7 @@ async fn reload(
                 .map(|d| d.borrow().routes.clone())
                 .unwrap_or_default();
             let merged = merge(&file, found, &mut clashes);
-            let table = Table::build(&merged, &mut backends);
+            let table = Table::build(&merged, &mut backends, &proxy.metrics);
             log::info!("{} routes in force", table.len());
             proxy.swap(table);
         }

@@ -16,6 +16,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{self, PathAndQuery, Scheme, Uri};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,8 +26,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::balance::{self, Backend, InFlight};
-use super::metrics::{self, Metrics, NO_BACKEND, NO_ROUTE};
-use super::table::{backend_path, Route, Table};
+use super::metrics::{Metrics, NO_ROUTE};
+use super::table::{backend_path, Route, RouteBackend, Table};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -61,20 +62,21 @@ pub struct Proxy {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 impl Proxy {
-    pub fn new(table: Table, opts: ProxyOptions) -> Proxy {
+    /// A proxy with no routes yet (see `swap`).
+    pub fn new(opts: ProxyOptions) -> Proxy {
         Proxy {
-            table: RwLock::new(Arc::new(table)),
+            table: RwLock::new(Arc::new(Table::default())),
             metrics: Metrics::default(),
             opts,
         }
@@ -112,15 +114,20 @@ impl Proxy {
         let start = Instant::now();
         let peer = from.addr;
         let table = self.table();
-        let host = request_host(&req);
-        let Some(route) = table.lookup(host.as_deref(), req.uri().path()).cloned() else {
-            return self.local(&req, peer, NO_ROUTE, StatusCode::NOT_FOUND, "no route");
+        // An HTTP/1.1 upgrade (WebSocket): once the backend agrees, both
+        // connections are joined into a tunnel.
+        let upgrade = upgrade_protocol(&req);
+        let mut client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let host = request_host(&head);
+        let Some(route) = table.lookup(host, head.uri().path()) else {
+            return self.local(&head, peer, NO_ROUTE, StatusCode::NOT_FOUND, "no route");
         };
-        if let (Some(limit), Some(length)) = (route.max_body_bytes, req.body().size_hint().exact())
-        {
+        if let (Some(limit), Some(length)) = (route.max_body_bytes, body.size_hint().exact()) {
             if length > limit {
                 return self.local(
-                    &req,
+                    &head,
                     peer,
                     &route.name,
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -128,12 +135,6 @@ impl Proxy {
                 );
             }
         }
-        // An HTTP/1.1 upgrade (WebSocket): once the backend agrees, both
-        // connections are joined into a tunnel.
-        let upgrade = upgrade_protocol(&req);
-        let mut client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
-        let head = Request::from_parts(parts, ());
         let held = Arc::new(HeldBody {
             slot: Mutex::new(Some(body)),
             touched: AtomicBool::new(false),
@@ -141,44 +142,45 @@ impl Proxy {
         });
         let deadline = tokio::time::Instant::from_std(start + self.opts.request_timeout);
         let cookie = route.sticky.as_ref().and_then(|s| s.pinned(head.headers()));
-        let mut failed: Option<(Arc<Backend>, StatusCode)> = None;
+        let mut failed: Option<(&RouteBackend, StatusCode)> = None;
         for _attempt in 0..2 {
-            let pinned = match (&failed, cookie) {
-                (None, Some(addr)) => balance::pinned(&route, addr),
+            let pinned = match (failed, cookie) {
+                (None, Some(addr)) => balance::pinned(route, addr),
                 _ => None,
             };
-            let Some(backend) =
-                pinned.or_else(|| balance::pick(&route, failed.as_ref().map(|(b, _)| b.addr)))
+            let Some(chosen) =
+                pinned.or_else(|| balance::pick(route, failed.map(|(b, _)| b.backend.addr)))
             else {
                 break;
             };
-            let labels = metrics::labels(&route.name, &backend.label);
-            if let Some((previous, _)) = &failed {
-                self.metrics
-                    .retries
-                    .get_or_create(&metrics::labels(&route.name, &previous.label))
-                    .inc();
+            if let Some((previous, _)) = failed {
+                previous.metrics.retries.inc();
             }
             let body = RequestBody {
                 held: held.clone(),
                 body: None,
                 limit: route.max_body_bytes,
                 seen: 0,
-                bytes: self.metrics.request_bytes.get_or_create(&labels).clone(),
+                bytes: chosen.metrics.request_bytes.clone(),
             };
-            let out = backend_request(
+            let Some(out) = backend_request(
                 &head,
                 body,
-                &route,
-                &backend,
-                host.as_deref(),
+                route,
+                &chosen.backend,
+                host,
                 from,
                 upgrade.as_ref(),
-            );
-            let sent = Sent::new(
-                backend.clone(),
-                self.metrics.in_flight.get_or_create(&labels).clone(),
-            );
+            ) else {
+                return self.local(
+                    &head,
+                    peer,
+                    &route.name,
+                    StatusCode::BAD_REQUEST,
+                    "request target cannot be forwarded",
+                );
+            };
+            let sent = Sent::new(chosen.backend.clone(), chosen.metrics.in_flight.clone());
             match tokio::time::timeout_at(deadline, client.request(out)).await {
                 Err(_) => {
                     return self.local(
@@ -192,18 +194,27 @@ impl Proxy {
                 Ok(Ok(mut resp)) => {
                     // A new client, or one whose backend is gone: pin it
                     // to the one that answered.
+                    let addr = chosen.backend.addr;
                     if let Some(sticky) = &route.sticky {
-                        if cookie != Some(backend.addr) {
-                            if let Some(v) = sticky.set_cookie(backend.addr, from.tls) {
+                        if cookie != Some(addr) {
+                            if let Some(v) = sticky.set_cookie(addr, from.tls) {
                                 resp.headers_mut().append(header::SET_COOKIE, v);
                             }
                         }
                     }
-                    self.metrics
+                    chosen
+                        .metrics
                         .latency
-                        .get_or_create(&labels)
                         .observe(start.elapsed().as_secs_f64());
-                    return self.respond(&head, peer, &route, sent, resp, client_side.take());
+                    return self.respond(
+                        &head,
+                        peer,
+                        route,
+                        chosen,
+                        sent,
+                        resp,
+                        client_side.take(),
+                    );
                 }
                 Ok(Err(e)) => {
                     if held.over_limit.load(Ordering::Relaxed) {
@@ -224,16 +235,16 @@ impl Proxy {
                         "{} {}: backend {}: {e:?}",
                         route.name,
                         head.uri(),
-                        backend.addr
+                        chosen.backend.addr
                     );
                     let connect = e.is_connect();
                     if connect {
-                        backend.quarantine();
+                        chosen.backend.quarantine();
                     }
                     // Not sent at all, or sent without a body and safe to repeat.
                     let again = connect
                         || (is_idempotent(head.method()) && !held.touched.load(Ordering::Relaxed));
-                    failed = Some((backend, status));
+                    failed = Some((chosen, status));
                     if !again {
                         break;
                     }
@@ -259,19 +270,19 @@ impl Proxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn respond(
         &self,
         head: &Request<()>,
         peer: SocketAddr,
         route: &Route,
+        chosen: &RouteBackend,
         sent: Sent,
         mut resp: Response<Incoming>,
         client_side: Option<OnUpgrade>,
     ) -> Response<Body> {
-        let backend = &sent.in_flight.backend().label;
-        let labels = metrics::labels(&route.name, backend);
         let status = resp.status();
-        self.count(head, peer, &route.name, backend, status);
+        self.count(head, peer, &route.name, Some(chosen), status);
         if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (status, client_side) {
             let backend_side = hyper::upgrade::on(&mut resp);
             let protocol = resp.headers().get(header::UPGRADE).cloned();
@@ -284,8 +295,8 @@ impl Proxy {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             }
             let counters = (
-                self.metrics.request_bytes.get_or_create(&labels).clone(),
-                self.metrics.response_bytes.get_or_create(&labels).clone(),
+                chosen.metrics.request_bytes.clone(),
+                chosen.metrics.response_bytes.clone(),
             );
             tokio::spawn(tunnel(client_side, backend_side, sent, counters));
             let empty = Full::new(Bytes::new())
@@ -297,7 +308,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         let body = ResponseBody {
             inner: body,
-            bytes: self.metrics.response_bytes.get_or_create(&labels).clone(),
+            bytes: chosen.metrics.response_bytes.clone(),
             _sent: sent,
         };
         Response::from_parts(parts, body.boxed_unsync())
@@ -312,7 +323,7 @@ impl Proxy {
         status: StatusCode,
         why: &str,
     ) -> Response<Body> {
-        self.count(req, peer, route, NO_BACKEND, status);
+        self.count(req, peer, route, None, status);
         let body = Full::new(Bytes::from(format!("{} {why}\n", status.as_u16())))
             .map_err(|never| match never {})
             .boxed_unsync();
@@ -330,18 +341,15 @@ impl Proxy {
         req: &Request<T>,
         peer: SocketAddr,
         route: &str,
-        backend: &str,
+        backend: Option<&RouteBackend>,
         status: StatusCode,
     ) {
-        self.metrics
-            .requests
-            .get_or_create(&metrics::RequestLabels {
-                route: route.to_string(),
-                backend: backend.to_string(),
-                class: metrics::status_class(status.as_u16()),
-            })
-            .inc();
+        match backend {
+            Some(b) => b.metrics.count(status.as_u16()),
+            None => self.metrics.count_local(route, status.as_u16()),
+        }
         if self.opts.access_log {
+            let backend = backend.map_or("-", |b| &b.backend.label);
             log::info!(
                 target: "access",
                 "{} {} {} {:?} route={} backend={} status={}",
@@ -350,7 +358,7 @@ impl Proxy {
                 req.uri(),
                 req.version(),
                 if route.is_empty() { "-" } else { route },
-                if backend.is_empty() { "-" } else { backend },
+                backend,
                 status.as_u16()
             );
         }
@@ -400,16 +408,12 @@ async fn tunnel(
 
 /// The request's host: the absolute URI's (HTTP/2's `:authority`), else
 /// the Host header.
-fn request_host<T>(req: &Request<T>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+fn request_host<T>(req: &Request<T>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -443,13 +447,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
 /// The request as the backend gets it: its path (maybe without the
-/// route's prefix), HTTP/1.1, no hop-by-hop headers, and where it came from.
+/// route's prefix), HTTP/1.1, no hop-by-hop headers, and where it came from;
+/// `None` for a request target that is not a path (`OPTIONS *`).
 fn backend_request(
     head: &Request<()>,
     body: RequestBody,
@@ -458,12 +463,8 @@ fn backend_request(
     host: Option<&str>,
     from: Peer,
     upgrade: Option<&HeaderValue>,
-) -> Request<Body> {
-    let path = backend_path(route, head.uri().path());
-    let uri = match head.uri().query() {
-        Some(q) => format!("http://{}{path}?{q}", backend.addr),
-        None => format!("http://{}{path}", backend.addr),
-    };
+) -> Option<Request<Body>> {
+    let uri = backend_uri(head.uri(), route, backend)?;
     let mut headers = head.headers().clone();
     strip_hop_by_hop(&mut headers);
     if let Some(protocol) = upgrade {
@@ -503,12 +504,35 @@ fn backend_request(
     set(&mut headers, "forwarded", forwarded);
     let mut out = Request::new(body.boxed_unsync());
     *out.method_mut() = head.method().clone();
-    *out.uri_mut() = uri
-        .parse()
-        .expect("a socket address and a request path make a URI");
+    *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = headers;
-    out
+    Some(out)
+}
+
+/// `http://` the backend, then the request's path (maybe without the
+/// route's prefix) and query; the path and query are shared with the
+/// request, not copied, when the route keeps the path.
+fn backend_uri(from: &Uri, route: &Route, backend: &Backend) -> Option<Uri> {
+    let path = backend_path(route, from.path());
+    let path_and_query = match from.path_and_query() {
+        Some(pq) if pq.path() == path => pq.clone(),
+        _ => {
+            let joined = match from.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            PathAndQuery::try_from(joined).ok()?
+        }
+    };
+    if !path_and_query.path().starts_with('/') {
+        return None;
+    }
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(backend.authority.clone());
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).ok()
 }
 
 /// The client's request body, kept aside until a backend connection first
@@ -589,7 +613,7 @@ impl hyper::body::Body for RequestBody {
 
 /// A request sent to a backend, counted until its response is done.
 struct Sent {
-    in_flight: InFlight,
+    _in_flight: InFlight,
     gauge: Gauge,
 }
 
@@ -597,7 +621,7 @@ impl Sent {
     fn new(backend: Arc<Backend>, gauge: Gauge) -> Sent {
         gauge.inc();
         Sent {
-            in_flight: InFlight::new(backend),
+            _in_flight: InFlight::new(backend),
             gauge,
         }
     }
@@ -657,5 +681,41 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn backend_uri_keeps_or_strips_the_path_and_keeps_the_query() {
+        let table = |strip: bool| {
+            let text = format!(
+                "[[http.route]]\nname = \"api\"\npath = \"/api\"\nstrip_prefix = {strip}\n\
+                 backends = [\"10.0.0.1:8080\"]\n"
+            );
+            let config = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+            let mut backends = balance::Backends::default();
+            Table::build(&config.http, &mut backends, &Metrics::default())
+        };
+        let uri = |strip: bool, target: &str| {
+            let t = table(strip);
+            let route = t.lookup(None, "/api").unwrap();
+            let from: Uri = target.parse().unwrap();
+            backend_uri(&from, route, &route.backends[0].backend).map(|u| u.to_string())
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            uri(false, "/api/x?a=1&b"),
+            some("http://10.0.0.1:8080/api/x?a=1&b")
+        );
+        assert_eq!(
+            uri(true, "/api/x?a=1&b"),
+            some("http://10.0.0.1:8080/x?a=1&b")
+        );
+        assert_eq!(uri(true, "/api"), some("http://10.0.0.1:8080/"));
+        assert_eq!(uri(true, "/api?q"), some("http://10.0.0.1:8080/?q"));
+        // An absolute target (a proxy request, or HTTP/2) keeps only its path.
+        assert_eq!(
+            uri(false, "http://example.com/api?q"),
+            some("http://10.0.0.1:8080/api?q")
+        );
+        assert_eq!(uri(false, "*"), None);
     }
 }

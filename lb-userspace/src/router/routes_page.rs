@@ -49,11 +49,11 @@ pub fn view(table: &Table) -> Vec<RouteView> {
             backends: r
                 .backends
                 .iter()
-                .map(|(b, weight)| BackendView {
-                    addr: b.addr.to_string(),
-                    weight: *weight,
-                    in_flight: b.in_flight(),
-                    quarantined: b.quarantined(),
+                .map(|b| BackendView {
+                    addr: b.backend.addr.to_string(),
+                    weight: b.weight,
+                    in_flight: b.backend.in_flight(),
+                    quarantined: b.backend.quarantined(),
                 })
                 .collect(),
         })
@@ -113,7 +113,8 @@ mod tests {
         )
         .expect("a valid config");
         let mut backends = Backends::default();
-        let table = Table::build(&config.http, &mut backends);
+        let metrics = crate::router::metrics::Metrics::default();
+        let table = Table::build(&config.http, &mut backends, &metrics);
         backends.get("10.0.0.2:80".parse().unwrap()).quarantine();
         let v = view(&table);
         assert_eq!(v.len(), 2);

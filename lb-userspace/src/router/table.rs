@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::balance::{Backend, Backends};
 use super::config::{HostMatch, HttpConfig, RouteSpec};
+use super::metrics::{BackendMetrics, Metrics};
 use super::sticky::Sticky;
 
 pub struct Route {
@@ -19,10 +20,17 @@ pub struct Route {
     pub prefix: String,
     pub strip_prefix: bool,
     pub max_body_bytes: Option<u64>,
-    /// With their weights; shared with the tables before and after a
-    /// reload, so that in-flight counts carry over.
-    pub backends: Vec<(Arc<Backend>, u32)>,
+    pub backends: Vec<RouteBackend>,
     pub sticky: Option<Sticky>,
+}
+
+/// A backend as one route uses it.
+pub struct RouteBackend {
+    /// Shared with the other routes and with the tables before and after
+    /// a reload, so that in-flight counts and quarantine carry over.
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+    pub metrics: BackendMetrics,
 }
 
 #[derive(Default)]
@@ -36,15 +44,16 @@ pub struct Table {
 
 impl Table {
     /// The routes of `config`, with the backends' state taken from
-    /// `backends` (new ones are added there).
-    pub fn build(config: &HttpConfig, backends: &mut Backends) -> Table {
+    /// `backends` (new ones are added there) and their metrics from
+    /// `metrics`.
+    pub fn build(config: &HttpConfig, backends: &mut Backends, metrics: &Metrics) -> Table {
         let mut table = Table {
             len: config.routes.len(),
             ..Table::default()
         };
         let mut suffix: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
         for spec in &config.routes {
-            let route = Arc::new(route_of(spec, backends));
+            let route = Arc::new(route_of(spec, backends, metrics));
             match &spec.host {
                 HostMatch::Any => table.any.push(route),
                 HostMatch::Exact(h) => table.exact.entry(h.clone()).or_default().push(route),
@@ -111,7 +120,7 @@ impl Table {
     }
 }
 
-fn route_of(spec: &RouteSpec, backends: &mut Backends) -> Route {
+fn route_of(spec: &RouteSpec, backends: &mut Backends, metrics: &Metrics) -> Route {
     Route {
         name: spec.name.clone(),
         host: spec.host.clone(),
@@ -121,7 +130,14 @@ fn route_of(spec: &RouteSpec, backends: &mut Backends) -> Route {
         backends: spec
             .backends
             .iter()
-            .map(|b| (backends.get(b.addr), b.weight))
+            .map(|b| {
+                let backend = backends.get(b.addr);
+                RouteBackend {
+                    metrics: metrics.backend(&spec.name, &backend.label),
+                    backend,
+                    weight: b.weight,
+                }
+            })
             .collect(),
         sticky: spec
             .sticky_cookie
@@ -168,7 +184,7 @@ mod tests {
 
     fn table(text: &str) -> Table {
         let config = crate::config::parse(Path::new("t.toml"), text).unwrap();
-        Table::build(&config.http, &mut Backends::default())
+        Table::build(&config.http, &mut Backends::default(), &Metrics::default())
     }
 
     fn route(name: &str, host: Option<&str>, path: &str, strip: bool) -> String {
@@ -265,9 +281,10 @@ mod tests {
         let text = route("a", None, "/", false);
         let config = crate::config::parse(Path::new("t.toml"), &text).unwrap();
         let mut backends = Backends::default();
-        let one = Table::build(&config.http, &mut backends);
-        let two = Table::build(&config.http, &mut backends);
-        let b = |t: &Table| t.lookup(None, "/").unwrap().backends[0].0.clone();
+        let metrics = Metrics::default();
+        let one = Table::build(&config.http, &mut backends, &metrics);
+        let two = Table::build(&config.http, &mut backends, &metrics);
+        let b = |t: &Table| t.lookup(None, "/").unwrap().backends[0].backend.clone();
         assert!(Arc::ptr_eq(&b(&one), &b(&two)));
     }
 }
