@@ -1,8 +1,8 @@
-//! Reading a whole BPF hash map with BPF_MAP_LOOKUP_BATCH: one syscall per
+//! Reading a whole BPF map with BPF_MAP_LOOKUP_BATCH: one syscall per
 //! `CHUNK` entries, where aya's iterator makes two per entry (next key,
-//! lookup). Written by hand because aya 0.14 has no batch operations; on a
-//! table of a million connections it turns a walk of seconds into one of
-//! a fraction of that.
+//! lookup). Written by hand because aya 0.14 has no batch operations; on
+//! a table of a million connections it turns a walk of seconds into one
+//! of a fraction of that.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -29,14 +29,41 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Calls `f` on every entry of `map`, a (LRU) hash map with `K` keys and
-/// `V` values. Returns Ok(false) if `stop` was raised meanwhile, and an
-/// error if the kernel refuses batches for this map (the caller then walks
-/// it the slow way).
+/// Calls `f` on every entry of `map`, a (LRU) hash map or an array with
+/// `K` keys and `V` values. Returns Ok(false) if `stop` was raised
+/// meanwhile, and an error if the kernel refuses batches for this map (the
+/// caller then walks it the slow way).
 pub fn for_each<K: Copy + Default, V: Copy + Default>(
     map: &MapData,
     stop: &AtomicBool,
     mut f: impl FnMut(&K, &V),
+) -> io::Result<bool> {
+    walk(map, stop, 1, |k, v: &[V]| f(k, &v[0]))
+}
+
+/// `for_each` for a per-CPU map: `f` gets each entry's value on every
+/// possible CPU. `V` must be a multiple of 8 bytes, as the kernel lays
+/// the CPUs' values out 8-byte aligned.
+pub fn for_each_per_cpu<K: Copy + Default, V: Copy + Default>(
+    map: &MapData,
+    stop: &AtomicBool,
+    f: impl FnMut(&K, &[V]),
+) -> io::Result<bool> {
+    if !size_of::<V>().is_multiple_of(8) {
+        return Err(io::Error::other(
+            "a per-CPU value must be a multiple of 8 bytes",
+        ));
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    walk(map, stop, cpus, f)
+}
+
+/// Batches of up to CHUNK entries, each with `per_entry` values.
+fn walk<K: Copy + Default, V: Copy + Default>(
+    map: &MapData,
+    stop: &AtomicBool,
+    per_entry: usize,
+    mut f: impl FnMut(&K, &[V]),
 ) -> io::Result<bool> {
     let info = map.info().map_err(io::Error::other)?;
     if info.key_size() as usize != size_of::<K>() || info.value_size() as usize != size_of::<V>() {
@@ -44,8 +71,9 @@ pub fn for_each<K: Copy + Default, V: Copy + Default>(
     }
     let fd = map.fd().as_fd().as_raw_fd();
     let mut keys = vec![K::default(); CHUNK];
-    let mut values = vec![V::default(); CHUNK];
-    // The kernel's resume token for hash maps is a bucket index (u32).
+    let mut values = vec![V::default(); CHUNK * per_entry];
+    // The kernel's resume token is a bucket index for hash maps and an
+    // element index for arrays, a u32 either way.
     let mut token_in = 0u64;
     let mut token_out = 0u64;
     let mut first = true;
@@ -63,9 +91,10 @@ pub fn for_each<K: Copy + Default, V: Copy + Default>(
             map_fd: fd as u32,
             ..Default::default()
         };
-        // SAFETY: the attr points at buffers of CHUNK keys and values of
-        // the map's sizes (checked above) and at two tokens, all alive for
-        // the call; the kernel writes no more than `count` entries.
+        // SAFETY: the attr points at buffers of CHUNK keys and CHUNK times
+        // `per_entry` values of the map's sizes (checked above) and at two
+        // tokens, all alive for the call; the kernel writes no more than
+        // `count` entries.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -85,7 +114,7 @@ pub fn for_each<K: Copy + Default, V: Copy + Default>(
             false
         };
         let n = (attr.count as usize).min(CHUNK);
-        for (k, v) in keys[..n].iter().zip(&values[..n]) {
+        for (k, v) in keys[..n].iter().zip(values.chunks(per_entry)) {
             f(k, v);
         }
         if done {
