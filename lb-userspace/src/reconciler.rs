@@ -74,13 +74,14 @@ pub struct Reconciler<M: MapSet = Maps> {
 /// the table).
 type Prebuilt = (Vec<(u64, u32)>, u32, Vec<u32>);
 
-/// An `apply` writes services in batches of this many, building their
-/// Maglev tables in parallel first: enough to keep every core busy, few
-/// enough that the tables waiting to be written stay small (at the
-/// default size, 16 KiB each).
+/// An `apply` writes services in batches of this many, building the next
+/// batch's Maglev tables in parallel meanwhile: enough to keep every core
+/// busy, few enough that the tables waiting to be written stay small (at
+/// the default size, 16 KiB each).
 const PREBUILD_BATCH: usize = 256;
-/// Fewer tables than this are built one by one as they are written: an
-/// everyday change (a container came or went) starts no thread.
+/// Fewer changed services than this have their tables built one by one as
+/// they are written: an everyday change (a container came or went) starts
+/// no thread.
 const PREBUILD_MIN: usize = 16;
 
 /// What a service's Maglev table is built from: the key and weight of
@@ -90,6 +91,15 @@ fn maglev_keys(spec: &ServiceSpec) -> Vec<(u64, u32)> {
         .iter()
         .filter(|b| b.weight > 0)
         .map(|b| (maglev::backend_key(b.addr, b.port), b.weight))
+        .collect()
+}
+
+/// What `maglev::build_tables` builds the tables of `specs` from, in order:
+/// their backends' keys and weights, and their sizes.
+fn prebuild_jobs(specs: &[&ServiceSpec], stride: u32) -> Vec<(Vec<(u64, u32)>, u32)> {
+    specs
+        .iter()
+        .map(|spec| (maglev_keys(spec), spec.table_size.unwrap_or(stride)))
         .collect()
 }
 
@@ -383,24 +393,55 @@ impl<M: MapSet> Reconciler<M> {
                 Err(f) => failures.push(f),
             }
         }
-        for batch in desired.services.chunks(PREBUILD_BATCH) {
-            let changed: Vec<&ServiceSpec> = batch
-                .iter()
-                .filter(|spec| std::ptr::eq(wanted[&spec.frontend], *spec) && self.differs(spec))
-                .collect();
-            self.prebuild(&changed);
-            for spec in changed {
-                let result = match self.services.get(&spec.frontend) {
-                    Some(_) => self.update_service(spec).map(|()| changes.updated += 1),
-                    None => self.add_service(spec).map(|()| changes.added += 1),
-                };
-                if let Err(e) = result {
-                    failures.push(failure(spec, e));
+        let changed: Vec<&ServiceSpec> = desired
+            .services
+            .iter()
+            .filter(|spec| std::ptr::eq(wanted[&spec.frontend], *spec) && self.differs(spec))
+            .collect();
+        let batches: Vec<&[&ServiceSpec]> = match changed.len() {
+            n if n < PREBUILD_MIN => vec![&changed[..]],
+            _ => changed.chunks(PREBUILD_BATCH).collect(),
+        };
+        let stride = self.maps.table_size();
+        // A pipeline: the next batch's tables are built on other threads
+        // while this one is written, so the writes (syscalls, one core)
+        // and the tables (all cores) overlap.
+        std::thread::scope(|scope| {
+            let build = |batch: &[&ServiceSpec]| {
+                let jobs = prebuild_jobs(batch, stride);
+                scope.spawn(move || {
+                    let tables = maglev::build_tables(&jobs);
+                    jobs.into_iter().zip(tables).collect::<Vec<_>>()
+                })
+            };
+            let mut next = batches
+                .first()
+                .filter(|b| b.len() >= PREBUILD_MIN)
+                .map(|b| build(b));
+            for (i, batch) in batches.iter().enumerate() {
+                let built = next
+                    .take()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+                next = batches
+                    .get(i + 1)
+                    .filter(|b| b.len() >= PREBUILD_MIN)
+                    .map(|b| build(b));
+                for (spec, ((keys, size), table)) in batch.iter().zip(built.into_iter().flatten()) {
+                    self.prebuilt.insert(spec.frontend, (keys, size, table));
                 }
+                for spec in batch.iter().copied() {
+                    let result = match self.services.get(&spec.frontend) {
+                        Some(_) => self.update_service(spec).map(|()| changes.updated += 1),
+                        None => self.add_service(spec).map(|()| changes.added += 1),
+                    };
+                    if let Err(e) = result {
+                        failures.push(failure(spec, e));
+                    }
+                }
+                // A service whose write failed before its table was used.
+                self.prebuilt.clear();
             }
-            // A service whose write failed before its table was used.
-            self.prebuilt.clear();
-        }
+        });
         if let Err(e) = self.apply_members(&desired.members) {
             // Only Swarm's overlay networks have members.
             failures.push(ServiceFailure {
@@ -421,23 +462,6 @@ impl<M: MapSet> Reconciler<M> {
     /// one, which `apply` writes and whose bits `widen_prefilter` sets.
     fn differs(&self, spec: &ServiceSpec) -> bool {
         self.services.get(&spec.frontend).map(|a| &a.spec) != Some(spec)
-    }
-
-    /// Builds the Maglev tables of `specs` on every core, for
-    /// `write_ring_and_service` to take; nothing for a handful.
-    fn prebuild(&mut self, specs: &[&ServiceSpec]) {
-        if specs.len() < PREBUILD_MIN {
-            return;
-        }
-        let stride = self.maps.table_size();
-        let jobs: Vec<(Vec<(u64, u32)>, u32)> = specs
-            .iter()
-            .map(|spec| (maglev_keys(spec), spec.table_size.unwrap_or(stride)))
-            .collect();
-        let tables = maglev::build_tables(&jobs);
-        for ((spec, (keys, size)), table) in specs.iter().zip(jobs).zip(tables) {
-            self.prebuilt.insert(spec.frontend, (keys, size, table));
-        }
     }
 
     /// Before a change: the bits of every frontend and backend of the

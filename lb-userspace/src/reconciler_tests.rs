@@ -606,3 +606,32 @@ fn prefilter_holds_every_frontend_and_backend_and_a_restart_forgets_removed_ones
     assert!(prefiltered(&r, "10.73.0.10", 80) && prefiltered(&r, "10.0.0.2", 8080));
     assert!(!prefiltered(&r, "10.73.0.10", 81) && !prefiltered(&r, "10.0.0.3", 8080));
 }
+
+#[test]
+fn tables_built_ahead_in_batches_are_those_built_one_by_one() {
+    // Three batches (256, 256, 88), each built while the one before is
+    // written, then one service changed alone.
+    let n = 2 * PREBUILD_BATCH + 88;
+    let mut r = Reconciler::new(FakeMaps::new(n as u32, 4 * n as u32)).unwrap();
+    let mut services: Vec<ServiceSpec> = (0..n)
+        .map(|i| {
+            let hosts = [(1 + (i % 200) as u8, 1), (2 + (i % 7) as u8, 2), (250, 1)];
+            spec(&format!("s{i}"), 1000 + i as u16, &hosts)
+        })
+        .collect();
+    services[n - 1].table_size = Some(251);
+    assert_eq!(r.apply(&state(&services)).unwrap().added, n);
+    services[5].backends.pop();
+    assert_eq!(r.apply(&state(&services)).unwrap().updated, 1);
+    for a in r.applied() {
+        let keys = maglev_keys(&a.spec);
+        let size = a.spec.table_size.unwrap_or(MAGLEV_M);
+        let active: Vec<u32> = a.backend_ids.clone();
+        let expected: Vec<u32> = maglev::build_table(&keys, size)
+            .iter()
+            .map(|i| active[*i as usize])
+            .collect();
+        let entry = r.maps().service(a.spec.frontend.port).unwrap();
+        assert_eq!(r.maps().table(&entry), expected, "{}", a.spec.name);
+    }
+}
