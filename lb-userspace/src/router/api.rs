@@ -14,7 +14,9 @@
 //! API listens on loopback only and wants the token, as
 //! `Authorization: Bearer TOKEN` or, for callers that can only be given a
 //! URL, `token=TOKEN` in the query. What it was told lives as long as the
-//! process: the listener tells it again when it restarts.
+//! process: the listener tells it again when it restarts. On a Swarm
+//! worker, whose engine cannot list services, `reconfigure` is refused
+//! (503) rather than accepted and never routed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::discovery::{Found, ON_A_WORKER};
 use super::labels::{self, Labelled, DF_NOTIFY};
 
 /// Labels set through the API, by service name.
@@ -31,7 +34,13 @@ pub type Told = BTreeMap<String, HashMap<String, String>>;
 
 const PATH: &str = "/v1/docker-flow-proxy/";
 
-pub async fn serve(addr: SocketAddr, token: String, told: watch::Sender<Told>) -> Result<()> {
+/// `found` is what discovery found, for whether this is a Swarm worker.
+pub async fn serve(
+    addr: SocketAddr,
+    token: String,
+    told: watch::Sender<Told>,
+    found: watch::Receiver<Found>,
+) -> Result<()> {
     if !addr.ip().to_canonical().is_loopback() {
         anyhow::bail!(
             "refusing to serve the reconfigure API on {addr}: it changes routing, so it \
@@ -44,14 +53,20 @@ pub async fn serve(addr: SocketAddr, token: String, told: watch::Sender<Told>) -
         .with_context(|| format!("listening on {addr}"))?;
     log::info!("serving the reconfigure API on {addr}");
     super::serve_small(listener, "api", move |req| {
-        let (status, body) = answer(req, &token, &told);
+        let worker = found.borrow().swarm_worker;
+        let (status, body) = answer(req, &token, &told, worker);
         (status, "application/json", body)
     })
     .await
 }
 
 /// The status and JSON body (docker-flow-proxy's shape) of one call.
-fn answer<B>(req: &Request<B>, token: &str, told: &watch::Sender<Told>) -> (StatusCode, String) {
+fn answer<B>(
+    req: &Request<B>,
+    token: &str,
+    told: &watch::Sender<Told>,
+    worker: bool,
+) -> (StatusCode, String) {
     let query: Vec<(String, String)> = req
         .uri()
         .query()
@@ -82,6 +97,7 @@ fn answer<B>(req: &Request<B>, token: &str, told: &watch::Sender<Told>) -> (Stat
         return reply(StatusCode::BAD_REQUEST, "serviceName is required");
     }
     match call {
+        "reconfigure" if worker => reply(StatusCode::SERVICE_UNAVAILABLE, ON_A_WORKER),
         "reconfigure" => match df_labels(&service, &query) {
             Ok(labels) => {
                 told.send_modify(|t| {
@@ -148,12 +164,43 @@ mod tests {
     use super::*;
 
     fn call(uri: &str, auth: Option<&str>, told: &watch::Sender<Told>) -> (u16, String) {
+        call_on(uri, auth, told, false)
+    }
+
+    fn call_on(
+        uri: &str,
+        auth: Option<&str>,
+        told: &watch::Sender<Told>,
+        worker: bool,
+    ) -> (u16, String) {
         let mut req = Request::get(uri);
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
-        let (status, body) = answer(&req.body(()).unwrap(), "s3cret", told);
+        let (status, body) = answer(&req.body(()).unwrap(), "s3cret", told, worker);
         (status.as_u16(), body)
+    }
+
+    #[test]
+    fn a_worker_refuses_reconfigure_as_it_cannot_route_swarm_services() {
+        let (told, _rx) = watch::channel(Told::new());
+        let uri = "/v1/docker-flow-proxy/reconfigure?serviceName=api&servicePath=/api&port=8000\
+                   &token=s3cret";
+        let (status, body) = call_on(uri, None, &told, true);
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Swarm worker"), "{body}");
+        assert!(told.borrow().is_empty());
+        // Still behind the token.
+        assert_eq!(
+            call_on(
+                "/v1/docker-flow-proxy/reconfigure?serviceName=a",
+                None,
+                &told,
+                true
+            )
+            .0,
+            401
+        );
     }
 
     #[test]

@@ -37,7 +37,14 @@ const DEBOUNCE: Duration = Duration::from_millis(5);
 pub struct Found {
     pub routes: Vec<RouteSpec>,
     pub skipped: Vec<Skipped>,
+    /// The engine is a Swarm worker's, which cannot list services: no
+    /// Swarm service is routed here, by labels or through the API.
+    pub swarm_worker: bool,
 }
+
+/// Why a worker routes no Swarm service.
+pub const ON_A_WORKER: &str = "this node is a Swarm worker, whose engine does not list \
+                               services: Swarm services are routed by an lbrouter on a manager";
 
 /// Watches `engine` until `tx` has no receiver left. `told` holds labels
 /// set through the API (api.rs), laid over the services' own.
@@ -174,21 +181,34 @@ async fn list(docker: &Docker, told: &Told) -> Result<Found> {
             networks,
         });
     }
-    items.extend(services(docker, told).await?);
-    let (routes, skipped) = labels::all(&items);
-    Ok(Found { routes, skipped })
+    let (services, swarm_worker) = services(docker, told).await?;
+    items.extend(services);
+    let (routes, mut skipped) = labels::all(&items);
+    if swarm_worker {
+        skipped.push(Skipped {
+            who: "Swarm services".into(),
+            reason: ON_A_WORKER.into(),
+        });
+    }
+    Ok(Found {
+        routes,
+        skipped,
+        swarm_worker,
+    })
 }
 
 /// The labelled Swarm services, with their tasks' addresses on each of
 /// their networks but ingress, and the labels `told` gives them over their
-/// own. Only a manager lists services.
-async fn services(docker: &Docker, told: &Told) -> Result<Vec<Labelled>> {
+/// own; and whether the engine is a Swarm worker's (only a manager lists
+/// services).
+async fn services(docker: &Docker, told: &Told) -> Result<(Vec<Labelled>, bool)> {
     let info = docker.info().await.context("asking the Swarm state")?;
     let swarm = info.swarm.unwrap_or_default();
-    if swarm.local_node_state != Some(LocalNodeState::ACTIVE)
-        || swarm.control_available != Some(true)
-    {
-        return Ok(Vec::new());
+    if swarm.local_node_state != Some(LocalNodeState::ACTIVE) {
+        return Ok((Vec::new(), false));
+    }
+    if swarm.control_available != Some(true) {
+        return Ok((Vec::new(), true));
     }
     let services = docker
         .list_services(None::<ListServicesOptions>)
@@ -261,5 +281,5 @@ async fn services(docker: &Docker, told: &Told) -> Result<Vec<Labelled>> {
             networks,
         });
     }
-    Ok(out)
+    Ok((out, false))
 }

@@ -150,7 +150,11 @@ pub async fn run(opts: Options) -> Result<()> {
         tasks.spawn(serve_metrics(listener, proxy.clone()));
     }
     if let Some((addr, token)) = opts.api.clone() {
-        tasks.spawn(api::serve(addr, token, told_tx));
+        // Clap makes --api need --docker.
+        let found = discovered
+            .clone()
+            .context("the reconfigure API needs --docker discovery")?;
+        tasks.spawn(api::serve(addr, token, told_tx, found));
     }
     tasks.spawn(reload(
         opts.config.clone(),
