@@ -398,10 +398,7 @@ impl<M: MapSet> Reconciler<M> {
             .iter()
             .filter(|spec| std::ptr::eq(wanted[&spec.frontend], *spec) && self.differs(spec))
             .collect();
-        let batches: Vec<&[&ServiceSpec]> = match changed.len() {
-            n if n < PREBUILD_MIN => vec![&changed[..]],
-            _ => changed.chunks(PREBUILD_BATCH).collect(),
-        };
+        let batches: Vec<&[&ServiceSpec]> = changed.chunks(PREBUILD_BATCH).collect();
         let stride = self.maps.table_size();
         // A pipeline: the next batch's tables are built on other threads
         // while this one is written, so the writes (syscalls, one core)

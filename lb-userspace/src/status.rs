@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
-use aya::maps::IterableMap as _;
+use aya::maps::{IterableMap as _, PerCpuValues};
 use lb_common::{global, TrafficStats};
 
 pub use lb_api::status::*;
@@ -73,8 +73,23 @@ pub type BackendView<'a> = dyn Fn(
 /// backend (at 100,000 backends, 0.3 s of lookups).
 const BATCH_FROM: usize = 256;
 
+/// The summed counters of a per-CPU counter map by key: from one read of
+/// the whole map when `whole` (and the kernel takes batches), else from
+/// `lookup`, one key at a time.
+fn counters<'a, E>(
+    whole: bool,
+    map: &aya::maps::MapData,
+    lookup: impl Fn(&u32) -> Result<PerCpuValues<TrafficStats>, E> + 'a,
+) -> impl Fn(&u32) -> Counters + 'a {
+    let all = whole.then(|| read_all(map)).flatten();
+    move |key| match &all {
+        Some(all) => all.get(key).cloned().unwrap_or_default(),
+        None => lookup(key).map(|v| sum(&v)).unwrap_or_default(),
+    }
+}
+
 /// Every entry of a per-CPU counter map, summed; `None` when the kernel
-/// refuses batches (the caller then looks entries up one by one).
+/// refuses batches.
 fn read_all(map: &aya::maps::MapData) -> Option<HashMap<u32, Counters>> {
     let mut all = HashMap::new();
     let walked = crate::map_batch::for_each_per_cpu(map, &AtomicBool::new(false), |k, v| {
@@ -107,18 +122,15 @@ pub fn collect(
     let maps = reconciler.maps();
     let backend_count: usize = reconciler.applied().map(|a| a.backend_ids.len()).sum();
     let many = backend_count > BATCH_FROM;
-    let services_read = many.then(|| read_all(maps.service_stats.map())).flatten();
-    let backends_read = many.then(|| read_all(maps.backend_stats.map())).flatten();
+    let service_counters = counters(many, maps.service_stats.map(), |slot| {
+        maps.service_stats.get(slot, 0)
+    });
+    let backend_counters = counters(many, maps.backend_stats.map(), |id| {
+        maps.backend_stats.get(id, 0)
+    });
     let mut seen = Vec::new();
     for applied in reconciler.applied() {
-        let counters = match &services_read {
-            Some(all) => all.get(&applied.slot).cloned().unwrap_or_default(),
-            None => maps
-                .service_stats
-                .get(&applied.slot, 0)
-                .map(|v| sum(&v))
-                .unwrap_or_default(),
-        };
+        let counters = service_counters(&applied.slot);
         let backends = applied
             .spec
             .backends
@@ -134,14 +146,7 @@ pub fn collect(
                     node,
                     active_flows: census.active.get(id).copied().unwrap_or(0),
                     weight_override,
-                    counters: match &backends_read {
-                        Some(all) => all.get(id).cloned().unwrap_or_default(),
-                        None => maps
-                            .backend_stats
-                            .get(id, 0)
-                            .map(|v| sum(&v))
-                            .unwrap_or_default(),
-                    },
+                    counters: backend_counters(id),
                 }
             })
             .collect();

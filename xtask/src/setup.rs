@@ -136,11 +136,7 @@ fn install_beside_backports(packages: &[&str]) -> Result<()> {
         )?;
         cargo::run(apt_get().arg("update"))?;
     }
-    cargo::run(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends", "-t", &suite])
-            .args(packages),
-    )
+    cargo::run(apt_install(packages).args(["-t", &suite]))
 }
 
 /// All of `packages` that dpkg does not list as installed, in one query.

@@ -21,9 +21,8 @@ pub const QUARANTINE: Duration = Duration::from_secs(2);
 
 pub struct Backend {
     pub addr: SocketAddr,
-    /// For the metrics' labels.
-    pub label: String,
-    /// The backend's part of the URIs of the requests sent to it.
+    /// The backend's part of the URIs of the requests sent to it, and its
+    /// name in metrics and logs (`label`).
     pub authority: Authority,
     in_flight: AtomicU64,
     /// Milliseconds since `epoch()` until which the backend is skipped.
@@ -41,14 +40,20 @@ fn now_ms() -> u64 {
 
 impl Backend {
     fn new(addr: SocketAddr) -> Backend {
-        let label = addr.to_string();
         Backend {
             addr,
-            authority: label.parse().expect("a socket address is a URI authority"),
-            label,
+            authority: addr
+                .to_string()
+                .parse()
+                .expect("a socket address is a URI authority"),
             in_flight: AtomicU64::new(0),
             quarantined_until: AtomicU64::new(0),
         }
+    }
+
+    /// `addr` as text: `10.0.0.1:80`, `[fd00::1]:80`.
+    pub fn label(&self) -> &str {
+        self.authority.as_str()
     }
 
     pub fn in_flight(&self) -> u64 {

@@ -3,13 +3,14 @@
 //! Unlike lbd's (rebuilt from the datapath's counters at each scrape),
 //! these counters live here: the proxy is where requests are seen.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, OnceLock};
 
 /// Route names are checked by the config parser (letters, digits, `-_.`)
 /// and backends are socket addresses, so no label value needs escaping.
@@ -140,9 +141,7 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
-}
 
-impl Metrics {
     /// The handles of `route`'s metrics for `backend`, taken once when a
     /// table is built: a request then counts without building labels,
     /// hashing them or taking a family's lock.

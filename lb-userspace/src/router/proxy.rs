@@ -349,7 +349,7 @@ impl Proxy {
             None => self.metrics.count_local(route, status.as_u16()),
         }
         if self.opts.access_log {
-            let backend = backend.map_or("-", |b| &b.backend.label);
+            let backend = backend.map_or("-", |b| b.backend.label());
             log::info!(
                 target: "access",
                 "{} {} {} {:?} route={} backend={} status={}",

@@ -133,7 +133,7 @@ fn route_of(spec: &RouteSpec, backends: &mut Backends, metrics: &Metrics) -> Rou
             .map(|b| {
                 let backend = backends.get(b.addr);
                 RouteBackend {
-                    metrics: metrics.backend(&spec.name, &backend.label),
+                    metrics: metrics.backend(&spec.name, backend.label()),
                     backend,
                     weight: b.weight,
                 }
