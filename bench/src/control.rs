@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use lb_tests::lbd::Lbd;
 use lb_tests::netns::{unique_name, Netns};
+use lb_tests::notify::NotifySocket;
 use lb_userspace::datapath::Datapath;
 use lb_userspace::model::DesiredState;
 use lb_userspace::reconciler::Reconciler;
@@ -100,9 +101,13 @@ fn lbd_config(desired: &DesiredState) -> String {
 }
 
 /// Starts lbd with the one test launcher (it removes lbd's pins, files and
-/// routes however this ends) and waits until it lists every service.
+/// routes however this ends), times it to the READY it tells systemd (once
+/// its state is in the datapath and the datapath attached), and checks that
+/// it then lists every service.
 fn footprint(services: u32, backends: u32, timeout: Duration) -> Result<Footprint> {
     let ns = Netns::new(&unique_name("bcp"))?;
+    let notify = NotifySocket::new(&unique_name("bcp-notify"))?;
+    let notify_path = notify.path.to_string_lossy().to_string();
     let max_services = services.max(16).to_string();
     let max_backends = (services * backends).max(1024).to_string();
     let args = [
@@ -112,29 +117,18 @@ fn footprint(services: u32, backends: u32, timeout: Duration) -> Result<Footprin
         max_backends.as_str(),
     ];
     let config = lbd_config(&state(services, backends));
+    let env = [("NOTIFY_SOCKET", notify_path.as_str())];
     let started = Instant::now();
-    let mut lbd = Lbd::start_within(&ns, "bcp-lbd", &config, &[], &args, &[], timeout)?;
-    let deadline = started + timeout;
-    let ready = loop {
-        let served = lbd
-            .status()
-            .ok()
-            .and_then(|v| v["services"].as_array().map(|a| a.len()));
-        if served == Some(services as usize) {
-            break started.elapsed();
-        }
-        if !lbd.is_running() {
-            bail!("lbd exited: {}", lbd.log());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "lbd did not list {services} services in `lbctl status` within {} s",
-                timeout.as_secs()
-            );
-        }
-        // A status of many services is large; polling harder would slow lbd.
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut lbd = Lbd::start_within(&ns, "bcp-lbd", &config, &[], &args, &env, timeout)?;
+    let (at, _) = notify
+        .expect_within("READY=1", timeout.saturating_sub(started.elapsed()))
+        .with_context(|| format!("lbd's log:\n{}", lbd.log()))?;
+    let ready = at - started;
+    let status = lbd.status()?;
+    let served = status["services"].as_array().map_or(0, Vec::len);
+    if served != services as usize {
+        bail!("lbd was ready with {served} of {services} services");
+    }
     let (rss_kib, peak_kib) = memory_kib(lbd.pid().context("lbd is not running")?)?;
     let maps_kib = maps_kib(&lbd.pin_dir)?;
     lbd.stop();
@@ -190,9 +184,10 @@ pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Go
          freshly created, empty maps (`Reconciler::apply`, in process, as lbd does it), then \
          one service gains a backend (one new Maglev table), then one service goes. \
          *lbd*: lbd started in a namespace of its own with a configuration file of that \
-         many services; *ready* is the time from its start until `lbctl status` lists them \
-         all (reading and checking the file, creating the maps, programming, answering), \
-         then its resident memory (VmRSS) and its peak (VmHWM). The maps themselves are \
+         many services; *ready* is the time from its start until it tells systemd READY \
+         (`sd_notify`, as a `Type=notify-reload` unit waits for it: the file read and \
+         checked, the maps created, the program verified, every service programmed and \
+         the program attached; `lbctl status` is then checked to list them all), then its resident memory (VmRSS) and its peak (VmHWM). The maps themselves are \
          kernel memory, not in these figures (lbd maps only the part of the ring map it \
          is writing, while it writes): *maps (kernel)* is what the kernel charges for \
          them (`memlock` in their fdinfo), most of it the ring map, sized by \

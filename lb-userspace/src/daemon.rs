@@ -72,8 +72,8 @@ pub const INTERFACES_TASK: &str = "interfaces";
 /// simpler and more robust than inotify against editors that replace the
 /// file, and one stat a second costs nothing.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
-/// The longest lbd waits for its sources' first state before telling
-/// systemd it is ready.
+/// The longest lbd waits for its sources' first state (and its first look
+/// at the interfaces) before telling systemd it is ready.
 const READY_GRACE: Duration = Duration::from_secs(5);
 /// Convergence samples kept for the percentiles in `lbctl status`.
 const LATENCY_SAMPLES: usize = 1000;
@@ -216,17 +216,19 @@ pub async fn run(opts: Options) -> Result<()> {
         .reconciler
         .set_conntrack(&state.conntrack)
         .context("writing the conntrack settings")?;
+    if !state.awaiting() {
+        state.reconciler.release_adopted();
+    }
+    // While the kernel verifies the programs (see Datapath::loaded).
+    if let Some(e) = failures::config_error(&state.converge()) {
+        anyhow::bail!("applying the initial state: {e}");
+    }
+    state.datapath.loaded()?;
     if opts.docker.is_some() {
         let cgroup = opts.cgroup.clone().map_or_else(crate::cgroup::v2_root, Ok);
         if let Err(e) = cgroup.and_then(|c| state.datapath.attach_sockets(&c)) {
             log::error!("Swarm service VIPs cannot be balanced: {e:#}");
         }
-    }
-    if !state.awaiting() {
-        state.reconciler.release_adopted();
-    }
-    if let Some(e) = failures::config_error(&state.converge()) {
-        anyhow::bail!("applying the initial state: {e}");
     }
     sync_vips(&mut vips, &state.vips_wanted).await;
 
@@ -318,18 +320,23 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut config_stamp = opts.config.as_ref().and_then(|p| crate::config::stamp(p));
     let started = std::time::Instant::now();
     let mut ready = false;
+    let mut attached = false;
 
     loop {
-        // Ready once every source has delivered its first state, or after
-        // a grace period: an engine that is down must not keep systemd
-        // waiting while lbd serves what it has.
-        if !ready && (!state.awaiting() || started.elapsed() >= READY_GRACE) {
+        // Ready once the datapath is attached to the interfaces there are
+        // and every source has delivered its first state, or after a grace
+        // period: an engine that is down must not keep systemd waiting
+        // while lbd serves what it has.
+        if !ready && ((attached && !state.awaiting()) || started.elapsed() >= READY_GRACE) {
             ready = true;
             crate::notify::ready(&state.summary());
         }
         tokio::select! {
             Some(t) = health_rx.recv() => state.health(t),
-            Some(links) = links_rx.recv() => state.sync_links(&links, &opts.interfaces),
+            Some(links) = links_rx.recv() => {
+                state.sync_links(&links, &opts.interfaces);
+                attached = true;
+            }
             Some(update) = docker_rx.recv() => state.docker_update(update),
             Some(update) = etcd_rx.recv() => state.etcd_update(update),
             Some(report) = register_rx.recv() => state.registered(report),
@@ -476,7 +483,10 @@ impl State {
             self.reconcile.count += 1;
             self.reconcile.last_ms = ms;
             self.reconcile.max_ms = self.reconcile.max_ms.max(ms);
-            log::info!("applied {} services ({changes:?})", desired.services.len());
+            log::info!(
+                "applied {} services in {ms:.1} ms ({changes:?})",
+                desired.services.len()
+            );
         }
         failing
     }

@@ -1,8 +1,9 @@
 //! Loading the eBPF object, its maps and its attachments.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::datapath_log::DatapathLog;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -76,16 +77,82 @@ pub struct Maps {
 
 /// The loaded program and where it is attached.
 pub struct Datapath {
-    ebpf: Ebpf,
+    programs: Programs,
     pin_dir: Option<PathBuf>,
     links: BTreeMap<String, Attachment<SchedClassifierLink>>,
     /// Other namespaces attached in, by tag: the namespace's inode.
     netns: BTreeMap<String, u64>,
     /// The socket programs' attachments to a cgroup, by program name.
     sockets: BTreeMap<&'static str, Attachment<CgroupSockAddrLink>>,
-    /// Whether the kernel took the socket programs, and if not why.
-    sockets_loadable: Result<(), String>,
     tc_attach: TcAttach,
+}
+
+/// The object's programs. The kernel verifies them on a thread of their
+/// own, so that the caller can program the maps meanwhile (at 10,000
+/// services each takes about half a second); the first use waits.
+enum Programs {
+    Verifying(Verifier),
+    Loaded(Loaded),
+    /// Why the kernel rejected the datapath program.
+    Rejected(String),
+}
+
+struct Loaded {
+    ebpf: Ebpf,
+    /// Whether the kernel took the socket programs, and if not why.
+    sockets: Result<(), String>,
+}
+
+/// The thread loading the programs; joined when dropped, so that none
+/// outlives the datapath it loads for.
+struct Verifier(Option<std::thread::JoinHandle<Result<Loaded, String>>>);
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Programs {
+    /// Loads the programs of `ebpf` on another thread. `held` keeps every
+    /// map the instructions name open until the kernel has taken the
+    /// programs: a map dropped meanwhile would free its descriptor number
+    /// for another file, and a program would then name that.
+    fn verify(mut ebpf: Ebpf, held: Vec<OwnedFd>) -> Result<Programs> {
+        let handle = std::thread::Builder::new()
+            .name("lbd-verifier".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let tc = load_tc_program(&mut ebpf);
+                let sockets = load_socket_programs(&mut ebpf).map_err(|e| format!("{e:#}"));
+                drop(held);
+                log::debug!(
+                    "the kernel verified the programs in {:?}",
+                    started.elapsed()
+                );
+                tc.map_err(|e| format!("{e:#}"))?;
+                Ok(Loaded { ebpf, sockets })
+            })
+            .context("starting the thread that loads the programs")?;
+        Ok(Programs::Verifying(Verifier(Some(handle))))
+    }
+
+    fn loaded(&mut self) -> Result<&mut Loaded> {
+        if let Programs::Verifying(Verifier(handle)) = self {
+            *self = match handle.take().map(std::thread::JoinHandle::join) {
+                Some(Ok(Ok(loaded))) => Programs::Loaded(loaded),
+                Some(Ok(Err(e))) => Programs::Rejected(e),
+                _ => Programs::Rejected("the thread loading the programs panicked".into()),
+            };
+        }
+        match self {
+            Programs::Loaded(loaded) => Ok(loaded),
+            Programs::Rejected(e) => Err(anyhow!("{e}")),
+            Programs::Verifying(_) => unreachable!("joined above"),
+        }
+    }
 }
 
 /// How the TC program is attached to an interface.
@@ -325,19 +392,12 @@ impl Datapath {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        let started = Instant::now();
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(progs::TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
-            .try_into()?;
-        prog.load()
-            .context("the kernel rejected the datapath program")?;
-        // Now, while every map the programs name is still open under the
-        // descriptor its instructions were given: taking a map below can
-        // close one, and a program loaded later would then name another.
-        let sockets_loadable = load_socket_programs(&mut ebpf).map_err(|e| format!("{e:#}"));
+        log::debug!("created the maps in {:?}", started.elapsed());
+        let held = hold_maps(&ebpf)?;
         let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
@@ -359,20 +419,26 @@ impl Datapath {
             maps.config.set(0, Config::default(), 0)?;
         }
         let datapath = Datapath {
-            ebpf,
+            programs: Programs::verify(ebpf, held)?,
             pin_dir: pin_dir.map(Path::to_path_buf),
             links: BTreeMap::new(),
             netns: BTreeMap::new(),
             sockets: BTreeMap::new(),
-            sockets_loadable,
             tc_attach: TcAttach::choose("auto")?,
         };
         Ok((datapath, maps))
     }
 
+    /// Waits until the kernel has verified the programs; an error if it
+    /// rejected the datapath program. Every use of a program waits too.
+    pub fn loaded(&mut self) -> Result<()> {
+        self.programs.loaded().map(|_| ())
+    }
+
     /// Takes the datapath's log buffer, to drain it into lbd's log.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf).context("the datapath's log buffer")
+        let ebpf = &mut self.programs.loaded()?.ebpf;
+        aya_log::EbpfLogger::init(ebpf).context("the datapath's log buffer")
     }
 
     /// How later attachments are made (see [`TcAttach`]).
@@ -388,6 +454,8 @@ impl Datapath {
     /// (benchmarks use it as the floor).
     pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
         let prog: &mut SchedClassifier = self
+            .programs
+            .loaded()?
             .ebpf
             .program_mut(progs::TC_PASS)
             .ok_or_else(|| anyhow!("program {} missing", progs::TC_PASS))?
@@ -400,6 +468,8 @@ impl Datapath {
 
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
         Ok(self
+            .programs
+            .loaded()?
             .ebpf
             .program_mut(progs::TC_INGRESS)
             .ok_or_else(|| anyhow!("program missing"))?
@@ -506,14 +576,15 @@ impl Datapath {
     /// both run meanwhile, and the second finds nothing left to translate,
     /// so no connection goes unbalanced during a restart.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
-        self.sockets_loadable.clone().map_err(|e| anyhow!(e))?;
+        let loaded = self.programs.loaded()?;
+        loaded.sockets.clone().map_err(|e| anyhow!(e))?;
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
         for name in SOCKET_PROGRAMS {
             if self.sockets.contains_key(name) {
                 continue;
             }
-            let prog = socket_program(&mut self.ebpf, name)?;
+            let prog = socket_program(&mut self.programs.loaded()?.ebpf, name)?;
             let id = prog
                 // No flags: a link attachment always coexists with others
                 // (BPF_F_ALLOW_MULTI is for the older, link-less attach).
@@ -581,8 +652,8 @@ impl Datapath {
 
     /// Leaves the program attached through its pinned links and the maps
     /// pinned, for the next lbd to adopt.
-    pub fn keep(self) {
-        for (_, attachment) in self.links {
+    pub fn keep(mut self) {
+        for (_, attachment) in std::mem::take(&mut self.links) {
             attachment.stay();
         }
     }
@@ -648,6 +719,61 @@ fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSo
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?
         .try_into()?)
+}
+
+fn load_tc_program(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(progs::TC_INGRESS)
+        .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
+        .try_into()?;
+    prog.load()
+        .context("the kernel rejected the datapath program")
+}
+
+/// Duplicates of the descriptors of every map in `ebpf`, to keep them open
+/// (see [`Programs::verify`]). Written out because aya gives no map's
+/// descriptor but through its variant.
+fn hold_maps(ebpf: &Ebpf) -> Result<Vec<OwnedFd>> {
+    ebpf.maps()
+        .map(|(name, map)| {
+            let data = match map {
+                Map::Array(d)
+                | Map::ArrayOfMaps(d)
+                | Map::BloomFilter(d)
+                | Map::CgroupArray(d)
+                | Map::CgroupStorage(d)
+                | Map::CgrpStorage(d)
+                | Map::CpuMap(d)
+                | Map::DevMap(d)
+                | Map::DevMapHash(d)
+                | Map::HashMap(d)
+                | Map::HashOfMaps(d)
+                | Map::InodeStorage(d)
+                | Map::LpmTrie(d)
+                | Map::LruHashMap(d)
+                | Map::PerCpuArray(d)
+                | Map::PerCpuCgroupStorage(d)
+                | Map::PerCpuHashMap(d)
+                | Map::PerCpuLruHashMap(d)
+                | Map::PerfEventArray(d)
+                | Map::ProgramArray(d)
+                | Map::Queue(d)
+                | Map::ReusePortSockArray(d)
+                | Map::RingBuf(d)
+                | Map::SockHash(d)
+                | Map::SockMap(d)
+                | Map::SkStorage(d)
+                | Map::Stack(d)
+                | Map::StackTraceMap(d)
+                | Map::Unsupported(d)
+                | Map::XskMap(d) => d,
+            };
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the descriptor of map {name}"))
+        })
+        .collect()
 }
 
 fn load_socket_programs(ebpf: &mut Ebpf) -> Result<()> {

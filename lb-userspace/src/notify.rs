@@ -1,8 +1,9 @@
 //! Readiness and reloads told to systemd (sd_notify(3)), for units of
-//! `Type=notify-reload`: READY once the first state is in the datapath,
-//! RELOADING with the monotonic time when a reload starts, READY again when
-//! it is done, STOPPING on the way out. Without `NOTIFY_SOCKET` (not run by
-//! systemd) every call does nothing.
+//! `Type=notify-reload`: READY once the first state is in the datapath and
+//! the datapath is attached to the node's interfaces, RELOADING with the
+//! monotonic time when a reload starts, READY again when it is done,
+//! STOPPING on the way out. Without `NOTIFY_SOCKET` (not run by systemd)
+//! every call does nothing.
 
 use sd_notify::NotifyState;
 

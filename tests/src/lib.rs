@@ -8,6 +8,7 @@ pub mod lbd;
 pub mod load;
 pub mod netdev;
 pub mod netns;
+pub mod notify;
 pub mod process;
 pub mod router;
 pub mod scratch;

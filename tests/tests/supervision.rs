@@ -1,11 +1,11 @@
 //! lbd as a service: its background tasks are supervised, and it tells
 //! systemd when it is ready, reloading and stopping.
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use lb_tests::echo::tcp_request;
 use lb_tests::lbd::Lbd;
+use lb_tests::notify::NotifySocket;
 use lb_tests::process::wait_until;
 use lb_tests::topology::{echo_bin, Topology};
 use serde_json::Value;
@@ -83,52 +83,13 @@ fn a_failed_interface_watcher_is_restarted_and_attaches_new_interfaces() {
     drop(lbd);
 }
 
-/// A systemd notification socket, as `Type=notify-reload` units get.
-struct NotifySocket {
-    socket: UnixDatagram,
-    path: std::path::PathBuf,
-}
-
-impl NotifySocket {
-    fn new(name: &str) -> NotifySocket {
-        let path = std::env::temp_dir().join(format!("{name}-{}.notify", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let socket = UnixDatagram::bind(&path).expect("binding the notify socket");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        NotifySocket { socket, path }
-    }
-
-    /// The next message that contains `what`, skipping others.
-    fn expect(&self, what: &str) -> String {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
-            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-            if msg.lines().any(|l| l == what) {
-                return msg;
-            }
-        }
-    }
-}
-
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// READY once the state is applied, RELOADING (with the monotonic time,
 /// which systemd 253+ requires) then READY again on SIGHUP, STOPPING on the
 /// way out; `--log-level warn` keeps informational lines out of the log.
 #[test]
 fn lbd_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     let topo = Topology::new("notify").expect("topology");
-    let notify = NotifySocket::new("lbd-notify");
+    let notify = NotifySocket::new("lbd-notify").expect("notify socket");
     let path = notify.path.to_str().unwrap().to_string();
     let mut lbd = Lbd::start_within(
         &topo.lb,
