@@ -185,7 +185,7 @@ impl Etcd {
     fn start_new(ns: &Netns, tag: &str, addr: IpAddr, tls: bool) -> Result<Self> {
         cleanup_stale();
         let name = unique_name(&format!("{DIR_TAG}{tag}"));
-        let dir = std::env::temp_dir().join(&name);
+        let dir = root().join(&name);
         if dir.exists() {
             bail!(
                 "{} exists: an etcd tagged {tag:?} is already running in this process",
@@ -386,11 +386,23 @@ fn client_url(addr: IpAddr, tls: bool) -> String {
     url(if tls { "https" } else { "http" }, addr, CLIENT_PORT)
 }
 
+/// Where the servers' directories go: memory (`/dev/shm`) where there is
+/// one, so that a stall of the machine's disk in etcd's fsync of every
+/// write is not counted against lbd, whose convergence the tests time.
+pub fn root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// Kills the etcd servers of earlier test processes that no longer exist
-/// (found by their `--data-dir` below the temporary directory) and removes
+/// (found by their `--data-dir` below [`root`]) and removes
 /// their directories.
 pub fn cleanup_stale() {
-    let tmp = std::env::temp_dir();
+    let tmp = root();
     let me = std::process::id();
     let stale_dir = |dir: &Path| -> bool {
         dir.parent() == Some(tmp.as_path())

@@ -405,7 +405,7 @@ fn etcd_server_keeps_its_data_across_restarts_and_leaves_nothing_behind() {
     let mut dead = std::process::Command::new("true").spawn().unwrap();
     let pid = dead.id();
     dead.wait().unwrap();
-    let stale = std::env::temp_dir().join(format!("lbt-{pid}-etcd-stale"));
+    let stale = etcd::root().join(format!("lbt-{pid}-etcd-stale"));
     std::fs::create_dir_all(&stale).unwrap();
     let mut cmd = command_in(&ns.path(), etcd::ETCD_BIN);
     cmd.arg("--name")
