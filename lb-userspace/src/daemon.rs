@@ -219,7 +219,8 @@ pub async fn run(opts: Options) -> Result<()> {
     if !state.awaiting() {
         state.reconciler.release_adopted();
     }
-    // While the kernel verifies the programs (see Datapath::loaded).
+    // The kernel verifies the programs meanwhile (see Datapath::loaded); a
+    // program it rejected ends the start after this.
     if let Some(e) = failures::config_error(&state.converge()) {
         anyhow::bail!("applying the initial state: {e}");
     }
