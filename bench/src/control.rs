@@ -187,7 +187,8 @@ pub fn run(config: &Config, _plot_dir: &Path, command: &str) -> (Section, Vec<Go
          many services; *ready* is the time from its start until it tells systemd READY \
          (`sd_notify`, as a `Type=notify-reload` unit waits for it: the file read and \
          checked, the maps created, the program verified, every service programmed and \
-         the program attached; `lbctl status` is then checked to list them all), then its resident memory (VmRSS) and its peak (VmHWM). The maps themselves are \
+         the program attached; `lbctl status` is then checked to list them all), then \
+         its resident memory (VmRSS) and its peak (VmHWM). The maps themselves are \
          kernel memory, not in these figures (lbd maps only the part of the ring map it \
          is writing, while it writes): *maps (kernel)* is what the kernel charges for \
          them (`memlock` in their fdinfo), most of it the ring map, sized by \

@@ -13,7 +13,7 @@ use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
 };
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     maps, progs, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey, ServiceValue,
@@ -453,13 +453,8 @@ impl Datapath {
     /// The trivial pass-only program of the same object, loaded on demand
     /// (benchmarks use it as the floor).
     pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
-        let prog: &mut SchedClassifier = self
-            .programs
-            .loaded()?
-            .ebpf
-            .program_mut(progs::TC_PASS)
-            .ok_or_else(|| anyhow!("program {} missing", progs::TC_PASS))?
-            .try_into()?;
+        let ebpf = &mut self.programs.loaded()?.ebpf;
+        let prog = program_of::<SchedClassifier>(ebpf, progs::TC_PASS)?;
         if prog.fd().is_err() {
             prog.load()?;
         }
@@ -467,13 +462,7 @@ impl Datapath {
     }
 
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
-        Ok(self
-            .programs
-            .loaded()?
-            .ebpf
-            .program_mut(progs::TC_INGRESS)
-            .ok_or_else(|| anyhow!("program missing"))?
-            .try_into()?)
+        program_of(&mut self.programs.loaded()?.ebpf, progs::TC_INGRESS)
     }
 
     /// Attaches to `ifname`'s ingress. A link pinned for this interface by an
@@ -584,7 +573,7 @@ impl Datapath {
             if self.sockets.contains_key(name) {
                 continue;
             }
-            let prog = socket_program(&mut self.programs.loaded()?.ebpf, name)?;
+            let prog = program_of::<CgroupSockAddr>(&mut self.programs.loaded()?.ebpf, name)?;
             let id = prog
                 // No flags: a link attachment always coexists with others
                 // (BPF_F_ALLOW_MULTI is for the older, link-less attach).
@@ -714,7 +703,11 @@ fn attach_netlink(prog: &mut SchedClassifier, ifname: &str) -> Result<tc::SchedC
     .with_context(|| format!("attaching to {ifname} by netlink"))
 }
 
-fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+/// The program `name` of the object, as the kind `P` it must be.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     Ok(ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -722,11 +715,8 @@ fn socket_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSo
 }
 
 fn load_tc_program(ebpf: &mut Ebpf) -> Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(progs::TC_INGRESS)
-        .ok_or_else(|| anyhow!("program {} missing from the object", progs::TC_INGRESS))?
-        .try_into()?;
-    prog.load()
+    program_of::<SchedClassifier>(ebpf, progs::TC_INGRESS)?
+        .load()
         .context("the kernel rejected the datapath program")
 }
 
@@ -778,7 +768,7 @@ fn hold_maps(ebpf: &Ebpf) -> Result<Vec<OwnedFd>> {
 
 fn load_socket_programs(ebpf: &mut Ebpf) -> Result<()> {
     for name in SOCKET_PROGRAMS {
-        socket_program(ebpf, name)?
+        program_of::<CgroupSockAddr>(ebpf, name)?
             .load()
             .with_context(|| format!("the kernel rejected {name}"))?;
     }

@@ -411,18 +411,19 @@ impl<M: MapSet> Reconciler<M> {
                     jobs.into_iter().zip(tables).collect::<Vec<_>>()
                 })
             };
-            let mut next = batches
-                .first()
-                .filter(|b| b.len() >= PREBUILD_MIN)
-                .map(|b| build(b));
+            // Batch `i`'s tables, building; none for a handful.
+            let ahead = |i: usize| {
+                batches
+                    .get(i)
+                    .filter(|b| b.len() >= PREBUILD_MIN)
+                    .map(|b| build(b))
+            };
+            let mut next = ahead(0);
             for (i, batch) in batches.iter().enumerate() {
                 let built = next
                     .take()
                     .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-                next = batches
-                    .get(i + 1)
-                    .filter(|b| b.len() >= PREBUILD_MIN)
-                    .map(|b| build(b));
+                next = ahead(i + 1);
                 for (spec, ((keys, size), table)) in batch.iter().zip(built.into_iter().flatten()) {
                     self.prebuilt.insert(spec.frontend, (keys, size, table));
                 }

@@ -399,8 +399,8 @@ pub fn root() -> PathBuf {
 }
 
 /// Kills the etcd servers of earlier test processes that no longer exist
-/// (found by their `--data-dir` below [`root`]) and removes
-/// their directories.
+/// (found by their `--data-dir` below [`root`]) and removes their
+/// directories.
 pub fn cleanup_stale() {
     let tmp = root();
     let me = std::process::id();

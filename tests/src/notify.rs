@@ -3,9 +3,11 @@
 //! arrives and notes when, so a start can be timed to the moment lbd said
 //! READY, however late the caller asks.
 
+use std::net::Shutdown;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -13,6 +15,9 @@ use anyhow::{bail, Context as _, Result};
 pub struct NotifySocket {
     pub path: PathBuf,
     messages: Receiver<(Instant, String)>,
+    /// The reader's socket, shut down to end it.
+    socket: UnixDatagram,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl NotifySocket {
@@ -21,35 +26,25 @@ impl NotifySocket {
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)
             .with_context(|| format!("binding the notify socket {}", path.display()))?;
-        // The timeout only lets the reader see that nobody listens anymore.
-        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let read = socket.try_clone()?;
         let (tx, messages) = channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            loop {
-                match socket.recv(&mut buf) {
-                    Ok(n) => {
-                        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-                        if tx.send((Instant::now(), msg)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        // An empty send tells whether the receiver is gone.
-                        if tx.send((Instant::now(), String::new())).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
+            // sd_notify never sends an empty message: 0 bytes is the
+            // shutdown in Drop.
+            while let Ok(n @ 1..) = read.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                if tx.send((Instant::now(), msg)).is_err() {
+                    return;
                 }
             }
         });
-        Ok(NotifySocket { path, messages })
+        Ok(NotifySocket {
+            path,
+            messages,
+            socket,
+            reader: Some(reader),
+        })
     }
 
     /// The next message with the line `what` (others are skipped), and when
@@ -79,6 +74,10 @@ impl NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
+        let _ = self.socket.shutdown(Shutdown::Read);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
