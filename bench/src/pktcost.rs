@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use lb_tests::netns::{unique_name, Netns};
 use lb_userspace::datapath::{Datapath, Limits};
@@ -40,8 +40,14 @@ pub const REPLY: &str = "reply, backend → client";
 /// cost, and the distance to the rows above what its memory accesses cost.
 pub const ESTABLISHED_WARM: &str = "established, one connection's packets again and again";
 pub const REPLY_WARM: &str = "reply, one connection's packets again and again";
+/// The XDP fast path (`lbd --xdp`), measured against a floor of its own.
+pub const XDP_FLOOR: &str = "XDP floor: an XDP program that only passes";
+pub const XDP_NO_SERVICE: &str = "XDP: packet for no service (passed on to TC)";
+pub const XDP_ESTABLISHED: &str = "XDP: established flow, client → backend";
+pub const XDP_REPLY: &str = "XDP: reply, backend → client";
+pub const XDP_ESTABLISHED_WARM: &str = "XDP: established, one connection's packets again and again";
 /// Every path, in the order of `Prepared::rounds`.
-const PATHS: [&str; 7] = [
+const PATHS: [&str; 12] = [
     FLOOR,
     NO_SERVICE,
     NEW_FLOW,
@@ -49,7 +55,25 @@ const PATHS: [&str; 7] = [
     REPLY,
     ESTABLISHED_WARM,
     REPLY_WARM,
+    XDP_FLOOR,
+    XDP_NO_SERVICE,
+    XDP_ESTABLISHED,
+    XDP_REPLY,
+    XDP_ESTABLISHED_WARM,
 ];
+
+/// The row whose floor is row `i`'s: the XDP rows have their own.
+pub fn floor_of(i: usize) -> usize {
+    let xdp = PATHS
+        .iter()
+        .position(|p| *p == XDP_FLOOR)
+        .unwrap_or(usize::MAX);
+    if i >= xdp {
+        xdp
+    } else {
+        0
+    }
+}
 
 pub fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
@@ -135,14 +159,35 @@ pub fn routed_link() -> u32 {
     )
 }
 
-fn test_run(
-    prog: &mut SchedClassifier,
+/// A TC or an XDP program, each run with the context of its hook.
+trait Runnable: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::TestRunResult> {
+    fn context(ifindex: u32, packet: &[u8]) -> Vec<u8>;
+    /// The action of a translated packet sent on.
+    const SENT: u32;
+}
+
+impl Runnable for SchedClassifier {
+    fn context(ifindex: u32, _packet: &[u8]) -> Vec<u8> {
+        lb_tests::fixture::skb_context(ifindex, 0, 0).to_vec()
+    }
+    const SENT: u32 = REDIRECT;
+}
+
+impl Runnable for Xdp {
+    fn context(ifindex: u32, packet: &[u8]) -> Vec<u8> {
+        lb_tests::fixture::xdp_context(ifindex, packet.len()).to_vec()
+    }
+    const SENT: u32 = lb_tests::fixture::XDP_REDIRECT;
+}
+
+fn test_run<P: Runnable>(
+    prog: &mut P,
     ifindex: u32,
     packet: &[u8],
     repeat: u32,
 ) -> Result<(u32, Duration, Vec<u8>)> {
     let mut out = vec![0u8; packet.len() + 64];
-    let ctx = lb_tests::fixture::skb_context(ifindex, 0, 0);
+    let ctx = P::context(ifindex, packet);
     let r = prog.test_run(TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
@@ -159,7 +204,7 @@ fn test_run(
 /// already translated, and would measure some other path. The kernel times
 /// each run itself, so no syscall is counted; its timer's own cost is in
 /// every figure alike, the floor's included.
-fn per_packet(prog: &mut SchedClassifier, ifindex: u32, packets: &[Vec<u8>]) -> Result<f64> {
+fn per_packet<P: Runnable>(prog: &mut P, ifindex: u32, packets: &[Vec<u8>]) -> Result<f64> {
     let mut total = Duration::ZERO;
     for p in packets {
         total += test_run(prog, ifindex, p, 1)?.1;
@@ -170,8 +215,8 @@ fn per_packet(prog: &mut SchedClassifier, ifindex: u32, packets: &[Vec<u8>]) -> 
 /// `per_packet` for packets that must all be translated and sent on, with
 /// what was sent; anything else means the path measured is not the one
 /// named.
-fn translated(
-    prog: &mut SchedClassifier,
+fn translated<P: Runnable>(
+    prog: &mut P,
     ifindex: u32,
     packets: &[Vec<u8>],
     path: &str,
@@ -180,7 +225,7 @@ fn translated(
     let mut sent = Vec::with_capacity(packets.len());
     for p in packets {
         let (action, took, out) = test_run(prog, ifindex, p, 1)?;
-        if action != REDIRECT {
+        if action != P::SENT {
             bail!("{path}: a packet was not translated (action {action})");
         }
         total += took;
@@ -212,7 +257,7 @@ pub struct Prepared {
     program_time: Duration,
     dp: Datapath,
     /// Holds the maps, which the kernel frees with the last handle.
-    _rec: Reconciler,
+    rec: Reconciler,
     vip: [u8; 4],
     ifindex: u32,
     next_flow: u32,
@@ -230,6 +275,9 @@ impl Prepared {
             bail!("services and backends must both be at least 1");
         }
         let (mut dp, maps) = Datapath::load(None, limits(services, backends, 2 * flows + 16))?;
+        // The XDP program may redirect to the routed link, as to an
+        // interface lbd attached it to.
+        dp.allow_xdp_egress(ifindex)?;
         let mut rec = Reconciler::new(maps)?;
         let desired = state(services, backends);
         let started = Instant::now();
@@ -257,7 +305,7 @@ impl Prepared {
             backends,
             program_time,
             dp,
-            _rec: rec,
+            rec,
             vip,
             ifindex,
             next_flow: 0,
@@ -304,6 +352,32 @@ impl Prepared {
         )?
         .0;
         let reply_warm = translated(prog, ifindex, &vec![answers[0].clone(); count], REPLY_WARM)?.0;
+
+        // The XDP fast path uses a next hop only in the second of the
+        // datapath clock it was found in: the clock stands still while TC
+        // finds them (untimed) and XDP is timed, so that no second ends in
+        // between. A frozen clock spares the XDP rows one coarse clock read.
+        let frozen = freeze_clock(&mut self.rec)?;
+        let xdp_floor = per_packet(
+            self.dp.xdp_pass_program()?,
+            ifindex,
+            &vec![flows[0].clone(); count],
+        )?;
+        let prog = self.dp.program()?;
+        translated(prog, ifindex, &flows, ESTABLISHED)?;
+        translated(prog, ifindex, &answers, REPLY)?;
+        let xdp = self.dp.xdp_program()?;
+        let xdp_no_service = per_packet(xdp, ifindex, &other)?;
+        let xdp_established = translated(xdp, ifindex, &flows, XDP_ESTABLISHED)?.0;
+        let xdp_reply = translated(xdp, ifindex, &answers, XDP_REPLY)?.0;
+        let xdp_established_warm = translated(
+            xdp,
+            ifindex,
+            &vec![flows[0].clone(); count],
+            XDP_ESTABLISHED_WARM,
+        )?
+        .0;
+        frozen.thaw(&mut self.rec)?;
         self.rounds.push([
             floor,
             no_service,
@@ -312,6 +386,11 @@ impl Prepared {
             reply,
             established_warm,
             reply_warm,
+            xdp_floor,
+            xdp_no_service,
+            xdp_established,
+            xdp_reply,
+            xdp_established_warm,
         ]);
         Ok(())
     }
@@ -461,7 +540,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
         for sc in &scales {
             let ns = sc.rows[i].1;
             row.push(format!("{ns:.0} ns"));
-            row.push(format!("{:.1}", ns / sc.rows[0].1));
+            row.push(format!("{:.1}", ns / sc.rows[floor_of(i)].1));
         }
         table.row(row);
     }
@@ -544,4 +623,26 @@ pub fn scale_name(services: u32, backends: u32) -> String {
         if services == 1 { "" } else { "s" },
         if backends == 1 { "" } else { "s" }
     )
+}
+
+/// The datapath clock held at its present value (see `Frozen::thaw`).
+struct Frozen;
+
+fn freeze_clock(rec: &mut Reconciler) -> Result<Frozen> {
+    let config = &mut rec.maps_mut().config;
+    let mut c = config.get(&0, 0)?;
+    c.clock_frozen_ns = lb_userspace::conntrack::now(&c);
+    config.set(0, c, 0)?;
+    Ok(Frozen)
+}
+
+impl Frozen {
+    /// Lets the clock run again, from where the real one is.
+    fn thaw(self, rec: &mut Reconciler) -> Result<()> {
+        let config = &mut rec.maps_mut().config;
+        let mut c = config.get(&0, 0)?;
+        c.clock_frozen_ns = 0;
+        config.set(0, c, 0)?;
+        Ok(())
+    }
 }

@@ -173,6 +173,9 @@ pub struct Status {
     /// How the TC program is attached to them: `tcx` or `netlink`.
     #[serde(default)]
     pub tc_attach: String,
+    /// Those that have the XDP fast path too (`lbd --xdp`).
+    #[serde(default)]
+    pub xdp: Vec<String>,
     pub config: ConfigStatus,
     /// Present when lbd watches a Docker engine.
     pub docker: Option<DockerStatus>,
@@ -389,6 +392,9 @@ pub fn render_table(status: &Status, swarm_frontends: bool) -> String {
     let _ = write!(out, "interfaces: {}", status.interfaces.join(", "));
     if !status.tc_attach.is_empty() {
         let _ = write!(out, " (attached by {})", status.tc_attach);
+    }
+    if !status.xdp.is_empty() {
+        let _ = write!(out, "; XDP fast path on {}", status.xdp.join(", "));
     }
     let _ = writeln!(out);
     if let Some(path) = &status.config.path {

@@ -51,6 +51,8 @@ pub mod maps {
     pub const SOCK_MEMBERS: &str = "SOCK_MEMBERS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const PREFILTER: &str = "PREFILTER";
+    pub const XDP_PORTS: &str = "XDP_PORTS";
+    pub const XDP_STATS: &str = "XDP_STATS";
     /// The layout record of a pin directory (see [`super::Layout`]). Made
     /// and read by lbd only; the datapath never looks at it.
     pub const LAYOUT: &str = "LAYOUT";
@@ -79,6 +81,10 @@ pub mod progs {
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// A program that only passes, for measuring the cost of running any program.
     pub const TC_PASS: &str = "lb_tc_pass";
+    /// The XDP fast path, for interfaces whose frames carry complete checksums.
+    pub const XDP_INGRESS: &str = "lb_xdp_ingress";
+    /// An XDP program that only passes (the XDP floor).
+    pub const XDP_PASS: &str = "lb_xdp_pass";
     /// The socket programs (cgroup hooks) of network-scoped services.
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
@@ -413,6 +419,20 @@ pub struct TrafficStats {
 }
 
 /// Indexes into GLOBAL_STATS (a per-CPU array of u64).
+/// How many interfaces the XDP program may redirect to (XDP_PORTS).
+pub const MAX_XDP_PORTS: u32 = 1024;
+
+/// Indexes of XDP_STATS, the XDP program's own counters.
+pub mod xdp_stat {
+    /// Packets translated and redirected by the XDP program.
+    pub const TRANSLATED: u32 = 0;
+    /// Packets handed to the TC program unchanged.
+    pub const PASSED: u32 = 1;
+    pub const COUNT: u32 = 2;
+    /// As reported beside the `global` counters.
+    pub const NAMES: [&str; COUNT as usize] = ["xdp_translated", "xdp_passed"];
+}
+
 pub mod global {
     /// Packets seen by the program.
     pub const SEEN: u32 = 0;

@@ -77,6 +77,32 @@ pub fn peer_key(e: &CtEntry, out: &mut FlowKey) {
     }
 }
 
+/// The conntrack key of a packet from `src` to `dst`.
+#[inline(always)]
+pub fn set_key(
+    key: &mut FlowKey,
+    (src, sport): (&[u8; 16], u16),
+    (dst, dport): (&[u8; 16], u16),
+    proto: u8,
+) {
+    key.src = *src;
+    key.dst = *dst;
+    key.sport = sport;
+    key.dport = dport;
+    key.proto = proto;
+    key._pad = [0; 3];
+}
+
+/// `lookup`, with the entry found copied into `s.entry`.
+#[inline(always)]
+pub fn find(s: &mut Scratch, cfg: &Config, now: u64) -> *mut CtEntry {
+    let e = lookup(s, cfg, now);
+    if !e.is_null() {
+        crate::pkt::copy_words(&mut s.entry, e);
+    }
+    e
+}
+
 /// Finds a live entry for `s.key`, in CONNTRACK first, then CT_PENDING
 /// (`s.pending` says which). An expired entry is deleted with its other
 /// half and the search goes on. Null when there is none.

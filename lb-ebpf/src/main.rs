@@ -21,6 +21,7 @@ mod nat;
 mod parse;
 mod pkt;
 mod sock;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -86,15 +87,9 @@ fn transport(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
         return UNSPEC;
     }
     let now = conntrack::now(cfg);
-    s.key.src = p.src;
-    s.key.dst = p.dst;
-    s.key.sport = p.sport;
-    s.key.dport = p.dport;
-    s.key.proto = p.proto;
-    s.key._pad = [0; 3];
-    let e = conntrack::lookup(s, cfg, now);
+    conntrack::set_key(&mut s.key, (&p.src, p.sport), (&p.dst, p.dport), p.proto);
+    let e = conntrack::find(s, cfg, now);
     if !e.is_null() {
-        pkt::copy_words(&mut s.entry, e);
         if s.entry.flags & lb_common::CT_REPLY != 0 {
             return to_client(ctx, s, e, now);
         }
@@ -395,17 +390,12 @@ fn tcp_bits(flags: u8, fin: u8) -> u8 {
 fn icmp_error(ctx: &TcContext, s: &mut Scratch, cfg: &Config) -> i32 {
     let now = conntrack::now(cfg);
     let q = &s.pkt.inner;
-    s.key.src = q.dst;
-    s.key.dst = q.src;
-    s.key.sport = q.dport;
-    s.key.dport = q.sport;
-    s.key.proto = q.proto;
-    s.key._pad = [0; 3];
-    let e = conntrack::lookup(s, cfg, now);
+    // The quoted packet went the other way.
+    conntrack::set_key(&mut s.key, (&q.dst, q.dport), (&q.src, q.sport), q.proto);
+    let e = conntrack::find(s, cfg, now);
     if e.is_null() {
         return UNSPEC;
     }
-    pkt::copy_words(&mut s.entry, e);
     if !icmp::plan(&s.pkt, &s.entry, &mut s.plan) {
         return UNSPEC;
     }

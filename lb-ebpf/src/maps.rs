@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     global, AffinityEntry, AffinityKey, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey,
@@ -108,6 +108,19 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficStats> =
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::COUNT, 0);
 
+/// Egress interfaces the XDP program may redirect frames to, by ifindex
+/// (the value names the same device). Written by lbd: the interfaces it
+/// attached the XDP program to. Not pinned: it describes one lbd's
+/// attachments and is filled before the program is attached.
+#[map]
+pub static XDP_PORTS: DevMapHash = DevMapHash::with_max_entries(lb_common::MAX_XDP_PORTS, 0);
+
+/// Per-CPU counters of the XDP program, indexed by `lb_common::xdp_stat`.
+/// Not pinned: they count for the program of one lbd.
+#[map]
+pub static XDP_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(lb_common::xdp_stat::COUNT, 0);
+
 /// Per-CPU working memory for one packet: the program's stack is 512 bytes
 /// for the whole call chain, less than these take together.
 #[repr(C)]
@@ -133,6 +146,14 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(c) = GLOBAL_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and the program is not preempted on its CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_xdp(index: u32) {
+    if let Some(c) = XDP_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, and the program is not preempted on its CPU.
         unsafe { *c += 1 };
     }

@@ -99,7 +99,7 @@ pub fn rewrite(
         // An IPv4 UDP datagram without a checksum (0): no checksum field
         // compensates the new port, so the kernel must fold it into
         // skb->csum itself (CHECKSUM_COMPLETE).
-        let no_csum = p.proto == PROTO_UDP && !p.is_v6() && read::<u16>(ctx, csum_off) == Ok(0);
+        let no_csum = p.proto == PROTO_UDP && !p.is_v6() && read::<u16, _>(ctx, csum_off) == Ok(0);
         if no_csum {
             return ctx
                 .store(port_off, &port, BPF_F_RECOMPUTE_CSUM as u64)

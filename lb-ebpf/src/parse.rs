@@ -3,10 +3,9 @@
 //! bpf_skb_load_bytes for bytes beyond it, which fails cleanly on a
 //! truncated packet.
 
-use aya_ebpf::programs::TcContext;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
-use crate::pkt::{read, set_v4_mapped};
+use crate::pkt::{read, set_v4_mapped, Frame};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -101,8 +100,8 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn be16(ctx: &TcContext, off: usize) -> Result<u16, ()> {
-    read::<u16>(ctx, off).map(u16::from_be)
+fn be16<C: Frame>(ctx: &C, off: usize) -> Result<u16, ()> {
+    read::<u16, _>(ctx, off).map(u16::from_be)
 }
 
 // A separate BPF function: its stack frame is not live while the caller's
@@ -111,7 +110,7 @@ fn be16(ctx: &TcContext, off: usize) -> Result<u16, ()> {
 // lets LLVM store registers that are undefined on some paths, which the
 // verifier rejects.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, p: &mut Packet) -> Parsed {
+pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> Parsed {
     match try_parse(ctx, p) {
         Ok(p) => p,
         Err(()) => Parsed::Malformed,
@@ -119,9 +118,8 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> Parsed {
 }
 
 #[inline(always)]
-fn try_parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+fn try_parse<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
+    if ctx.vlan_offloaded() {
         return Ok(Parsed::Other);
     }
     match be16(ctx, 12)? {
@@ -134,7 +132,7 @@ fn try_parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+fn parse_v4<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
     let l3_off = ETH_HLEN;
     let hdr: [u8; 20] = read(ctx, l3_off)?;
     if hdr[0] >> 4 != 4 {
@@ -169,7 +167,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+fn parse_v6<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
     let l3_off = ETH_HLEN;
     let hdr: [u8; 40] = read(ctx, l3_off)?;
     if hdr[0] >> 4 != 6 {
@@ -223,7 +221,7 @@ fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 
 /// TCP and UDP headers must agree with the IP packet around them.
 #[inline(always)]
-fn transport(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+fn transport<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
     let l4 = p.l4_off as usize;
     let end = p.ip_end as usize;
     let hdr: [u8; 14] = if p.proto == PROTO_TCP {
@@ -262,7 +260,7 @@ fn transport(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+fn icmp_v4<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
     let l4 = p.l4_off as usize;
     if l4 + 8 > p.ip_end as usize {
         return Err(());
@@ -293,7 +291,7 @@ fn icmp_v4(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
 }
 
 #[inline(always)]
-fn icmp_v6(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, ()> {
+fn icmp_v6<C: Frame>(ctx: &C, p: &mut Packet) -> Result<Parsed, ()> {
     let l4 = p.l4_off as usize;
     if l4 + 8 > p.ip_end as usize {
         return Err(());
@@ -333,8 +331,8 @@ fn clear_ports(p: &mut Packet) {
 
 /// The quoted packet's ports, which must lie within the ICMP message.
 #[inline(always)]
-fn quoted_transport(
-    ctx: &TcContext,
+fn quoted_transport<C: Frame>(
+    ctx: &C,
     p: &mut Packet,
     l3: usize,
     l4: usize,

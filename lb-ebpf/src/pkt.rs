@@ -12,7 +12,86 @@
 
 use core::mem::{align_of, size_of};
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// A packet as the TC and the XDP program see it. Parsing and rewriting are
+/// written once against it.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length, paged data included.
+    fn len(&self) -> u32;
+    /// Whether the packet's VLAN tag was taken off into metadata.
+    fn vlan_offloaded(&self) -> bool;
+    /// Reads bytes outside the linear buffer; none for a frame without.
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ()>;
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        TcContext::load(self, off).map_err(|_| ())
+    }
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()> {
+        TcContext::store(self, off, v, 0).map_err(|_| ())
+    }
+}
+
+/// An XDP frame is one linear buffer: the program is not loaded for
+/// multi-buffer frames, so nothing lies beyond `data_end`.
+///
+/// `data` and `data_end` are 32-bit fields of `xdp_md` that the verifier
+/// rewrites into pointers. They are read with volatile loads: otherwise
+/// LLVM may load them in a caller, pass them to a BPF subprogram as 32-bit
+/// arguments and zero-extend them there with shifts, which the verifier
+/// refuses on a packet pointer.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data) as usize }
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) as usize }
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (Frame::data_end(self) - Frame::data(self)) as u32
+    }
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn load<T: Copy>(&self, _off: usize) -> Result<T, ()> {
+        Err(())
+    }
+    #[inline(always)]
+    fn store<T: Copy>(&self, _off: usize, _v: &T) -> Result<(), ()> {
+        Err(())
+    }
+}
 
 /// Largest offset tried directly: the verifier needs a bound on every
 /// variable offset added to a packet pointer, and gives a range to none
@@ -21,7 +100,7 @@ const MAX_OFF: usize = 0x3fff;
 
 /// Where `len` bytes at `off` lie in the linear buffer, if they do.
 #[inline(always)]
-fn at(ctx: &TcContext, off: usize, len: usize) -> Option<*mut u8> {
+fn at<C: Frame>(ctx: &C, off: usize, len: usize) -> Option<*mut u8> {
     let start = ctx.data();
     // At least two bytes are checked: LLVM turns `p + 1 > end` into
     // `p >= end`, from which the verifier learns no range. The last byte
@@ -66,17 +145,17 @@ fn bounded(off: usize) -> usize {
 }
 
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+pub fn read<T: Copy, C: Frame>(ctx: &C, off: usize) -> Result<T, ()> {
     match at(ctx, off, size_of::<T>()) {
         // SAFETY: within the linear buffer, checked above; any bit pattern
         // is a valid T for the plain integers and byte arrays read here.
         Some(ptr) => Ok(unsafe { ptr.cast::<T>().read_unaligned() }),
-        None => ctx.load(off).map_err(|_| ()),
+        None => ctx.load(off),
     }
 }
 
 #[inline(always)]
-pub fn write<T: Copy>(ctx: &TcContext, off: usize, v: &T) -> Result<(), ()> {
+pub fn write<T: Copy, C: Frame>(ctx: &C, off: usize, v: &T) -> Result<(), ()> {
     match at(ctx, off, size_of::<T>()) {
         Some(ptr) => {
             // SAFETY: within the linear buffer, checked above, which the
@@ -84,7 +163,7 @@ pub fn write<T: Copy>(ctx: &TcContext, off: usize, v: &T) -> Result<(), ()> {
             unsafe { ptr.cast::<T>().write_unaligned(*v) };
             Ok(())
         }
-        None => ctx.store(off, v, 0).map_err(|_| ()),
+        None => ctx.store(off, v),
     }
 }
 
@@ -125,8 +204,8 @@ pub fn apply(csum: u16, delta: u64) -> u16 {
 /// Adjusts the 16-bit big-endian checksum at `off` for words it covers
 /// that changed by `delta`.
 #[inline(always)]
-pub fn fix_csum(ctx: &TcContext, off: usize, delta: u64) -> Result<(), ()> {
-    let old = u16::from_be_bytes(read::<[u8; 2]>(ctx, off)?);
+pub fn fix_csum<C: Frame>(ctx: &C, off: usize, delta: u64) -> Result<(), ()> {
+    let old = u16::from_be_bytes(read::<[u8; 2], _>(ctx, off)?);
     write(ctx, off, &apply(old, delta).to_be_bytes())
 }
 

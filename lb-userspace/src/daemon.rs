@@ -63,6 +63,8 @@ pub struct Options {
     pub datapath_log: crate::datapath_log::DatapathLog,
     /// How the TC program is attached (see datapath.rs).
     pub tc_attach: crate::datapath::TcAttach,
+    /// Interfaces that get the XDP fast path as well (`--xdp`).
+    pub xdp: Vec<String>,
 }
 
 /// The background task that follows interfaces as they come and go.
@@ -335,7 +337,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             Some(t) = health_rx.recv() => state.health(t),
             Some(links) = links_rx.recv() => {
-                state.sync_links(&links, &opts.interfaces);
+                state.sync_links(&links, &opts.interfaces, &opts.xdp);
                 attached = true;
             }
             Some(update) = docker_rx.recv() => state.docker_update(update),
@@ -736,7 +738,7 @@ impl State {
         services
     }
 
-    fn sync_links(&mut self, links: &Links, wanted: &[String]) {
+    fn sync_links(&mut self, links: &Links, wanted: &[String], xdp: &[String]) {
         for name in self.datapath.attached_here() {
             if !links.values().any(|n| *n == name) {
                 log::info!("{name} is gone");
@@ -750,6 +752,16 @@ impl State {
                 // that vanished meanwhile) are retried on the next link event.
                 Err(e) if wanted.contains(name) => log::error!("{e:#}"),
                 Err(e) => log::warn!("{e:#}"),
+            }
+        }
+        for name in xdp {
+            if !links.values().any(|n| n == name) {
+                continue;
+            }
+            if !self.datapath.attached_here().contains(name) {
+                log::error!("XDP on {name}: the TC program is not attached there (see --iface)");
+            } else if let Err(e) = self.datapath.attach_xdp(name) {
+                log::error!("{e:#}");
             }
         }
     }
@@ -896,6 +908,7 @@ impl State {
                 swarm: collected.swarm,
                 interfaces: self.datapath.attached(),
                 tc_attach: self.datapath.tc_attach().name().to_string(),
+                xdp: self.datapath.xdp_attached(),
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),
                 etcd: self.etcd_status.clone(),

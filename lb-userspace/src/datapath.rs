@@ -7,13 +7,16 @@ use std::time::Instant;
 
 use crate::datapath_log::DatapathLog;
 use anyhow::{anyhow, bail, Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
 };
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, Xdp, XdpMode,
+};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::{
     maps, progs, Backend, Config, CtEntry, FlowKey, MemberKey, ServiceKey, ServiceValue,
@@ -70,6 +73,8 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    /// The XDP program's own counters (`lb_common::xdp_stat`).
+    pub xdp_stats: PerCpuArray<MapData, u64>,
     /// Which network namespaces belong to which networks (FLAG_SOCKET).
     pub members: HashMap<MapData, MemberKey, u8>,
     pub limits: Limits,
@@ -85,6 +90,12 @@ pub struct Datapath {
     /// The socket programs' attachments to a cgroup, by program name.
     sockets: BTreeMap<&'static str, Attachment<CgroupSockAddrLink>>,
     tc_attach: TcAttach,
+    /// The XDP fast path's attachments, by interface: the link and the
+    /// interface's index. Owned: they go when lbd exits, and the TC program,
+    /// which is attached to the same interfaces, carries their traffic.
+    xdp: BTreeMap<String, (XdpLinkId, u32)>,
+    /// XDP_PORTS: the interfaces the XDP program may redirect to.
+    xdp_ports: DevMapHash<MapData>,
 }
 
 /// The object's programs. The kernel verifies them on a thread of their
@@ -101,6 +112,8 @@ struct Loaded {
     ebpf: Ebpf,
     /// Whether the kernel took the socket programs, and if not why.
     sockets: Result<(), String>,
+    /// The same for the XDP program.
+    xdp: Result<(), String>,
 }
 
 /// The thread loading the programs; joined when dropped, so that none
@@ -127,13 +140,16 @@ impl Programs {
                 let started = Instant::now();
                 let tc = load_tc_program(&mut ebpf);
                 let sockets = load_socket_programs(&mut ebpf).map_err(|e| format!("{e:#}"));
+                let xdp = program_of::<Xdp>(&mut ebpf, progs::XDP_INGRESS)
+                    .and_then(|p| Ok(p.load()?))
+                    .map_err(|e| format!("the kernel rejected the XDP program: {e:#}"));
                 drop(held);
                 log::debug!(
                     "the kernel verified the programs in {:?}",
                     started.elapsed()
                 );
                 tc.map_err(|e| format!("{e:#}"))?;
-                Ok(Loaded { ebpf, sockets })
+                Ok(Loaded { ebpf, sockets, xdp })
             })
             .context("starting the thread that loads the programs")?;
         Ok(Programs::Verifying(Verifier(Some(handle))))
@@ -409,6 +425,7 @@ impl Datapath {
             service_stats: take(&mut ebpf, maps::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             global_stats: take(&mut ebpf, maps::GLOBAL_STATS)?,
+            xdp_stats: take(&mut ebpf, maps::XDP_STATS)?,
             members: take(&mut ebpf, maps::SOCK_MEMBERS)?,
             limits,
         };
@@ -418,8 +435,11 @@ impl Datapath {
         if maps.config.get(&0, 0).map(|c| c.timeout_tcp_ns == 0)? {
             maps.config.set(0, Config::default(), 0)?;
         }
+        let xdp_ports = take(&mut ebpf, maps::XDP_PORTS)?;
         let datapath = Datapath {
             programs: Programs::verify(ebpf, held)?,
+            xdp: BTreeMap::new(),
+            xdp_ports,
             pin_dir: pin_dir.map(Path::to_path_buf),
             links: BTreeMap::new(),
             netns: BTreeMap::new(),
@@ -599,8 +619,89 @@ impl Datapath {
         }
     }
 
+    /// Attaches the XDP fast path to `ifname` of lbd's namespace, in native
+    /// mode, and lets it redirect frames there. Only for interfaces whose
+    /// received frames carry complete checksums (a NIC): see lb-ebpf's
+    /// xdp.rs. The TC program must be attached there too, as it handles
+    /// every packet the XDP program passes. Generic (skb) mode is never
+    /// used: its skbs may carry partial checksums.
+    pub fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
+        if self.xdp.contains_key(ifname) {
+            return Ok(());
+        }
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .with_context(|| format!("XDP on {ifname}: no such interface"))?;
+        let loaded = self.programs.loaded()?;
+        loaded.xdp.clone().map_err(|e| anyhow!(e))?;
+        let prog = program_of::<Xdp>(&mut loaded.ebpf, progs::XDP_INGRESS)?;
+        // Listed first: the program redirects only to listed devices, so
+        // its first frames on this one may already leave through it.
+        self.xdp_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("XDP on {ifname}: listing it as an egress device"))?;
+        match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+            Ok(id) => {
+                self.xdp.insert(ifname.to_string(), (id, ifindex));
+                log::info!("XDP fast path attached to {ifname} (native mode)");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.xdp_ports.remove(ifindex);
+                Err(anyhow!(e)).with_context(|| {
+                    format!(
+                        "attaching the XDP program to {ifname} in native mode (its driver must \
+                         support XDP, and its MTU fit a page); the TC program carries its traffic"
+                    )
+                })
+            }
+        }
+    }
+
+    /// Takes the XDP fast path off `ifname` (or forgets it, when the
+    /// interface is gone and its link with it).
+    pub fn detach_xdp(&mut self, ifname: &str) {
+        let Some((id, ifindex)) = self.xdp.remove(ifname) else {
+            return;
+        };
+        let _ = self.xdp_ports.remove(ifindex);
+        if let Ok(loaded) = self.programs.loaded() {
+            if let Ok(prog) = program_of::<Xdp>(&mut loaded.ebpf, progs::XDP_INGRESS) {
+                let _ = prog.detach(id);
+            }
+        }
+    }
+
+    /// Interfaces with the XDP fast path.
+    pub fn xdp_attached(&self) -> Vec<String> {
+        self.xdp.keys().cloned().collect()
+    }
+
+    /// The XDP program, for benchmarks and fixtures (BPF_PROG_TEST_RUN).
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        let loaded = self.programs.loaded()?;
+        loaded.xdp.clone().map_err(|e| anyhow!(e))?;
+        program_of(&mut loaded.ebpf, progs::XDP_INGRESS)
+    }
+
+    /// The XDP pass-only program, loaded on demand (the XDP floor).
+    pub fn xdp_pass_program(&mut self) -> Result<&mut Xdp> {
+        let ebpf = &mut self.programs.loaded()?.ebpf;
+        let prog = program_of::<Xdp>(ebpf, progs::XDP_PASS)?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
+    /// Lists `ifindex` as a device the XDP program may redirect to, as
+    /// `attach_xdp` does for the interfaces it attaches to.
+    pub fn allow_xdp_egress(&mut self, ifindex: u32) -> Result<()> {
+        Ok(self.xdp_ports.insert(ifindex, ifindex, None, 0)?)
+    }
+
     /// Forgets an interface that no longer exists (its link went with it).
     pub fn forget(&mut self, ifname: &str) {
+        self.detach_xdp(ifname);
         match self.links.remove(ifname) {
             Some(Attachment::Pinned(p)) => {
                 let _ = p.unpin();
@@ -627,6 +728,9 @@ impl Datapath {
 
     /// Detaches everywhere and removes every pin.
     pub fn shutdown(mut self) {
+        for name in self.xdp_attached() {
+            self.detach_xdp(&name);
+        }
         let names: Vec<String> = self.links.keys().cloned().collect();
         for name in names {
             self.detach(&name);

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
 use aya::maps::{IterableMap as _, PerCpuValues};
-use lb_common::{global, TrafficStats};
+use lb_common::{global, xdp_stat, TrafficStats};
 
 pub use lb_api::status::*;
 
@@ -166,16 +166,17 @@ pub fn collect(
     Ok(Collected { services, swarm })
 }
 
+/// The datapath-wide counters (`global`), and the XDP program's.
 pub fn datapath_counters(reconciler: &Reconciler) -> BTreeMap<String, u64> {
     let maps = reconciler.maps();
-    (0..global::COUNT)
-        .map(|i| {
-            let v = maps
-                .global_stats
-                .get(&i, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            (global::NAMES[i as usize].to_string(), v)
-        })
+    let sum = |map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>, i: u32| {
+        map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    };
+    let global =
+        (0..global::COUNT).map(|i| (global::NAMES[i as usize], sum(&maps.global_stats, i)));
+    let xdp = (0..xdp_stat::COUNT).map(|i| (xdp_stat::NAMES[i as usize], sum(&maps.xdp_stats, i)));
+    global
+        .chain(xdp)
+        .map(|(name, v)| (name.to_string(), v))
         .collect()
 }

@@ -20,6 +20,10 @@ use lb_userspace::reconciler::Reconciler;
 pub const PASS: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+/// XDP actions.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
 
 pub const CLIENT4: [u8; 4] = [10, 71, 0, 2];
 pub const VIP4: [u8; 4] = [10, 73, 0, 10];
@@ -138,6 +142,8 @@ pub struct Fixture {
     config: Array<MapData, Config>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     ct_pending: HashMap<MapData, FlowKey, CtEntry>,
+    /// `run_xdp` lists no egress device for the XDP program.
+    no_xdp_egress: bool,
 }
 
 /// One of the fixture's interfaces.
@@ -200,6 +206,15 @@ pub fn skb_context(ingress_ifindex: u32, gso_size: u32, gso_segs: u32) -> [u8; 1
     ctx[40..44].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
     ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+/// An `xdp_md` for BPF_PROG_TEST_RUN's `ctx_in`: the frame from 0 to
+/// `len`, received on `ingress_ifindex` (queue 0).
+pub fn xdp_context(ingress_ifindex: u32, len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx
 }
 
@@ -372,6 +387,7 @@ impl Fixture {
             config,
             conntrack,
             ct_pending,
+            no_xdp_egress: false,
         }
     }
 
@@ -393,6 +409,37 @@ impl Fixture {
         let prog = self.datapath.program().unwrap();
         let fd = prog.fd().expect("program loaded").as_fd().as_raw_fd();
         test_run(fd, packet, &ctx, opts.checksum_complete)
+    }
+
+    /// Runs the XDP program on `packet` as `run` runs the TC program. Both
+    /// interfaces are listed as devices it may redirect to, as lbd lists
+    /// those it attaches the program to, unless `no_egress` was called.
+    pub fn run_xdp(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let ingress = if from_backend_side(packet) {
+            self.backends.ifindex
+        } else {
+            self.clients.ifindex
+        };
+        if !self.no_xdp_egress {
+            for ifindex in [self.clients.ifindex, self.backends.ifindex] {
+                self.datapath.allow_xdp_egress(ifindex).unwrap();
+            }
+        }
+        let ctx = xdp_context(ingress, packet.len());
+        let prog = self.datapath.xdp_program().unwrap();
+        let fd = prog.fd().expect("program loaded").as_fd().as_raw_fd();
+        test_run(fd, packet, &ctx, false).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// From now on the XDP program may redirect to no device.
+    pub fn no_xdp_egress(&mut self) {
+        self.no_xdp_egress = true;
+    }
+
+    /// An XDP counter (`lb_common::xdp_stat`).
+    pub fn xdp_counter(&self, index: u32) -> u64 {
+        let name = lb_common::xdp_stat::NAMES[index as usize];
+        lb_userspace::status::datapath_counters(&self.reconciler)[name]
     }
 
     pub fn global(&self, index: u32) -> u64 {

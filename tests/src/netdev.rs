@@ -13,6 +13,8 @@ const ETHTOOL_SRXCSUM: u32 = 0x15;
 const ETHTOOL_GTXCSUM: u32 = 0x16;
 const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_GTSO: u32 = 0x1e;
+const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_SGRO: u32 = 0x2c;
 
 /// `struct ethtool_value`.
 #[repr(C)]
@@ -92,6 +94,22 @@ pub fn set_checksum_offload(ns: &Netns, dev: &str, on: bool) -> Result<()> {
 }
 
 /// Sets the MTU of `dev` in `ns`.
+/// `ethtool -K DEV gro on` in `ns` (or `off`), checked by reading it back.
+/// On a veth, GRO also gives the device its own NAPI poller, without which
+/// it refuses frames an XDP program redirects to its peer.
+pub fn set_gro(ns: &Netns, dev: &str, on: bool) -> Result<()> {
+    let now = ns.run(|| -> Result<u32> {
+        ethtool_value(dev, ETHTOOL_SGRO, u32::from(on))?;
+        ethtool_value(dev, ETHTOOL_GGRO, 0)
+    })?;
+    ensure!(
+        (now != 0) == on,
+        "GRO of {dev} in {} is {now} after setting it {on}",
+        ns.name()
+    );
+    Ok(())
+}
+
 pub fn set_mtu(ns: &Netns, dev: &str, mtu: u32) -> Result<()> {
     ns.ip(&["link", "set", "dev", dev, "mtu", &mtu.to_string()])
 }

@@ -43,6 +43,9 @@ const EVICT_EVERY: u64 = 200;
 const TABLES_EVERY: u64 = 4096;
 /// Share of packets run with BPF_F_TEST_SKB_CHECKSUM_COMPLETE, in percent.
 const CSUM_COMPLETE_PERCENT: u64 = 25;
+/// Share of the other packets run through the XDP program first (see
+/// `Kernel::run_xdp_first`), in percent.
+const XDP_FIRST_PERCENT: u64 = 50;
 const T0: u64 = 1_000_000_000_000;
 const S: u64 = 1_000_000_000;
 
@@ -265,7 +268,11 @@ impl Session {
     /// Runs one packet through both; false when the kernel refused it.
     fn packet(&mut self, i: u64, g: &Generated) -> bool {
         let csum = self.rng.chance(CSUM_COMPLETE_PERCENT);
-        let run = self.kernel.run(&g.frame, g.ingress.ifindex, csum);
+        let run = if !csum && self.rng.chance(XDP_FIRST_PERCENT) {
+            self.kernel.run_xdp_first(&g.frame, g.ingress.ifindex)
+        } else {
+            self.kernel.run(&g.frame, g.ingress.ifindex, csum)
+        };
         if let Run::Refused(errno) = run {
             // The program never ran: nothing to compare, no state changed.
             let n = self.refused.entry(errno).or_default();
@@ -646,6 +653,10 @@ impl Session {
         for (name, v) in global::NAMES.iter().zip(self.kernel.globals()) {
             println!("  {v:>9}  {name}");
         }
+        println!(
+            "  {:>9}  of them translated by the XDP program",
+            self.kernel.xdp_translated
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use lb_tests::bulk::{self, human, ConnectOptions, Transfer};
 use lb_tests::echo::{parse_reply, tcp_request, TcpSession};
 use lb_tests::flood::syn_flood;
 use lb_tests::lbd::{lbctl, Lbd};
-use lb_tests::netdev::{set_checksum_offload, set_mtu, snmp_counter};
+use lb_tests::netdev::{set_checksum_offload, set_gro, set_mtu, snmp_counter};
 use lb_tests::netns::Netns;
 use lb_tests::process::{wait_until, ChildGuard};
 use lb_tests::topology::{
@@ -226,6 +226,10 @@ fn describe(what: &str, t: &Transfer) -> String {
 enum Offload {
     On,
     Off,
+    /// Off, and lbd runs the XDP fast path on every interface of the LB
+    /// node: senders that checksum in software are what makes a veth
+    /// qualify, as a NIC does (docs/datapath.md, section 8).
+    OffWithXdp,
 }
 
 /// The interfaces every packet of a balanced flow crosses, by namespace.
@@ -246,10 +250,21 @@ fn every_link(topo: &Topology) -> Vec<(&Netns, String)> {
 /// [`TRANSFER_BOUND`], each backend seeing the expected client address.
 fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
     let topo = Topology::new(tag).expect("topology");
-    if offload == Offload::Off {
+    if offload != Offload::On {
         for (ns, dev) in every_link(&topo) {
             set_checksum_offload(ns, &dev, false)
                 .unwrap_or_else(|e| panic!("turning offloads off: {e:#}"));
+        }
+    }
+    let xdp = offload == Offload::OffWithXdp;
+    if xdp {
+        // The XDP program redirects into the LB node's veths, whose peers
+        // must then poll for frames themselves.
+        for (ns, dev) in every_link(&topo)
+            .into_iter()
+            .filter(|(ns, _)| ns.name() != topo.lb.name())
+        {
+            set_gro(ns, &dev, true).unwrap_or_else(|e| panic!("turning GRO on: {e:#}"));
         }
     }
     let bulk = start_bulk(&topo, &[0, 1, 2]);
@@ -257,12 +272,30 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
     let config = render(&[
         Service::new("bulk", frontend, "tcp", &backends(family, BULK_PORT, 3)).snat(nat, family),
     ]);
-    let lbd = Lbd::start(&topo.lb, tag, &config, LB_IFS).expect("lbd");
+    let xdp_args = ["--xdp", &LB_IFS.join(",")];
+    let extra: &[&str] = if xdp { &xdp_args } else { &[] };
+    let lbd = Lbd::start_with(&topo.lb, tag, &config, LB_IFS, extra).expect("lbd");
     let env = Env {
         lbd,
         _bulk: bulk,
         topo,
     };
+    if xdp {
+        let status = env.lbd.status().expect("status");
+        let mut on: Vec<&str> = status["xdp"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        on.sort();
+        let mut want = LB_IFS.to_vec();
+        want.sort();
+        assert_eq!(
+            on,
+            want,
+            "interfaces with the XDP fast path:\n{}",
+            env.lbd.log()
+        );
+    }
     let what = format!(
         "{} {} with checksum offloads {}",
         family.name(),
@@ -273,6 +306,7 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
         match offload {
             Offload::On => "on",
             Offload::Off => "off",
+            Offload::OffWithXdp => "off, XDP fast path on",
         }
     );
 
@@ -319,6 +353,19 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
         failures.len(),
         failures.join("\n  ")
     );
+    if xdp {
+        // 24 MiB moved, in segments of at most one MTU each way plus the
+        // ACKs: tens of thousands of packets, all but a connection's first
+        // few and one a second through XDP.
+        let counters = &env.lbd.status().expect("status")["datapath"];
+        let by_xdp = counters["xdp_translated"].as_u64().unwrap_or(0);
+        let by_tc = counters["translated"].as_u64().unwrap_or(0) - by_xdp;
+        eprintln!("{what}: {by_xdp} packets translated by XDP, {by_tc} by TC");
+        assert!(
+            by_xdp > 10_000 && by_xdp > 10 * by_tc,
+            "the XDP fast path carried {by_xdp} packets, TC {by_tc}"
+        );
+    }
 }
 
 #[test]
@@ -329,6 +376,26 @@ fn bulk_ipv4_dnat_offload_on() {
 #[test]
 fn bulk_ipv4_dnat_offload_off() {
     bulk_transfers("bk4dx", Family::V4, Nat::Dnat, Offload::Off);
+}
+
+#[test]
+fn bulk_ipv4_dnat_xdp() {
+    bulk_transfers("bk4dp", Family::V4, Nat::Dnat, Offload::OffWithXdp);
+}
+
+#[test]
+fn bulk_ipv4_full_nat_xdp() {
+    bulk_transfers("bk4fp", Family::V4, Nat::Full, Offload::OffWithXdp);
+}
+
+#[test]
+fn bulk_ipv6_dnat_xdp() {
+    bulk_transfers("bk6dp", Family::V6, Nat::Dnat, Offload::OffWithXdp);
+}
+
+#[test]
+fn bulk_ipv6_full_nat_xdp() {
+    bulk_transfers("bk6fp", Family::V6, Nat::Full, Offload::OffWithXdp);
 }
 
 #[test]

@@ -41,7 +41,7 @@ enum Task {
     },
     /// Build, then run the VM suites (packet fixtures, end-to-end, Docker and Swarm tests, the IPVS comparison) on Debian's 6.1 kernel in qemu
     VmTest {
-        /// Only these suites (fixtures, fixtures_icmp, e2e, docker_lb, swarm_ipvs), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
+        /// Only these suites (fixtures, fixtures_icmp, fixtures_xdp, e2e, docker_lb, swarm_ipvs), comma-separated; SUITE:FILTER runs only its tests whose names hold FILTER
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

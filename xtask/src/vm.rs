@@ -82,6 +82,13 @@ const SUITES: &[Suite] = &[
         default: false,
     },
     Suite {
+        name: "fixtures_xdp",
+        // By default the two that carry IPv4 and IPv6 through the XDP
+        // program: whether 6.1's verifier takes it, and translates exactly.
+        args: &["established_tcp_v4", "established_tcp_v6"],
+        default: true,
+    },
+    Suite {
         name: "e2e",
         args: &[
             "tcp_is_balanced_and_backends_see_the_client",

@@ -37,8 +37,8 @@ fn main() -> Result<()> {
             "\n{s} services x {b} backends (programmed in {:.2} s)",
             scale.program_time.as_secs_f64()
         );
-        let floor = scale.rows[0].1;
-        for (name, ns) in scale.rows {
+        for (i, (name, ns)) in scale.rows.iter().enumerate() {
+            let floor = scale.rows[lb_bench::pktcost::floor_of(i)].1;
             println!("  {name:<58} {ns:>8.1} ns  ({:.2}x floor)", ns / floor);
         }
     }

@@ -113,6 +113,13 @@ pub struct Args {
     /// interface but loopback, following interfaces as they come and go.
     #[arg(long = "iface", env = "LBD_IFACE", value_delimiter = ',')]
     pub interfaces: Vec<String>,
+    /// Also attach the XDP fast path, in native mode, to these interfaces
+    /// (repeatable): established connections' packets are translated there
+    /// before the kernel builds an skb. Only for interfaces whose received
+    /// frames carry complete checksums (NICs); a veth fed by a local stack
+    /// with checksum offload does not qualify. See docs/datapath.md.
+    #[arg(long = "xdp", env = "LBD_XDP", value_delimiter = ',')]
+    pub xdp: Vec<String>,
     /// Serve Prometheus metrics at /metrics and a stats page at / on this
     /// loopback address (other addresses are refused).
     #[arg(long, env = "LBD_METRICS")]

@@ -137,6 +137,7 @@ async fn main() -> Result<()> {
         inject_fault: args.inject_fault,
         datapath_log,
         tc_attach: TcAttach::choose(&args.tc_attach)?,
+        xdp: args.xdp,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,

@@ -562,6 +562,7 @@ mod tests {
             swarm: Vec::new(),
             interfaces: vec!["eth0".into()],
             tc_attach: "tcx".into(),
+            xdp: vec![],
             config: ConfigStatus {
                 path: Some("/etc/lbd.toml".into()),
                 last_error: Some("bad".into()),

@@ -29,11 +29,19 @@ pub enum Run {
     Refused(i32),
 }
 
+/// An action no program returns: the XDP program passed a frame on to the
+/// TC program, but changed.
+pub const XDP_PASSED_CHANGED: u32 = 0xdead_0002;
+
 pub struct Kernel {
     /// Owns the program `prog_fd` refers to.
     _datapath: Datapath,
     pub reconciler: Reconciler,
     prog_fd: RawFd,
+    /// The XDP fast path, which runs first on a share of the packets.
+    xdp_fd: RawFd,
+    /// Packets the XDP program translated itself.
+    pub xdp_translated: u64,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pending: HashMap<MapData, FlowKey, CtEntry>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
@@ -62,6 +70,13 @@ impl Kernel {
     pub fn load(limits: Limits) -> Kernel {
         let (mut datapath, maps) = Datapath::load(None, limits).expect("load the datapath");
         let reconciler = Reconciler::new(maps).expect("reconciler");
+        // Every interface here may take redirected frames, as an interface
+        // lbd attached the XDP program to does.
+        for i in nix::net::if_::if_nameindex().expect("interfaces").iter() {
+            datapath.allow_xdp_egress(i.index()).expect("XDP_PORTS");
+        }
+        let xdp = datapath.xdp_program().expect("XDP program");
+        let xdp_fd = xdp.fd().expect("program fd").as_fd().as_raw_fd();
         let prog = datapath.program().expect("program");
         let prog_fd = prog.fd().expect("program fd").as_fd().as_raw_fd();
         // Handles of our own on the program's maps: the reconciler owns the
@@ -86,6 +101,8 @@ impl Kernel {
         };
         Kernel {
             prog_fd,
+            xdp_fd,
+            xdp_translated: 0,
             conntrack: take(maps::CONNTRACK).try_into().unwrap(),
             pending: take(maps::CT_PENDING).try_into().unwrap(),
             affinity: take(maps::AFFINITY).try_into().unwrap(),
@@ -107,6 +124,35 @@ impl Kernel {
             Ok((action, packet)) => Run::Ran { action, packet },
             Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => Run::BadChecksumComplete,
             Err(e) => Run::Refused(e.raw_os_error().unwrap_or(0)),
+        }
+    }
+
+    /// Runs `frame` as a node with the XDP fast path does: through the XDP
+    /// program, and through the TC program when XDP passes it on. The
+    /// result is in the TC program's terms (an XDP redirect is a TC
+    /// redirect), which the model's must equal. A frame the XDP harness
+    /// refuses (too big for one page) goes to TC alone.
+    pub fn run_xdp_first(&mut self, frame: &[u8], ifindex: u32) -> Run {
+        use lb_tests::fixture::{TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT};
+        let ctx = lb_tests::fixture::xdp_context(ifindex, frame.len());
+        match lb_tests::fixture::test_run(self.xdp_fd, frame, &ctx, false) {
+            Ok((XDP_REDIRECT, packet)) => {
+                self.xdp_translated += 1;
+                Run::Ran {
+                    action: TC_ACT_REDIRECT,
+                    packet,
+                }
+            }
+            Ok((XDP_DROP, packet)) => Run::Ran {
+                action: TC_ACT_SHOT,
+                packet,
+            },
+            Ok((XDP_PASS, packet)) if packet != frame => Run::Ran {
+                action: XDP_PASSED_CHANGED,
+                packet,
+            },
+            Ok((XDP_PASS, _)) | Err(_) => self.run(frame, ifindex, false),
+            Ok((action, packet)) => Run::Ran { action, packet },
         }
     }
 
