@@ -65,26 +65,10 @@ pub fn decide(
     if p.ttl <= 1 {
         return Route::TimeExceeded;
     }
-    pkt::zero_words(fib);
-    fib.l4_protocol = p.proto;
-    fib.sport = p.sport;
-    fib.dport = p.dport;
-    // No length: with one the kernel checks it against the route's MTU and
-    // reports every GSO packet as too big. The MTU is checked below instead.
-    fib.__bindgen_anon_1.tot_len = 0;
     // SAFETY: the context pointer is valid for the program's lifetime.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if p.is_v6() {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(src);
-        fib.__bindgen_anon_4.ipv6_dst = words(dst);
-    } else {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
-    }
-    // SAFETY: fib is a valid, correctly sized bpf_fib_lookup.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, mem::size_of::<FibParams>() as i32, 0) };
+    let rc = fib_lookup(ctx, fib, p, (src, dst), unsafe {
+        (*ctx.skb.skb).ingress_ifindex
+    });
     let route = if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         Route::Direct
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
@@ -102,6 +86,38 @@ pub fn decide(
         return Route::Unroutable;
     };
     check_mtu(ctx, p, fib, route)
+}
+
+/// Asks the FIB where the packet `p` would go with `src`/`dst` as its
+/// addresses, arriving on `ifindex`; the helper's answer, with `fib`
+/// filled in. No length is given: with one the kernel checks it against
+/// the route's MTU and reports every GSO packet as too big, so callers
+/// check the MTU themselves.
+#[inline(always)]
+pub fn fib_lookup<C: EbpfContext>(
+    ctx: &C,
+    fib: &mut FibParams,
+    p: &Packet,
+    (src, dst): (&[u8; 16], &[u8; 16]),
+    ifindex: u32,
+) -> i64 {
+    pkt::zero_words(fib);
+    fib.l4_protocol = p.proto;
+    fib.sport = p.sport;
+    fib.dport = p.dport;
+    fib.__bindgen_anon_1.tot_len = 0;
+    fib.ifindex = ifindex;
+    if p.is_v6() {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(src);
+        fib.__bindgen_anon_4.ipv6_dst = words(dst);
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
+    }
+    // SAFETY: fib is a valid, correctly sized bpf_fib_lookup.
+    unsafe { bpf_fib_lookup(ctx.as_ptr(), fib, mem::size_of::<FibParams>() as i32, 0) }
 }
 
 /// `decide` for a packet of a known connection's half, whose next hop
@@ -134,13 +150,16 @@ pub fn decide_cached(
     let route = decide(ctx, p, src, dst, fib);
     // What is cached otherwise stays: it is for another second or device,
     // and is not used for this one.
-    (route, remember(ctx, route, fib, hop, second))
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let in_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    (route, remember(in_ifindex, route, fib, hop, second))
 }
 
-/// Caches in `hop` the next hop `decide` found, when it found one (Direct).
+/// Caches in `hop` the next hop `decide` found for a packet that arrived
+/// on `in_ifindex`, when it found one (Direct).
 #[inline(always)]
 pub fn remember(
-    ctx: &TcContext,
+    in_ifindex: u32,
     route: Route,
     fib: &FibParams,
     hop: &mut NextHop,
@@ -152,8 +171,7 @@ pub fn remember(
     hop.dmac = fib.dmac;
     hop.smac = fib.smac;
     hop.ifindex = fib.ifindex;
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    hop.in_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    hop.in_ifindex = in_ifindex;
     // SAFETY: on success without a length the kernel writes the egress
     // device's MTU here.
     hop.mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;

@@ -191,7 +191,15 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, svc: &ServiceValue, cfg: &Config, 
         if snat { Some(&nat_addr) } else { None },
         now,
     );
-    forward::remember(ctx, route, &s.fib, &mut s.entry.hop, conntrack::second(now));
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let in_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    forward::remember(
+        in_ifindex,
+        route,
+        &s.fib,
+        &mut s.entry.hop,
+        conntrack::second(now),
+    );
     match conntrack::insert(s, cfg, now, hash) {
         conntrack::INSERTED => {
             lb::remember(svc, &s.key, backend_id, now);

@@ -4,8 +4,8 @@
 //! before the kernel builds an skb for it. Everything else is passed to the
 //! TC program unchanged, which stays the datapath of record: new flows,
 //! every change of a connection's state (SYN, FIN, RST, the first reply,
-//! confirmation), ICMP, next hops not cached for this second, packets too
-//! big, and anything this program cannot read in its one linear buffer.
+//! confirmation), ICMP, packets with no resolved next hop or too big for
+//! it, and anything this program cannot read in its one linear buffer.
 //!
 //! The two programs share the maps, the parser, the conntrack lookup and
 //! `touch`, so a connection looks the same whichever of them carried its
@@ -17,14 +17,20 @@
 //! XDP program can tell.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::{
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{global, BACKEND_DOWN, CT_REPLY, CT_SNAT, PROTO_TCP, PROTO_UDP, ST_SEEN_REPLY};
+use lb_common::{
+    global, CtEntry, BACKEND_DOWN, CT_REPLY, CT_SNAT, PROTO_TCP, PROTO_UDP, ST_SEEN_REPLY,
+};
 
 use crate::{
     conntrack,
+    forward::{self, Route},
     maps::{
         add_stats, count, count_xdp, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH,
         SERVICE_STATS, XDP_PORTS,
@@ -75,7 +81,7 @@ fn fast_path(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     }
     let reply = s.entry.flags & CT_REPLY != 0;
-    if !steady(s, reply) || !hop_ready(ctx, &s.pkt, &s.entry.hop, conntrack::second(now)) {
+    if !steady(s, reply) || !next_hop(ctx, s, e, conntrack::second(now)) {
         return XDP_PASS;
     }
     conntrack::touch(s, e, now);
@@ -136,18 +142,64 @@ fn steady(s: &Scratch, reply: bool) -> bool {
     }
 }
 
-/// Whether the half's cached next hop holds for this packet as TC's
-/// `decide_cached` would use it without asking the FIB, and the egress
-/// device takes redirected frames (lbd lists it in XDP_PORTS).
+/// Whether the packet of the half `e` (copied in `s.entry`) has a next hop
+/// this program can send it to, as TC's `decide_cached` finds it: the
+/// half's cached one when it is from this second and this interface, else
+/// the FIB's answer, cached in the half as TC caches it. Only a direct next
+/// hop (neighbour resolved) within the egress MTU, on a device that takes
+/// redirected frames (listed in XDP_PORTS), will do; TC decides what
+/// becomes of any other packet.
 #[inline(always)]
-fn hop_ready(ctx: &XdpContext, p: &Packet, hop: &lb_common::NextHop, second: u32) -> bool {
-    let len = Frame::len(ctx);
-    hop.ifindex != 0
-        && hop.second == second
-        && hop.in_ifindex == ctx.ingress_ifindex() as u32
-        && p.ttl > 1
-        && len.saturating_sub(p.l3_off) <= hop.mtu
+fn next_hop(ctx: &XdpContext, s: &mut Scratch, e: *mut CtEntry, second: u32) -> bool {
+    let in_ifindex = ctx.ingress_ifindex() as u32;
+    let hop = &s.entry.hop;
+    if s.pkt.ttl <= 1 {
+        return false;
+    }
+    if !(hop.ifindex != 0 && hop.second == second && hop.in_ifindex == in_ifindex)
+        && !refresh_hop(ctx, s, e, in_ifindex, second)
+    {
+        return false;
+    }
+    let hop = &s.entry.hop;
+    Frame::len(ctx).saturating_sub(s.pkt.l3_off) <= hop.mtu
         && XDP_PORTS.get_ifindex(hop.ifindex).is_some()
+}
+
+/// Asks the FIB for the next hop of the half in `s.entry` with the
+/// packet's translated addresses, and caches a direct one in the half (and
+/// its copy) when the packet fits its MTU: what TC's `decide` and
+/// `remember` do for the same packet.
+#[inline(never)]
+fn refresh_hop(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    e: *mut CtEntry,
+    in_ifindex: u32,
+    second: u32,
+) -> bool {
+    let (p, en) = (&s.pkt, &s.entry);
+    let snat = en.flags & CT_SNAT != 0;
+    let (src, dst) = match (en.flags & CT_REPLY != 0, snat) {
+        (true, false) => (&en.frontend, &p.dst),
+        (true, true) => (&en.frontend, &en.client),
+        (false, false) => (&p.src, &en.backend),
+        (false, true) => (&en.nat_addr, &en.backend),
+    };
+    let rc = forward::fib_lookup(ctx, &mut s.fib, p, (src, dst), in_ifindex);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return false;
+    }
+    // SAFETY: on success without a length the kernel writes the egress
+    // device's MTU here.
+    let mtu = unsafe { s.fib.__bindgen_anon_1.mtu_result } as u32;
+    if Frame::len(ctx).saturating_sub(p.l3_off) > mtu {
+        return false;
+    }
+    forward::remember(in_ifindex, Route::Direct, &s.fib, &mut s.entry.hop, second);
+    // SAFETY: pointer from a successful lookup, valid for this program run.
+    unsafe { (*e).hop = s.entry.hop };
+    true
 }
 
 /// Rewrites addresses, ports, TTL and MACs for the half in `s.entry`, with

@@ -201,13 +201,24 @@ fn what_xdp_cannot_send_itself_passes_to_tc() {
 
         // The hop limit runs out here: TC answers with time exceeded.
         xdp_passes(&mut fx, &with_ttl(data.clone(), 1), "TTL 1");
-        // The next hop was found in another second: TC asks the FIB again,
-        // and the next packet is XDP's.
+        // Too big for the egress link: TC sends "fragmentation needed".
+        let big = tcp4_flags(CLIENT4, VIP4, 40000, 80, ACK, &[1; 1600]);
+        xdp_passes(&mut fx, &big, "too big for the egress MTU");
+        // The next hop was found in another second: XDP asks the FIB again
+        // and keeps the answer in the half, as TC does.
         fx.set_clock(T0 + SEC);
-        xdp_passes(&mut fx, &data, "a next hop of the second before");
-        fx.run(&data);
-        let (action, _) = fx.run_xdp(&data);
-        assert_eq!(action, XDP_REDIRECT, "after TC refreshed the next hop");
+        let want = fx.to_backends(tcp4_flags(CLIENT4, b, 40000, 8080, ACK, b"data"));
+        xdp_translates(&mut fx, &data, &want, "a next hop of the second before");
+        let key = lb_common::FlowKey {
+            src: lb_common::v4_mapped(CLIENT4),
+            dst: lb_common::v4_mapped(VIP4),
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let hop = fx.next_hop(&key).expect("the half");
+        assert_eq!(hop.second as u64, (T0 + SEC) / SEC, "refreshed: {hop:?}");
 
         // Not for a service, ICMP, IPv4 fragments, malformed: all TC's.
         for (input, what) in [
@@ -241,6 +252,27 @@ fn what_xdp_cannot_send_itself_passes_to_tc() {
         fx.reconciler.apply(&state).unwrap();
         xdp_passes(&mut fx, &data, "the backend left");
         assert_eq!(fx.global(global::CT_STALE), 0);
+    });
+}
+
+#[test]
+fn a_next_hop_not_resolved_is_left_to_tc() {
+    in_fresh_netns(|| {
+        let mut fx = fixture();
+        // 10.72.5.2 is on the backends' link, but has no neighbour entry.
+        let mut state = desired();
+        state.services.push(service(
+            "far",
+            "10.73.0.14:80",
+            lb_userspace::model::Proto::Tcp,
+            &["10.72.5.2:8080"],
+        ));
+        fx.reconciler.apply(&state).unwrap();
+        let vip = [10, 73, 0, 14];
+        let (b, _, _) = establish4(&mut fx, vip, 40000);
+        assert_eq!(b, [10, 72, 5, 2]);
+        let data = tcp4_flags(CLIENT4, vip, 40000, 80, ACK, b"data");
+        xdp_passes(&mut fx, &data, "neighbour not resolved");
     });
 }
 
