@@ -455,8 +455,11 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
              runs between have mostly pushed out of the CPU's caches. The two rows \
              \"again and again\" send one connection's packet every time instead: its \
              entries stay cached, so they show what the instructions cost, and their \
-             distance to the rows above what the memory accesses cost. The same figures \
-             come from `target/release/lb-pktcost --runs {} --scale S B ...`.",
+             distance to the rows above what the memory accesses cost. The rows marked \
+             XDP run the XDP fast path (`lbd --xdp`) on the same packets, right after TC \
+             has cached their next hops, with the datapath clock held still so that no \
+             second ends in between, each against a floor of its own: an XDP program that \
+             only passes. The same figures come from `target/release/lb-pktcost --runs {} --scale S B ...`.",
             thousands((config.pktcost_runs / ROUNDS).max(1) as u64 * ROUNDS as u64),
             config.pktcost_runs,
         )],
