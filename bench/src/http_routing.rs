@@ -220,7 +220,7 @@ pub fn run(config: &Config, command: &str) -> (Section, Vec<Goal>) {
         System::ALL.into_iter().filter(|s| config.wants(s.name())),
         System::name,
         rig,
-        |mode| wrk_args(config, mode, &script),
+        (&Mode::ALL, |mode| wrk_args(config, mode, &script)),
         config.e2e_window,
         &mut section.not_measured,
     );

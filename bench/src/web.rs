@@ -27,20 +27,35 @@ pub const API_PORT: u16 = 8081;
 /// connections and requests, not bytes.
 pub const PAGE: &str = "hello from a benchmark backend\n";
 pub const API_PAGE: &str = "hello from a benchmark API backend\n";
+/// A large body the backends serve too (`/big.bin`), where bytes count.
+pub const BIG_PATH: &str = "/big.bin";
+pub const BIG_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     KeepAlive,
     Close,
+    /// Keep-alive, every request for `BIG_PATH`.
+    KeepAliveBig,
 }
 
 impl Mode {
+    /// The small page with and without keep-alive.
     pub const ALL: [Mode; 2] = [Mode::KeepAlive, Mode::Close];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::KeepAlive => "keep-alive",
             Mode::Close => "new connection per request",
+            Mode::KeepAliveBig => "keep-alive, 1 MiB bodies",
+        }
+    }
+
+    /// The path requested.
+    pub fn path(self) -> &'static str {
+        match self {
+            Mode::KeepAliveBig => BIG_PATH,
+            _ => "/",
         }
     }
 }
@@ -129,6 +144,8 @@ impl Rig {
         std::fs::create_dir_all(dir.join("www"))?;
         std::fs::create_dir_all(dir.join("www-api/api"))?;
         std::fs::write(dir.join("www/index.html"), PAGE)?;
+        let big: Vec<u8> = (0..BIG_BYTES).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join(format!("www{BIG_PATH}")), big)?;
         std::fs::write(dir.join("www-api/api/index.html"), API_PAGE)?;
         let mut rig = Rig {
             topo,
@@ -280,14 +297,14 @@ pub struct Outcome<S> {
 }
 
 /// Sets up a rig for each of `systems` in turn (`rig`) and runs wrk on it
-/// in every client mode (`wrk_args`); what fails is noted in `not_measured`
-/// and the rest measured.
+/// in each of `modes`, with `wrk_args` for the mode; what fails is noted
+/// in `not_measured` and the rest measured.
 pub fn measure_each<S: Copy>(
     part: &str,
     systems: impl IntoIterator<Item = S>,
     name: impl Fn(S) -> &'static str,
     rig: impl Fn(S) -> Result<Rig>,
-    wrk_args: impl Fn(Mode) -> Vec<String>,
+    (modes, wrk_args): (&[Mode], impl Fn(Mode) -> Vec<String>),
     window: Duration,
     not_measured: &mut Vec<String>,
 ) -> Vec<Outcome<S>> {
@@ -301,7 +318,7 @@ pub fn measure_each<S: Copy>(
                 continue;
             }
         };
-        for mode in Mode::ALL {
+        for &mode in modes {
             match rig.wrk(&wrk_args(mode), window) {
                 Ok(m) => outcomes.push(Outcome { system, mode, m }),
                 Err(e) => not_measured.push(format!("{}, {}: {e:#}", name(system), mode.name())),

@@ -473,12 +473,11 @@ impl Datapath {
     /// The trivial pass-only program of the same object, loaded on demand
     /// (benchmarks use it as the floor).
     pub fn pass_program(&mut self) -> Result<&mut SchedClassifier> {
-        let ebpf = &mut self.programs.loaded()?.ebpf;
-        let prog = program_of::<SchedClassifier>(ebpf, progs::TC_PASS)?;
-        if prog.fd().is_err() {
-            prog.load()?;
-        }
-        Ok(prog)
+        on_demand(
+            &mut self.programs.loaded()?.ebpf,
+            progs::TC_PASS,
+            SchedClassifier::load,
+        )
     }
 
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
@@ -685,12 +684,11 @@ impl Datapath {
 
     /// The XDP pass-only program, loaded on demand (the XDP floor).
     pub fn xdp_pass_program(&mut self) -> Result<&mut Xdp> {
-        let ebpf = &mut self.programs.loaded()?.ebpf;
-        let prog = program_of::<Xdp>(ebpf, progs::XDP_PASS)?;
-        if prog.fd().is_err() {
-            prog.load()?;
-        }
-        Ok(prog)
+        on_demand(
+            &mut self.programs.loaded()?.ebpf,
+            progs::XDP_PASS,
+            Xdp::load,
+        )
     }
 
     /// Lists `ifindex` as a device the XDP program may redirect to, as
@@ -816,6 +814,22 @@ where
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the object"))?
         .try_into()?)
+}
+
+/// The program `name`, loaded into the kernel by `load` on its first use.
+fn on_demand<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let prog = program_of::<P>(ebpf, name)?;
+    match load(prog) {
+        Ok(()) | Err(ProgramError::AlreadyLoaded) => Ok(prog),
+        Err(e) => Err(e).with_context(|| format!("the kernel rejected {name}")),
+    }
 }
 
 fn load_tc_program(ebpf: &mut Ebpf) -> Result<()> {
