@@ -418,7 +418,6 @@ pub struct TrafficStats {
     pub no_backend: u64,
 }
 
-/// Indexes into GLOBAL_STATS (a per-CPU array of u64).
 /// How many interfaces the XDP program may redirect to (XDP_PORTS).
 pub const MAX_XDP_PORTS: u32 = 1024;
 
@@ -433,6 +432,7 @@ pub mod xdp_stat {
     pub const NAMES: [&str; COUNT as usize] = ["xdp_translated", "xdp_passed"];
 }
 
+/// Indexes into GLOBAL_STATS (a per-CPU array of u64).
 pub mod global {
     /// Packets seen by the program.
     pub const SEEN: u32 = 0;

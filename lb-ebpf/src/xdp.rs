@@ -85,7 +85,7 @@ fn fast_path(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     }
     conntrack::touch(s, e, now);
-    if translate(ctx, s, reply).is_err() {
+    if translate(ctx, s).is_err() {
         count(global::SEEN);
         count(global::REWRITE_ERRORS);
         return XDP_DROP;
@@ -178,14 +178,8 @@ fn refresh_hop(
     in_ifindex: u32,
     second: u32,
 ) -> bool {
-    let (p, en) = (&s.pkt, &s.entry);
-    let snat = en.flags & CT_SNAT != 0;
-    let (src, dst) = match (en.flags & CT_REPLY != 0, snat) {
-        (true, false) => (&en.frontend, &p.dst),
-        (true, true) => (&en.frontend, &en.client),
-        (false, false) => (&p.src, &en.backend),
-        (false, true) => (&en.nat_addr, &en.backend),
-    };
+    let p = &s.pkt;
+    let ((src, _), (dst, _)) = translated(p, &s.entry);
     let rc = forward::fib_lookup(ctx, &mut s.fib, p, (src, dst), in_ifindex);
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return false;
@@ -202,19 +196,28 @@ fn refresh_hop(
     true
 }
 
-/// Rewrites addresses, ports, TTL and MACs for the half in `s.entry`, with
-/// each checksum adjusted once for all of its changes.
-#[inline(never)]
-fn translate(ctx: &XdpContext, s: &Scratch, reply: bool) -> Result<(), ()> {
-    let p = &s.pkt;
-    let e = &s.entry;
-    let snat = e.flags & CT_SNAT != 0;
-    let ((src, sport), (dst, dport)) = match (reply, snat) {
+/// An address and a port (network byte order).
+type Endpoint<'a> = (&'a [u8; 16], u16);
+
+/// The source and destination of `p` once translated for its connection's
+/// half `e`.
+#[inline(always)]
+fn translated<'a>(p: &'a Packet, e: &'a CtEntry) -> (Endpoint<'a>, Endpoint<'a>) {
+    match (e.flags & CT_REPLY != 0, e.flags & CT_SNAT != 0) {
         (true, false) => ((&e.frontend, e.frontend_port), (&p.dst, p.dport)),
         (true, true) => ((&e.frontend, e.frontend_port), (&e.client, e.client_port)),
         (false, false) => ((&p.src, p.sport), (&e.backend, e.backend_port)),
         (false, true) => ((&e.nat_addr, e.nat_port), (&e.backend, e.backend_port)),
-    };
+    }
+}
+
+/// Rewrites addresses, ports, TTL and MACs for the half in `s.entry`, with
+/// each checksum adjusted once for all of its changes.
+#[inline(never)]
+fn translate(ctx: &XdpContext, s: &Scratch) -> Result<(), ()> {
+    let p = &s.pkt;
+    let e = &s.entry;
+    let ((src, sport), (dst, dport)) = translated(p, e);
     let l3 = p.l3_off as usize;
     let l4 = p.l4_off as usize;
     let old_ports = ports(p.sport, p.dport);

@@ -754,11 +754,12 @@ impl State {
                 Err(e) => log::warn!("{e:#}"),
             }
         }
+        let attached = self.datapath.attached_here();
         for name in xdp {
             if !links.values().any(|n| n == name) {
                 continue;
             }
-            if !self.datapath.attached_here().contains(name) {
+            if !attached.contains(name) {
                 log::error!("XDP on {name}: the TC program is not attached there (see --iface)");
             } else if let Err(e) = self.datapath.attach_xdp(name) {
                 log::error!("{e:#}");
