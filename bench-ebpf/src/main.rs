@@ -1,6 +1,7 @@
 //! Programs that exist only to measure the load balancer against the
-//! machine's own limits: a sink that counts and drops what reaches it, and
-//! the barest forwarder XDP allows (rewrite the MACs, redirect).
+//! machine's own limits: a sink that counts and drops what reaches it (in
+//! XDP, and in TC for what is handed to it as an skb), and the barest
+//! forwarder XDP allows (rewrite the MACs, redirect).
 //!
 //! Built for the BPF target by lb-bench's build script; a host build only
 //! checks that it compiles.
@@ -8,17 +9,18 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, map, xdp},
     maps::{Array, DevMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_UDP: u8 = 17;
 
-/// [packets, bytes] of UDP over IPv4 dropped by `bench_sink`, per CPU.
+/// [packets, bytes] of UDP over IPv4 dropped by `bench_sink` and
+/// `bench_sink_tc`, per CPU.
 #[map]
 static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
@@ -53,6 +55,22 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
     add(bench_ebpf::SINK_PACKETS, 1);
     add(bench_ebpf::SINK_BYTES, (end - data) as u64);
     xdp_action::XDP_DROP
+}
+
+/// `bench_sink` for packets that reach the sink's interface as an skb
+/// without passing its XDP hook: those a load balancer hands straight to
+/// the interface's ingress (`bpf_redirect_peer`).
+#[classifier]
+pub fn bench_sink_tc(ctx: TcContext) -> i32 {
+    let (Ok(ethertype), Ok(proto)) = (ctx.load::<u16>(12), ctx.load::<u8>(ETH_HLEN + 9)) else {
+        return TC_ACT_OK;
+    };
+    if u16::from_be(ethertype) != ETH_P_IP || proto != IPPROTO_UDP {
+        return TC_ACT_OK;
+    }
+    add(bench_ebpf::SINK_PACKETS, 1);
+    add(bench_ebpf::SINK_BYTES, ctx.len() as u64);
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

@@ -71,6 +71,12 @@ enum System {
     /// NIC's do, and the sink's veth has an XDP program, so it takes
     /// redirected frames.
     OursXdp(u32),
+    /// Ours with `--no-redirect-peer`: translated packets are transmitted
+    /// on the LB's veth to the sink instead of handed to the sink's
+    /// interface directly (`bpf_redirect_peer`), which is what the other
+    /// rows of ours do, the sink being a namespace of its own at the far
+    /// end of a veth, as a local container is.
+    OursVeth(u32),
     /// The same three with a new flow in every packet, where rules are
     /// walked (iptables) and conntrack entries made (all three), and ours
     /// with XDP, whose new flows all pass to TC.
@@ -96,6 +102,10 @@ impl System {
             System::Iptables(n) => format!("iptables DNAT, {}", svc(n)),
             System::Nftables(n) => format!("nftables DNAT map, {}", svc(n)),
             System::OursXdp(n) => format!("our load balancer with XDP, {}", svc(n)),
+            System::OursVeth(n) => format!(
+                "our load balancer, {}, transmitting on the veth (--no-redirect-peer)",
+                svc(n)
+            ),
             other => format!("{}, a new flow per packet", other.base().name()),
         }
     }
@@ -119,9 +129,11 @@ impl System {
     fn reference(self) -> System {
         match self {
             System::XdpBare | System::KernelForward => System::Ours(1),
-            System::Ours(n) | System::Iptables(n) | System::Nftables(n) | System::OursXdp(n) => {
-                System::Ours(n)
-            }
+            System::Ours(n)
+            | System::Iptables(n)
+            | System::Nftables(n)
+            | System::OursXdp(n)
+            | System::OursVeth(n) => System::Ours(n),
             System::OursNew(n)
             | System::IptablesNew(n)
             | System::NftablesNew(n)
@@ -133,9 +145,11 @@ impl System {
     fn destination(self) -> String {
         match self {
             System::XdpBare | System::KernelForward => SINK_V4.into(),
-            System::Ours(n) | System::Iptables(n) | System::Nftables(n) | System::OursXdp(n) => {
-                vip(n)
-            }
+            System::Ours(n)
+            | System::Iptables(n)
+            | System::Nftables(n)
+            | System::OursXdp(n)
+            | System::OursVeth(n) => vip(n),
             other => other.base().destination(),
         }
     }
@@ -348,15 +362,16 @@ fn install(chain: &Chain, system: System) -> Result<Installed> {
             ..Default::default()
         },
         System::KernelForward => Installed::default(),
-        System::Ours(n) | System::OursXdp(n) => {
+        System::Ours(n) | System::OursXdp(n) | System::OursVeth(n) => {
             let xdp = format!("{IN_DEV},{OUT_DEV}");
             let extra: &[&str] = match system.base() {
                 System::OursXdp(_) => &["--xdp", &xdp],
+                System::OursVeth(_) => &["--no-redirect-peer"],
                 _ => &[],
             };
             let lbd = Lbd::start_with(lb, "bf-lbd", &lbd_config(n), &[IN_DEV, OUT_DEV], extra)?;
             let xdp_on = lbd.status()?["xdp"].as_array().map_or(0, Vec::len);
-            if !extra.is_empty() && xdp_on != 2 {
+            if system.base() == System::OursXdp(n) && xdp_on != 2 {
                 anyhow::bail!("lbd did not attach XDP to both interfaces:\n{}", lbd.log());
             }
             wait_until(
@@ -561,6 +576,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
         System::XdpBare,
         System::KernelForward,
         System::Ours(1),
+        System::OursVeth(1),
         System::OursXdp(1),
         System::Iptables(1),
         System::Nftables(1),
@@ -604,7 +620,8 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
          {} flows (16 source addresses × 4,096 source ports, drawn at random per packet). \
          Each system gets a fresh gen → LB → sink chain of veth pairs. The LB's ingress \
          veth polls in threaded NAPI, pinned to CPU {}; the sink's veth polls in the softirq \
-         that thread raises, and the sink's XDP program counts and drops. Each system runs \
+         that thread raises, and the sink's XDP program counts and drops (its TC program \
+         counts what our load balancer hands to the sink's interface directly). Each system runs \
          {:.1} s after a {:.1} s warm-up, {} time(s) in turn with the others; the table gives \
          the mean. Systems with services get 1 or {} of them and the traffic goes to the \
          last one. iptables is `{}`, one DNAT rule per service in a chain jumped to from \
@@ -630,8 +647,12 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
          delivers less than was offered saturated its core. Then trafgen sends a fixed {} \
          packets/s, the same load for every system: *LB CPU / packet* is the run time of \
          the LB's NAPI thread per delivered packet (all the LB node did with the packet, \
-         plus its delivery into the sink's XDP program, which is the same for every \
-         system), and *capacity* is the rate that cost allows on one whole core. Capacity is \
+         plus its delivery into the sink), and *capacity* is the rate that cost allows on \
+         one whole core. The other systems transmit on the LB's veth to the sink, whose \
+         XDP program takes the packet from the veth's ring; ours, from its TC program, \
+         hands the packet to the sink's interface directly (`bpf_redirect_peer`), as it \
+         does for a local container, and the sink drops it at TC ingress; the row \
+         *transmitting on the veth* is ours delivering as the others do. Capacity is \
          what the goals use. The bare XDP forwarder pays for veth's conversion of each skb \
          into an XDP frame (a copy: trafgen's skbs lack XDP headroom); on a NIC it would be \
          cheaper. Ratios are to our load balancer (its TC program alone) with the same \

@@ -1,16 +1,17 @@
-//! The benchmark-only XDP programs (bench-ebpf): a sink that counts and
-//! drops, and a bare redirect forwarder.
+//! The benchmark-only programs (bench-ebpf): a sink that counts and drops,
+//! and a bare XDP redirect forwarder.
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Array, DevMap, MapData, PerCpuArray};
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::Ebpf;
 use lb_tests::netns::Netns;
 
 /// The object built by build.rs from the bench-ebpf crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-ebpf"));
 
-/// `bench_sink` attached to one interface; detached on drop.
+/// `bench_sink` attached to one interface, with `bench_sink_tc` at its TC
+/// ingress for what arrives there without passing XDP; detached on drop.
 pub struct Sink {
     /// Holds the program and its attachment.
     _ebpf: Ebpf,
@@ -46,6 +47,18 @@ fn attach(ns: &Netns, dev: &str, name: &str) -> Result<Ebpf> {
 impl Sink {
     pub fn attach(ns: &Netns, dev: &str) -> Result<Sink> {
         let mut ebpf = attach(ns, dev, "bench_sink")?;
+        ns.run(|| {
+            // The device is fresh and has no clsact qdisc yet.
+            aya::programs::tc::qdisc_add_clsact(dev)?;
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut("bench_sink_tc")
+                .ok_or_else(|| anyhow!("bench_sink_tc missing from bench-ebpf"))?
+                .try_into()?;
+            prog.load()?;
+            prog.attach(dev, TcAttachType::Ingress)?;
+            anyhow::Ok(())
+        })
+        .with_context(|| format!("attaching bench_sink_tc to {dev} in {}", ns.name()))?;
         let count = PerCpuArray::try_from(
             ebpf.take_map("SINK_COUNT")
                 .ok_or_else(|| anyhow!("SINK_COUNT missing"))?,

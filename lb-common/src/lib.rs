@@ -53,6 +53,7 @@ pub mod maps {
     pub const PREFILTER: &str = "PREFILTER";
     pub const XDP_PORTS: &str = "XDP_PORTS";
     pub const XDP_STATS: &str = "XDP_STATS";
+    pub const PEER_PORTS: &str = "PEER_PORTS";
     /// The layout record of a pin directory (see [`super::Layout`]). Made
     /// and read by lbd only; the datapath never looks at it.
     pub const LAYOUT: &str = "LAYOUT";
@@ -420,6 +421,9 @@ pub struct TrafficStats {
 
 /// How many interfaces the XDP program may redirect to (XDP_PORTS).
 pub const MAX_XDP_PORTS: u32 = 1024;
+
+/// How many veths PEER_PORTS can list: one per local container.
+pub const MAX_PEER_PORTS: u32 = 16384;
 
 /// Indexes of XDP_STATS, the XDP program's own counters.
 pub mod xdp_stat {

@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
     EbpfContext,
 };
@@ -26,6 +26,7 @@ use aya_ebpf::{
 use lb_common::NextHop;
 
 use crate::{
+    maps,
     parse::Packet,
     pkt::{self, delta, fix_csum, write},
 };
@@ -209,6 +210,13 @@ pub fn send(ctx: &TcContext, p: &Packet, route: Route, fib: &FibParams) -> i32 {
     if route == Route::Direct {
         if write(ctx, 0, &fib.dmac).is_err() || write(ctx, 6, &fib.smac).is_err() {
             return aya_ebpf::bindings::TC_ACT_SHOT as i32;
+        }
+        // Into a local container: its ingress directly, skipping the
+        // veth's transmit and the backlog queue on the far side.
+        if maps::peer_port(fib.ifindex, &fib.smac) {
+            // SAFETY: plain helper call; this program runs at TC ingress,
+            // the only hook where the kernel honours it.
+            return unsafe { bpf_redirect_peer(fib.ifindex, 0) } as i32;
         }
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;

@@ -115,6 +115,18 @@ pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(global
 #[map]
 pub static XDP_PORTS: DevMapHash = DevMapHash::with_max_entries(lb_common::MAX_XDP_PORTS, 0);
 
+/// Veths of lbd's namespace whose peer is in another namespace (a local
+/// container's): ifindex -> the veth's own MAC. A packet routed out of one
+/// is handed straight to the peer's ingress (`bpf_redirect_peer`) instead
+/// of being transmitted on the veth. The MAC must match the FIB's source
+/// MAC too, because the program also runs in namespaces lbd attached to
+/// (Swarm's ingress_sbox), where the same ifindex may name another device.
+/// Written by lbd from rtnetlink link events. Not pinned: it describes
+/// the devices one lbd saw, and a new lbd fills it before its first packet.
+#[map]
+pub static PEER_PORTS: HashMap<u32, [u8; 6]> =
+    HashMap::with_max_entries(lb_common::MAX_PEER_PORTS, 0);
+
 /// Per-CPU counters of the XDP program, indexed by `lb_common::xdp_stat`.
 /// Not pinned: they count for the program of one lbd.
 #[map]
@@ -166,6 +178,14 @@ pub fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficSt
         // SAFETY: per-CPU value from a successful lookup.
         f(unsafe { &mut *st });
     }
+}
+
+/// Whether `ifindex`, with `mac` as its address, is a veth to a local
+/// container (PEER_PORTS).
+#[inline(always)]
+pub fn peer_port(ifindex: u32, mac: &[u8; 6]) -> bool {
+    // SAFETY: plain data, written whole by lbd.
+    matches!(unsafe { PEER_PORTS.get(&ifindex) }, Some(m) if m == mac)
 }
 
 /// Whether PREFILTER may know (`addr`, `port`): false only when its bit is

@@ -65,6 +65,9 @@ pub struct Options {
     pub tc_attach: crate::datapath::TcAttach,
     /// Interfaces that get the XDP fast path as well (`--xdp`).
     pub xdp: Vec<String>,
+    /// Packets for local containers go straight into their namespace
+    /// (PEER_PORTS is filled); off with `--no-redirect-peer`.
+    pub redirect_peer: bool,
 }
 
 /// The background task that follows interfaces as they come and go.
@@ -337,7 +340,7 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             Some(t) = health_rx.recv() => state.health(t),
             Some(links) = links_rx.recv() => {
-                state.sync_links(&links, &opts.interfaces, &opts.xdp);
+                state.sync_links(&links, &opts);
                 attached = true;
             }
             Some(update) = docker_rx.recv() => state.docker_update(update),
@@ -738,14 +741,16 @@ impl State {
         services
     }
 
-    fn sync_links(&mut self, links: &Links, wanted: &[String], xdp: &[String]) {
+    fn sync_links(&mut self, links: &Links, opts: &Options) {
+        let (wanted, xdp) = (&opts.interfaces, &opts.xdp);
+        let eligible = &links.eligible;
         for name in self.datapath.attached_here() {
-            if !links.values().any(|n| *n == name) {
+            if !eligible.values().any(|n| *n == name) {
                 log::info!("{name} is gone");
                 self.datapath.forget(&name);
             }
         }
-        for name in links.values() {
+        for name in eligible.values() {
             match self.datapath.attach(name) {
                 Ok(()) => {}
                 // An interface listed with --iface must work; others (a veth
@@ -756,13 +761,18 @@ impl State {
         }
         let attached = self.datapath.attached_here();
         for name in xdp {
-            if !links.values().any(|n| n == name) {
+            if !eligible.values().any(|n| n == name) {
                 continue;
             }
             if !attached.contains(name) {
                 log::error!("XDP on {name}: the TC program is not attached there (see --iface)");
             } else if let Err(e) = self.datapath.attach_xdp(name) {
                 log::error!("{e:#}");
+            }
+        }
+        if opts.redirect_peer {
+            if let Err(e) = self.datapath.set_peer_ports(&links.peer_ports) {
+                log::error!("listing the veths of local containers: {e:#}");
             }
         }
     }

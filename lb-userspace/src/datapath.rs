@@ -96,6 +96,10 @@ pub struct Datapath {
     xdp: BTreeMap<String, (XdpLinkId, u32)>,
     /// XDP_PORTS: the interfaces the XDP program may redirect to.
     xdp_ports: DevMapHash<MapData>,
+    /// PEER_PORTS: veths into local containers, by ifindex, and what lbd
+    /// last wrote there.
+    peer_ports: HashMap<MapData, u32, [u8; 6]>,
+    peer_ports_written: BTreeMap<u32, [u8; 6]>,
 }
 
 /// The object's programs. The kernel verifies them on a thread of their
@@ -436,10 +440,13 @@ impl Datapath {
             maps.config.set(0, Config::default(), 0)?;
         }
         let xdp_ports = take(&mut ebpf, maps::XDP_PORTS)?;
+        let peer_ports = take(&mut ebpf, maps::PEER_PORTS)?;
         let datapath = Datapath {
             programs: Programs::verify(ebpf, held)?,
             xdp: BTreeMap::new(),
             xdp_ports,
+            peer_ports,
+            peer_ports_written: BTreeMap::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
             links: BTreeMap::new(),
             netns: BTreeMap::new(),
@@ -695,6 +702,41 @@ impl Datapath {
     /// `attach_xdp` does for the interfaces it attaches to.
     pub fn allow_xdp_egress(&mut self, ifindex: u32) -> Result<()> {
         Ok(self.xdp_ports.insert(ifindex, ifindex, None, 0)?)
+    }
+
+    /// Makes PEER_PORTS list exactly `ports` (ifindex -> the veth's MAC):
+    /// the veths whose peer is a local container's interface.
+    pub fn set_peer_ports(&mut self, ports: &BTreeMap<u32, [u8; 6]>) -> Result<()> {
+        if ports.len() > lb_common::MAX_PEER_PORTS as usize {
+            log::warn!(
+                "{} veths into local containers, PEER_PORTS holds {}: the others are \
+                 reached through their veth",
+                ports.len(),
+                lb_common::MAX_PEER_PORTS
+            );
+        }
+        let stale: Vec<u32> = self
+            .peer_ports_written
+            .keys()
+            .filter(|i| !ports.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            match self.peer_ports.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("PEER_PORTS"),
+            }
+            self.peer_ports_written.remove(&ifindex);
+        }
+        for (&ifindex, mac) in ports.iter().take(lb_common::MAX_PEER_PORTS as usize) {
+            if self.peer_ports_written.get(&ifindex) != Some(mac) {
+                self.peer_ports
+                    .insert(ifindex, mac, 0)
+                    .context("PEER_PORTS")?;
+                self.peer_ports_written.insert(ifindex, *mac);
+            }
+        }
+        Ok(())
     }
 
     /// Forgets an interface that no longer exists (its link went with it).

@@ -1,17 +1,25 @@
-//! Which interfaces the datapath attaches to, following rtnetlink link
-//! events so that interfaces created later (veths of new containers,
-//! bridges) are covered as they appear.
+//! Which interfaces the datapath attaches to, and which lead into a local
+//! container, following rtnetlink link events so that interfaces created
+//! later (veths of new containers, bridges) are covered as they appear.
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 use futures::{StreamExt, TryStreamExt};
-use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage};
 use netlink_sys::{AsyncSocket, SocketAddr};
 use tokio::sync::mpsc;
 
-/// Interface name by index.
-pub type Links = BTreeMap<u32, String>;
+/// The node's interfaces, as one dump saw them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Links {
+    /// Those the datapath attaches to: name by index.
+    pub eligible: BTreeMap<u32, String>,
+    /// Veths whose peer is in another namespace (a local container's): the
+    /// veth's MAC by index. The datapath hands packets routed out of one
+    /// straight to the peer (PEER_PORTS).
+    pub peer_ports: BTreeMap<u32, [u8; 6]>,
+}
 
 /// Sends the full set of eligible interfaces now and after every link change.
 pub async fn watch(only: Vec<String>, tx: mpsc::Sender<Links>) -> Result<()> {
@@ -21,11 +29,14 @@ pub async fn watch(only: Vec<String>, tx: mpsc::Sender<Links>) -> Result<()> {
         .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))?;
     tokio::spawn(conn);
     loop {
-        let mut links = Links::new();
+        let mut links = Links::default();
         let mut dump = handle.link().get().execute();
         while let Some(msg) = dump.try_next().await? {
             if let Some(name) = eligible(&msg, &only) {
-                links.insert(msg.header.index, name);
+                links.eligible.insert(msg.header.index, name);
+            }
+            if let Some(mac) = peer_port(&msg) {
+                links.peer_ports.insert(msg.header.index, mac);
             }
         }
         if tx.send(links).await.is_err() {
@@ -63,6 +74,28 @@ fn eligible(msg: &LinkMessage, only: &[String]) -> Option<String> {
     Some(name)
 }
 
+/// The MAC of a veth whose peer is in another namespace: the kernel
+/// reports the peer's namespace (IFLA_LINK_NETNSID) only then. The kernel
+/// refuses `bpf_redirect_peer` into a peer in the same namespace.
+fn peer_port(msg: &LinkMessage) -> Option<[u8; 6]> {
+    let mut veth = false;
+    let mut elsewhere = false;
+    let mut mac = None;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::LinkInfo(infos) => {
+                veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+            }
+            LinkAttribute::NetnsId(_) => elsewhere = true,
+            LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    mac.filter(|_| veth && elsewhere)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +128,34 @@ mod tests {
             eligible(&link("eth1", LinkLayerType::Ether), &["eth0".into()]),
             None
         );
+    }
+
+    #[test]
+    fn only_veths_with_a_peer_elsewhere_are_peer_ports() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let veth = |elsewhere: bool| {
+            let mut msg = link("veth1", LinkLayerType::Ether);
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+            msg.attributes
+                .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Veth,
+                )]));
+            if elsewhere {
+                msg.attributes.push(LinkAttribute::NetnsId(3));
+            }
+            msg
+        };
+        assert_eq!(peer_port(&veth(true)), Some(mac));
+        assert_eq!(peer_port(&veth(false)), None);
+        // A VXLAN device also reports a link namespace, but has no peer.
+        let mut vxlan = link("vx0", LinkLayerType::Ether);
+        vxlan.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        vxlan
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Vxlan,
+            )]));
+        vxlan.attributes.push(LinkAttribute::NetnsId(3));
+        assert_eq!(peer_port(&vxlan), None);
     }
 }

@@ -93,7 +93,6 @@ pub fn set_checksum_offload(ns: &Netns, dev: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Sets the MTU of `dev` in `ns`.
 /// `ethtool -K DEV gro on` in `ns` (or `off`), checked by reading it back.
 /// On a veth, GRO also gives the device its own NAPI poller, without which
 /// it refuses frames an XDP program redirects to its peer.
@@ -110,8 +109,33 @@ pub fn set_gro(ns: &Netns, dev: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// Sets the MTU of `dev` in `ns`.
 pub fn set_mtu(ns: &Netns, dev: &str, mtu: u32) -> Result<()> {
     ns.ip(&["link", "set", "dev", dev, "mtu", &mtu.to_string()])
+}
+
+/// The packets `dev` in `ns` has received and transmitted, as the device
+/// counts them (`/proc/net/dev`).
+pub fn packet_counts(ns: &Netns, dev: &str) -> Result<(u64, u64)> {
+    let dev = dev.to_owned();
+    ns.run(move || {
+        // thread-self: the thread that joined the namespace.
+        let text = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+        let fields: Vec<u64> = text
+            .lines()
+            .find_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                (name.trim() == dev).then(|| {
+                    rest.split_whitespace()
+                        .filter_map(|f| f.parse().ok())
+                        .collect()
+                })
+            })
+            .with_context(|| format!("{dev} not in /proc/net/dev"))?;
+        // Receive: bytes, packets, ...; transmit starts at the ninth field.
+        ensure!(fields.len() >= 16, "{dev}: short line in /proc/net/dev");
+        Ok((fields[1], fields[9]))
+    })
 }
 
 /// A counter of `/proc/net/snmp` (IPv4: `Icmp`, `InDestUnreachs`) or

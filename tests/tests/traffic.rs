@@ -18,7 +18,7 @@ use lb_tests::bulk::{self, human, ConnectOptions, Transfer};
 use lb_tests::echo::{parse_reply, tcp_request, TcpSession};
 use lb_tests::flood::syn_flood;
 use lb_tests::lbd::{lbctl, Lbd};
-use lb_tests::netdev::{set_checksum_offload, set_gro, set_mtu, snmp_counter};
+use lb_tests::netdev::{packet_counts, set_checksum_offload, set_gro, set_mtu, snmp_counter};
 use lb_tests::netns::Netns;
 use lb_tests::process::{wait_until, ChildGuard};
 use lb_tests::topology::{
@@ -230,6 +230,9 @@ enum Offload {
     /// node: senders that checksum in software are what makes a veth
     /// qualify, as a NIC does (docs/datapath.md, section 8).
     OffWithXdp,
+    /// On, and lbd runs with `--no-redirect-peer`: translated packets are
+    /// transmitted on the LB node's veths instead of handed to the peer.
+    OnThroughVeth,
 }
 
 /// The interfaces every packet of a balanced flow crosses, by namespace.
@@ -250,7 +253,7 @@ fn every_link(topo: &Topology) -> Vec<(&Netns, String)> {
 /// [`TRANSFER_BOUND`], each backend seeing the expected client address.
 fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
     let topo = Topology::new(tag).expect("topology");
-    if offload != Offload::On {
+    if !matches!(offload, Offload::On | Offload::OnThroughVeth) {
         for (ns, dev) in every_link(&topo) {
             set_checksum_offload(ns, &dev, false)
                 .unwrap_or_else(|e| panic!("turning offloads off: {e:#}"));
@@ -269,11 +272,16 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
     }
     let bulk = start_bulk(&topo, &[0, 1, 2]);
     let frontend = family.frontend(nat, 80);
+    let veths_before = veth_counts(&topo);
     let config = render(&[
         Service::new("bulk", frontend, "tcp", &backends(family, BULK_PORT, 3)).snat(nat, family),
     ]);
     let xdp_args = ["--xdp", &LB_IFS.join(",")];
-    let extra: &[&str] = if xdp { &xdp_args } else { &[] };
+    let extra: &[&str] = match offload {
+        Offload::OffWithXdp => &xdp_args,
+        Offload::OnThroughVeth => &["--no-redirect-peer"],
+        Offload::On | Offload::Off => &[],
+    };
     let lbd = Lbd::start_with(&topo.lb, tag, &config, LB_IFS, extra).expect("lbd");
     let env = Env {
         lbd,
@@ -307,6 +315,7 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
             Offload::On => "on",
             Offload::Off => "off",
             Offload::OffWithXdp => "off, XDP fast path on",
+            Offload::OnThroughVeth => "on, without redirect_peer",
         }
     );
 
@@ -365,7 +374,51 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
             by_xdp > 10_000 && by_xdp > 10 * by_tc,
             "the XDP fast path carried {by_xdp} packets, TC {by_tc}"
         );
+    } else {
+        // Every node beyond the LB's veths is a namespace of its own, as a
+        // local container is: the TC program hands the translated packets
+        // to the far end directly, and the LB's end never transmits them.
+        let (peers_rx, lb_tx) = veth_counts(&env.topo);
+        let (peers_rx, lb_tx) = (peers_rx - veths_before.0, lb_tx - veths_before.1);
+        eprintln!(
+            "{what}: the far ends of the LB's veths received {peers_rx} packets, the LB's \
+             ends transmitted {lb_tx}"
+        );
+        // 24 MiB in segments of up to 64 KiB with offloads on, of one MTU
+        // without.
+        assert!(
+            peers_rx > 300,
+            "only {peers_rx} packets crossed the LB's veths"
+        );
+        if offload == Offload::OnThroughVeth {
+            assert!(
+                lb_tx >= peers_rx,
+                "without redirect_peer, the LB's veths transmitted only {lb_tx} of {peers_rx}"
+            );
+        } else {
+            assert!(
+                lb_tx * 10 < peers_rx,
+                "the LB's veths transmitted {lb_tx} of {peers_rx} packets: bpf_redirect_peer \
+                 was not used"
+            );
+        }
     }
+}
+
+/// Packets received by the far ends of the LB node's veths, and packets
+/// transmitted by the LB's ends, summed.
+fn veth_counts(topo: &Topology) -> (u64, u64) {
+    let mut sums = (0, 0);
+    let far = std::iter::once(&topo.client).chain(topo.backends.iter().map(|b| &b.ns));
+    for ns in far {
+        sums.0 += packet_counts(ns, "eth0").expect("counters").0;
+    }
+    let near = std::iter::once(LB_CLIENT_IF.to_owned())
+        .chain(topo.backends.iter().map(|b| b.lb_if.clone()));
+    for dev in near {
+        sums.1 += packet_counts(&topo.lb, &dev).expect("counters").1;
+    }
+    sums
 }
 
 #[test]
@@ -376,6 +429,11 @@ fn bulk_ipv4_dnat_offload_on() {
 #[test]
 fn bulk_ipv4_dnat_offload_off() {
     bulk_transfers("bk4dx", Family::V4, Nat::Dnat, Offload::Off);
+}
+
+#[test]
+fn bulk_ipv4_dnat_through_the_veth() {
+    bulk_transfers("bk4dv", Family::V4, Nat::Dnat, Offload::OnThroughVeth);
 }
 
 #[test]

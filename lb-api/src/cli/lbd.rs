@@ -120,6 +120,13 @@ pub struct Args {
     /// with checksum offload does not qualify. See docs/datapath.md.
     #[arg(long = "xdp", env = "LBD_XDP", value_delimiter = ',')]
     pub xdp: Vec<String>,
+    /// Send packets for a local container through its veth the slow way
+    /// (transmitted on the host-side veth) instead of straight into the
+    /// container's namespace (`bpf_redirect_peer`). The direct way skips
+    /// the host-side veth's egress: use this flag if a qdisc or TC egress
+    /// program there must see the traffic (bandwidth shaping, accounting).
+    #[arg(long, env = "LBD_NO_REDIRECT_PEER")]
+    pub no_redirect_peer: bool,
     /// Serve Prometheus metrics at /metrics and a stats page at / on this
     /// loopback address (other addresses are refused).
     #[arg(long, env = "LBD_METRICS")]

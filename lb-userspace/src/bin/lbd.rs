@@ -138,6 +138,7 @@ async fn main() -> Result<()> {
         datapath_log,
         tc_attach: TcAttach::choose(&args.tc_attach)?,
         xdp: args.xdp,
+        redirect_peer: !args.no_redirect_peer,
         limits: Limits {
             max_services: args.max_services,
             max_backends: args.max_backends,
