@@ -134,7 +134,8 @@ impl Report {
 }
 
 /// The sections of an existing BENCHMARKS.md that other commands write
-/// (`cargo xtask vm-test --only swarm_ipvs`), each between a line
+/// (`cargo xtask vm-test --only swarm_ipvs`), or people (the history of
+/// changes between runs), each between a line
 /// `<!-- NAME: begin -->` and a line `<!-- NAME: end -->`: a new report
 /// keeps them, after its own.
 pub fn kept_sections(old: &str) -> String {
