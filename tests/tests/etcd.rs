@@ -616,8 +616,15 @@ fn etcd_down_and_restarted_under_load() {
         env.etcd.start().expect("etcd restart");
         marks.push(("etcd back", SystemTime::now()));
         // Changed at once, most likely before lbd is back: lbd must pick
-        // them up when it resumes or resyncs.
-        env.kv().delete(&key("web", "backends/b3")).unwrap();
+        // them up when it resumes or resyncs. b3 is drained (weight 0), not
+        // deleted: a deleted backend's connections end with it (section 3.1
+        // of docs/datapath.md), and one of the load's requests may be on it.
+        env.kv()
+            .put(
+                &key("web", "backends/b3"),
+                &format!("{} weight=0", backend(3)),
+            )
+            .unwrap();
         let rev = env
             .kv()
             .put(
@@ -629,7 +636,8 @@ fn etcd_down_and_restarted_under_load() {
         marks.push(("lbd reconnected", SystemTime::now()));
         wait_applied(env.lbd(), rev, RECONNECT_BOUND);
         marks.push(("lbd applied", SystemTime::now()));
-        let want: BTreeMap<String, u64> = [(backend(1), 3), (backend(2), 1)].into();
+        let want: BTreeMap<String, u64> =
+            [(backend(1), 3), (backend(2), 1), (backend(3), 0)].into();
         let s = wait_backends(env.lbd(), FRONTEND, &want);
         eprintln!("after etcd came back: {:#}", s["etcd"]);
         sleep(Duration::from_secs(1));
