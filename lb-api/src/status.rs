@@ -176,6 +176,10 @@ pub struct Status {
     /// Those that have the XDP fast path too (`lbd --xdp`).
     #[serde(default)]
     pub xdp: Vec<String>,
+    /// Veths into local containers, to which translated packets are handed
+    /// directly (`bpf_redirect_peer`); 0 with `lbd --no-redirect-peer`.
+    #[serde(default)]
+    pub peer_ports: usize,
     pub config: ConfigStatus,
     /// Present when lbd watches a Docker engine.
     pub docker: Option<DockerStatus>,
@@ -395,6 +399,14 @@ pub fn render_table(status: &Status, swarm_frontends: bool) -> String {
     }
     if !status.xdp.is_empty() {
         let _ = write!(out, "; XDP fast path on {}", status.xdp.join(", "));
+    }
+    if status.peer_ports > 0 {
+        let _ = write!(
+            out,
+            "; {} veth{} into local containers reached directly",
+            status.peer_ports,
+            if status.peer_ports == 1 { "" } else { "s" }
+        );
     }
     let _ = writeln!(out);
     if let Some(path) = &status.config.path {

@@ -920,6 +920,7 @@ impl State {
                 interfaces: self.datapath.attached(),
                 tc_attach: self.datapath.tc_attach().name().to_string(),
                 xdp: self.datapath.xdp_attached(),
+                peer_ports: self.datapath.peer_ports(),
                 config: self.config_status.clone(),
                 docker: self.docker_status.clone(),
                 etcd: self.etcd_status.clone(),

@@ -739,6 +739,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// How many veths PEER_PORTS lists.
+    pub fn peer_ports(&self) -> usize {
+        self.peer_ports_written.len()
+    }
+
     /// Forgets an interface that no longer exists (its link went with it).
     pub fn forget(&mut self, ifname: &str) {
         self.detach_xdp(ifname);

@@ -390,6 +390,17 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
             peers_rx > 300,
             "only {peers_rx} packets crossed the LB's veths"
         );
+        let listed = env.lbd.status().expect("status")["peer_ports"].as_u64();
+        let want = if offload == Offload::OnThroughVeth {
+            0
+        } else {
+            LB_IFS.len() as u64
+        };
+        assert_eq!(
+            listed,
+            Some(want),
+            "veths lbd lists as into other namespaces"
+        );
         if offload == Offload::OnThroughVeth {
             assert!(
                 lb_tx >= peers_rx,

@@ -563,6 +563,7 @@ mod tests {
             interfaces: vec!["eth0".into()],
             tc_attach: "tcx".into(),
             xdp: vec![],
+            peer_ports: 0,
             config: ConfigStatus {
                 path: Some("/etc/lbd.toml".into()),
                 last_error: Some("bad".into()),
