@@ -30,6 +30,14 @@ pub struct Scale {
     pub rows: Vec<(String, f64)>,
 }
 
+impl Scale {
+    /// Row `i`'s cost in floors: over the TC floor, or the XDP rows over
+    /// their own.
+    pub fn times_floor(&self, i: usize) -> f64 {
+        self.rows[i].1 / self.rows[floor_of(i)].1
+    }
+}
+
 pub const FLOOR: &str = "floor: a TC program that only passes";
 pub const NO_SERVICE: &str = "packet for no service";
 pub const NEW_FLOW: &str = "new flow (Maglev pick, both conntrack halves inserted)";
@@ -63,7 +71,7 @@ const PATHS: [&str; 12] = [
 ];
 
 /// The row whose floor is row `i`'s: the XDP rows have their own.
-pub fn floor_of(i: usize) -> usize {
+fn floor_of(i: usize) -> usize {
     let xdp = PATHS
         .iter()
         .position(|p| *p == XDP_FLOOR)
@@ -543,7 +551,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
         for sc in &scales {
             let ns = sc.rows[i].1;
             row.push(format!("{ns:.0} ns"));
-            row.push(format!("{:.1}", ns / sc.rows[floor_of(i)].1));
+            row.push(format!("{:.1}", sc.times_floor(i)));
         }
         table.row(row);
     }
@@ -626,7 +634,7 @@ pub fn run(config: &Config, plot_dir: &Path, command: &str) -> (Section, Vec<Goa
 fn floor_goals(one: &Scale, big: &Scale) -> Vec<Goal> {
     let floors = |sc: &Scale, path: &str| -> Option<f64> {
         let i = sc.rows.iter().position(|r| r.0 == path)?;
-        Some(sc.rows[i].1 / sc.rows[floor_of(i)].1)
+        Some(sc.times_floor(i))
     };
     [
         ("established flow", ESTABLISHED, Some(XDP_ESTABLISHED), 3.0),

@@ -420,14 +420,13 @@ fn bulk_transfers(tag: &str, family: Family, nat: Nat, offload: Offload) {
 /// transmitted by the LB's ends, summed.
 fn veth_counts(topo: &Topology) -> (u64, u64) {
     let mut sums = (0, 0);
-    let far = std::iter::once(&topo.client).chain(topo.backends.iter().map(|b| &b.ns));
-    for ns in far {
-        sums.0 += packet_counts(ns, "eth0").expect("counters").0;
-    }
-    let near = std::iter::once(LB_CLIENT_IF.to_owned())
-        .chain(topo.backends.iter().map(|b| b.lb_if.clone()));
-    for dev in near {
-        sums.1 += packet_counts(&topo.lb, &dev).expect("counters").1;
+    for (ns, dev) in every_link(topo) {
+        let (rx, tx) = packet_counts(ns, &dev).expect("counters");
+        if ns.name() == topo.lb.name() {
+            sums.1 += tx;
+        } else {
+            sums.0 += rx;
+        }
     }
     sums
 }

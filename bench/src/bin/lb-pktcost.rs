@@ -38,8 +38,8 @@ fn main() -> Result<()> {
             scale.program_time.as_secs_f64()
         );
         for (i, (name, ns)) in scale.rows.iter().enumerate() {
-            let floor = scale.rows[lb_bench::pktcost::floor_of(i)].1;
-            println!("  {name:<58} {ns:>8.1} ns  ({:.2}x floor)", ns / floor);
+            let floors = scale.times_floor(i);
+            println!("  {name:<58} {ns:>8.1} ns  ({floors:.2}x floor)");
         }
     }
     Ok(())
