@@ -259,9 +259,13 @@ impl Serving {
             let (permit, stream, peer) =
                 accept_shared_slot(&listener, &self.permits, "http").await?;
             let _ = stream.set_nodelay(true);
-            let conn = self
-                .clone()
-                .connection(stream, peer, tls.clone(), client.clone());
+            // Boxed: the connection's future is kilobytes (hyper's state for
+            // both protocols), and spawning copies a future several times
+            // on its way into the task; a box is copied as a pointer.
+            let conn = Box::pin(
+                self.clone()
+                    .connection(stream, peer, tls.clone(), client.clone()),
+            );
             tokio::spawn(async move {
                 conn.await;
                 drop(permit);
