@@ -336,6 +336,14 @@ fn limits_431_413_and_slow_headers() {
         let (out, closed) = raw_exchange(b"GET / HTTP/1.1\r\nHost: small\r\n", t).unwrap();
         assert!(closed, "a stalled request head must be cut: {out}");
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // And a connection that sends nothing at all, or too little to
+        // tell its protocol (part of HTTP/2's preface).
+        for silent in [&b""[..], b"PRI * HTTP/2"] {
+            let started = Instant::now();
+            let (out, closed) = raw_exchange(silent, t).unwrap();
+            assert!(closed, "a silent connection must be cut: {out}");
+            assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        }
 
         // Smuggling: Transfer-Encoding wins over Content-Length and the
         // connection closes after the answer, so the tail is never taken

@@ -17,6 +17,7 @@ pub mod config;
 pub mod discovery;
 pub mod labels;
 pub mod metrics;
+pub mod preface;
 pub mod proxy;
 pub mod routes_page;
 pub mod sticky;
@@ -32,10 +33,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -98,19 +99,17 @@ pub async fn run(opts: Options) -> Result<()> {
     };
     proxy.swap(table);
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
         // hyper answers 431 when a request head does not fit.
         .max_buf_size(opts.max_header_bytes);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(opts.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(opts.max_connections));
 
     // Every listener is bound before any serves, so that one answering
@@ -133,9 +132,9 @@ pub async fn run(opts: Options) -> Result<()> {
     let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel();
     let serving = Serving {
         proxy: proxy.clone(),
-        builder,
+        protocols: Arc::new(Protocols { http1, http2 }),
         permits,
-        handshake_timeout: opts.header_read_timeout,
+        head_timeout: opts.header_read_timeout,
     };
     for (index, listeners) in listeners.into_iter().enumerate() {
         serving.spawn_thread(index, listeners, failed_tx.clone())?;
@@ -182,7 +181,9 @@ type Listener = (std::net::TcpListener, Option<TlsAcceptor>);
 
 /// A listener on `addr` that other sockets may share (SO_REUSEPORT): each
 /// serving thread has one, and the kernel spreads new connections over
-/// them.
+/// them. Its connections start with TCP_NODELAY (Linux copies it from
+/// the listener), so that a response is never held back waiting for an
+/// acknowledgement, without a system call per connection.
 fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -191,6 +192,7 @@ fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     Ok(socket.listen(LISTEN_BACKLOG)?.into_std()?)
 }
@@ -199,10 +201,12 @@ fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener> {
 #[derive(Clone)]
 struct Serving {
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    protocols: Arc<Protocols>,
     /// Client connections served at once, over all threads.
     permits: Arc<Semaphore>,
-    handshake_timeout: Duration,
+    /// How long a new connection has for its TLS handshake, and then for
+    /// its first bytes (hyper times the rest of each request head).
+    head_timeout: Duration,
 }
 
 impl Serving {
@@ -258,7 +262,6 @@ impl Serving {
         loop {
             let (permit, stream, peer) =
                 accept_shared_slot(&listener, &self.permits, "http").await?;
-            let _ = stream.set_nodelay(true);
             // Boxed: the connection's future is kilobytes (hyper's state for
             // both protocols), and spawning copies a future several times
             // on its way into the task; a box is copied as a pointer.
@@ -273,8 +276,7 @@ impl Serving {
         }
     }
 
-    /// Serves one client connection; with `tls`, after its handshake,
-    /// which has `handshake_timeout` to finish.
+    /// Serves one client connection; with `tls`, after its handshake.
     async fn connection(
         self,
         stream: TcpStream,
@@ -284,8 +286,8 @@ impl Serving {
     ) {
         let Serving {
             proxy,
-            builder,
-            handshake_timeout,
+            protocols,
+            head_timeout,
             ..
         } = self;
         proxy.metrics.connections.inc();
@@ -295,16 +297,16 @@ impl Serving {
                     addr: peer,
                     tls: false,
                 };
-                serve(&builder, stream, &proxy, &client, from).await;
+                serve(&protocols, stream, &proxy, &client, from, head_timeout).await;
             }
             Some(acceptor) => {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let from = Peer {
                             addr: peer,
                             tls: true,
                         };
-                        serve(&builder, stream, &proxy, &client, from).await;
+                        serve(&protocols, stream, &proxy, &client, from, head_timeout).await;
                     }
                     Ok(Err(e)) => {
                         proxy.metrics.tls_handshake_failures.inc();
@@ -321,14 +323,22 @@ impl Serving {
     }
 }
 
+/// How client connections are served, by the protocol they speak.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
 /// Serves one client connection, HTTP/1.1 or HTTP/2 (by its preface, so
-/// also whatever ALPN chose), until it closes.
+/// also whatever ALPN chose), until it closes. Its first bytes have as long
+/// as a request head to arrive.
 async fn serve<I>(
-    builder: &auto::Builder<TokioExecutor>,
+    protocols: &Protocols,
     io: I,
     proxy: &Arc<Proxy>,
     client: &Arc<BackendClient>,
     from: Peer,
+    first_bytes_timeout: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -337,10 +347,24 @@ async fn serve<I>(
         let client = client.clone();
         async move { Ok::<_, Infallible>(proxy.handle(&client, req, from).await) }
     });
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
+    let (protocol, io) = match tokio::time::timeout(first_bytes_timeout, preface::detect(io)).await
     {
+        Ok(Ok(detected)) => detected,
+        Ok(Err(e)) => return log::debug!("connection from {}: {e}", from.addr),
+        Err(_) => return log::debug!("connection from {}: nothing sent", from.addr),
+    };
+    let io = TokioIo::new(io);
+    let served = match protocol {
+        preface::Protocol::Http1 => {
+            protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+        preface::Protocol::Http2 => protocols.http2.serve_connection(io, service).await,
+    };
+    if let Err(e) = served {
         log::debug!("connection from {}: {e}", from.addr);
     }
 }
@@ -516,5 +540,20 @@ where
                 .await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_from_the_listener() {
+        let listener = bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
