@@ -29,14 +29,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    global, Backend, Config, CtEntry, NextHop, ServiceKey, ServiceValue, TrafficStats,
-    BACKEND_ACTIVE, BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, PROTO_TCP,
-    PROTO_UDP, ST_CLOSING, ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
+    global, Backend, Config, CtEntry, NextHop, ServiceKey, ServiceValue, BACKEND_ACTIVE,
+    BACKEND_DOWN, CT_SNAT, FLAG_FULLNAT, FLAG_LOCAL_VIP, FLAG_SOCKET, PROTO_TCP, PROTO_UDP,
+    ST_CLOSING, ST_FIN_BACKEND, ST_FIN_CLIENT, ST_RST, ST_SEEN_REPLY,
 };
 
 use forward::Route;
 use maps::{
-    add_stats, count, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH, SERVICES, SERVICE_STATS,
+    add_stats, count, count_traffic, Scratch, Traffic, BACKENDS, CONFIG, SCRATCH, SERVICES,
+    SERVICE_STATS,
 };
 use nat::Side;
 use parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -270,16 +271,7 @@ fn to_backend(ctx: &TcContext, s: &mut Scratch, route: Route, new: bool) -> i32 
         return SHOT;
     }
     count(global::TRANSLATED);
-    let bytes = ctx.len() as u64;
-    let update = |st: &mut TrafficStats| {
-        st.packets += 1;
-        st.bytes += bytes;
-        if new {
-            st.new_flows += 1;
-        }
-    };
-    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
-    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+    count_traffic(e, ctx.len() as u64, Traffic::ToBackend(new));
     count(global::REDIRECTED);
     forward::send(ctx, p, route, &s.fib)
 }
@@ -313,13 +305,7 @@ fn to_client(ctx: &TcContext, s: &mut Scratch, e: *mut CtEntry, now: u64) -> i32
         return SHOT;
     }
     count(global::TRANSLATED);
-    let bytes = ctx.len() as u64;
-    let update = |st: &mut TrafficStats| {
-        st.reply_packets += 1;
-        st.reply_bytes += bytes;
-    };
-    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
-    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+    count_traffic(e, ctx.len() as u64, Traffic::ToClient);
     count(global::REDIRECTED);
     forward::send(ctx, p, route, &s.fib)
 }

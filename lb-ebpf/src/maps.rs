@@ -180,6 +180,35 @@ pub fn add_stats(stats: Option<*mut TrafficStats>, f: impl FnOnce(&mut TrafficSt
     }
 }
 
+/// Which way a translated packet went, for its connection's counters.
+#[derive(Clone, Copy)]
+pub enum Traffic {
+    /// The client's packet; `true` when it started the connection.
+    ToBackend(bool),
+    /// The backend's reply.
+    ToClient,
+}
+
+/// Counts a translated packet of `bytes` in the per-CPU counters of its
+/// connection's service and backend. Both programs count here, so a
+/// connection's counters do not depend on which one carried a packet.
+#[inline(always)]
+pub fn count_traffic(e: &CtEntry, bytes: u64, traffic: Traffic) {
+    let update = |st: &mut TrafficStats| match traffic {
+        Traffic::ToBackend(new) => {
+            st.packets += 1;
+            st.bytes += bytes;
+            st.new_flows += new as u64;
+        }
+        Traffic::ToClient => {
+            st.reply_packets += 1;
+            st.reply_bytes += bytes;
+        }
+    };
+    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
+    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+}
+
 /// Whether `ifindex`, with `mac` as its address, is a veth to a local
 /// container (PEER_PORTS).
 #[inline(always)]

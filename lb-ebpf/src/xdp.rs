@@ -32,8 +32,7 @@ use crate::{
     conntrack,
     forward::{self, Route},
     maps::{
-        add_stats, count, count_xdp, Scratch, BACKENDS, BACKEND_STATS, CONFIG, SCRATCH,
-        SERVICE_STATS, XDP_PORTS,
+        count, count_traffic, count_xdp, Scratch, Traffic, BACKENDS, CONFIG, SCRATCH, XDP_PORTS,
     },
     parse::{self, Packet, Parsed, TCP_FIN, TCP_RST, TCP_SYN},
     pkt::{self, delta, fold, write, Frame},
@@ -94,19 +93,13 @@ fn fast_path(ctx: &XdpContext) -> u32 {
     count(global::TRANSLATED);
     count(global::REDIRECTED);
     count_xdp(lb_common::xdp_stat::TRANSLATED);
-    let bytes = Frame::len(ctx) as u64;
     let e = &s.entry;
-    let update = |st: &mut lb_common::TrafficStats| {
-        if reply {
-            st.reply_packets += 1;
-            st.reply_bytes += bytes;
-        } else {
-            st.packets += 1;
-            st.bytes += bytes;
-        }
+    let traffic = if reply {
+        Traffic::ToClient
+    } else {
+        Traffic::ToBackend(false)
     };
-    add_stats(SERVICE_STATS.get_ptr_mut(e.service_slot), update);
-    add_stats(BACKEND_STATS.get_ptr_mut(&e.backend_id), update);
+    count_traffic(e, Frame::len(ctx) as u64, traffic);
     // The egress device was found in XDP_PORTS above; were it removed since,
     // the frame is dropped rather than passed on translated.
     XDP_PORTS.redirect(e.hop.ifindex, 0).unwrap_or(XDP_DROP)
