@@ -262,9 +262,9 @@ impl Serving {
         loop {
             let (permit, stream, peer) =
                 accept_shared_slot(&listener, &self.permits, "http").await?;
-            // Boxed: the connection's future is kilobytes (hyper's state for
-            // both protocols), and spawning copies a future several times
-            // on its way into the task; a box is copied as a pointer.
+            // Boxed: the connection's future is kilobytes (hyper's and
+            // TLS's state), and spawning copies a future several times on
+            // its way into the task; a box is copied as a pointer.
             let conn = Box::pin(
                 self.clone()
                     .connection(stream, peer, tls.clone(), client.clone()),
@@ -351,7 +351,12 @@ async fn serve<I>(
     {
         Ok(Ok(detected)) => detected,
         Ok(Err(e)) => return log::debug!("connection from {}: {e}", from.addr),
-        Err(_) => return log::debug!("connection from {}: nothing sent", from.addr),
+        Err(_) => {
+            return log::debug!(
+                "connection from {}: too little sent in time to tell its protocol",
+                from.addr
+            )
+        }
     };
     let io = TokioIo::new(io);
     let served = match protocol {
